@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
-from .registry import SPECS
+from .registry import SPECS, get_spec
 
 app = typer.Typer(
     name="dbr",
@@ -45,6 +46,28 @@ def datasets(as_json: bool = typer.Option(False, "--json", help="Print the regis
             f"{spec.num_images:,}" if spec.num_images else "generated",
         )
     console.print(table)
+
+
+@app.command()
+def scan(
+    dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
+    data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
+    out: Path = typer.Option(Path("manifest.parquet"), help="Where to write the Parquet manifest."),
+) -> None:
+    """Walk a DomainBed folder and write its manifest: one row per image."""
+    from .scan import scan_dataset, write_manifest
+
+    result = scan_dataset(get_spec(dataset), data_dir)
+    write_manifest(result, out)
+    for domain, count in result.counts().items():
+        console.print(f"  {domain}: {count:,} images")
+    for bad in result.skipped[:20]:
+        err_console.print(f"[yellow]skipped[/] {bad.path}: {bad.reason}", highlight=False)
+    if len(result.skipped) > 20:
+        err_console.print(f"[yellow]... and {len(result.skipped) - 20} more skipped files[/]")
+    console.print(
+        f"[green]wrote[/] {out} ({result.frame.height:,} images, {len(result.skipped)} skipped)", highlight=False
+    )
 
 
 def main() -> None:
