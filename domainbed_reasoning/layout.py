@@ -6,6 +6,7 @@ decided in exactly one place.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .registry import DatasetSpec
@@ -44,3 +45,28 @@ def report_path(chains: Path) -> Path:
 def image_id(spec: DatasetSpec, domain: str, class_name: str, filename: str) -> str:
     """Stable record id `dataset/domain/class/file`: the key that joins every stage."""
     return f"{spec.name}/{domain}/{class_name}/{filename}"
+
+
+def export_dataset_dir(export: Path, spec: DatasetSpec) -> Path:
+    """`domainbed-reasoning/<DATASET>`: one Hub config, its shards and its build facts."""
+    return Path(export) / spec.name
+
+
+def build_facts_path(dataset_export: Path) -> Path:
+    """How a dataset was built (teacher, prompt, acceptance), kept beside its shards for the card."""
+    return dataset_export / "build.json"
+
+
+def split_name(domain: str) -> str:
+    """Hub split names must match `\\w+`: the domain "Real World" is published as `Real_World`."""
+    return re.sub(r"\W+", "_", domain)
+
+
+def shard_name(domain: str, index: int, count: int) -> str:
+    """`<split>-NNNNN-of-NNNNN.parquet`, the Hub's own shard naming."""
+    return f"{split_name(domain)}-{index:05d}-of-{count:05d}.parquet"
+
+
+def split_files_pattern(spec: DatasetSpec, domain: str) -> str:
+    """The `data_files` glob of one split, relative to the export folder."""
+    return f"{spec.name}/{split_name(domain)}-*.parquet"
