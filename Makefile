@@ -16,8 +16,10 @@ TP ?= 1
 PORT ?= 8000
 MAX_MODEL_LEN ?= 8192
 PYTEST_ARGS ?=
+EXPORT_DIR ?= domainbed-reasoning
+REPO ?=
 
-.PHONY: setup vllm-env test demo datasets download build-chains serve-teacher sim-teacher bench lint clean
+.PHONY: setup vllm-env test demo datasets download build-chains export publish serve-teacher sim-teacher bench lint clean train
 
 # The stamp is keyed on pyproject.toml, so re-running `make setup` is instant when nothing changed.
 $(VENV)/.stamp: pyproject.toml
@@ -61,6 +63,13 @@ build-chains: setup
 	$(DBR) build-chains $(DATASET) --data-dir $(DATA_DIR) --out $(RUNS)/chains \
 		--teacher-url $(TEACHER_URL) --teacher-model $(TEACHER_MODEL)
 
+export: setup
+	$(DBR) export $(DATASET) --chains-dir $(RUNS)/chains --data-dir $(DATA_DIR) --out $(EXPORT_DIR)
+
+publish: setup
+	@test -n "$(REPO)" || { echo "publish: set REPO=<user>/domainbed-reasoning (add DRY_RUN=1 to only list files)"; exit 2; }
+	$(DBR) publish --folder $(EXPORT_DIR) --repo-id $(REPO) $(if $(DRY_RUN),--dry-run,)
+
 serve-teacher: vllm-env
 	@test -n "$(MODEL)" || { echo "serve-teacher: set MODEL=<hf id or local path>, e.g. make serve-teacher MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; }
 	$(DBR) serve-teacher --model "$(MODEL)" --tp $(TP) --port $(PORT) --max-model-len $(MAX_MODEL_LEN) \
@@ -71,6 +80,19 @@ sim-teacher: setup
 
 demo: setup
 	$(DBR) demo --data-dir $(DATA_DIR) --runs $(RUNS)
+
+# Stage 1 (MTCT). One process per visible GPU through accelerate when there are several.
+TARGET ?=
+METHOD ?= mtct
+DATA ?= domainbed-reasoning
+TRAIN_CONFIG ?= train/configs/mtct.yaml
+TRAIN_ARGS ?=
+NGPU = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+train: setup
+	@test -n "$(TARGET)" -a -n "$(MODEL)" || { echo "train: set TARGET=<held-out domain> MODEL=<checkpoint>, e.g. make train DATASET=PACS TARGET=sketch MODEL=OpenGVLab/InternVL3-2B-hf"; exit 2; }
+	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file train/accelerate/ddp.yaml --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
+		train $(DATASET) --data $(DATA) --target "$(TARGET)" --model "$(MODEL)" --method $(METHOD) \
+		--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
 bench: setup
 	$(PY) bench/bench_scan.py

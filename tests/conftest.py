@@ -1,0 +1,150 @@
+"""Session fixtures shared by the suite: the tiny model and the real vLLM teacher serving it.
+
+Both are expensive (a model build, a ~60 s vLLM start), so each happens once per
+session; the model folder is also cached on disk across sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from domainbed_reasoning import layout, synth
+from domainbed_reasoning.chain_format import format_chain
+from domainbed_reasoning.prompts import load_prompt
+from domainbed_reasoning.registry import SPECS, get_spec
+from domainbed_reasoning.vllm_server import Endpoint, ServerConfig, VLLMServer, free_port
+from train.tiny_models import build_tiny_llava, build_tiny_qwen2vl, cached_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODELS = REPO / ".cache" / "tiny-models"
+REPO_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+# Class and domain names become whole tokens, so chains about them stay short.
+TINY_VOCAB = sorted(
+    {name for spec in SPECS if spec.name != "DomainNet" for name in spec.classes + spec.domains}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tag every test that needs real vLLM, so `-m "not vllm"` can leave them out."""
+    for item in items:
+        if "vllm_python" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """$DBR_VLLM_PYTHON (set by `make test`), else the repo's .venv-vllm; skip without either."""
+    if env := os.environ.get("DBR_VLLM_PYTHON"):
+        return Path(env)
+    if not REPO_VLLM_PYTHON.is_file():
+        pytest.skip("real vLLM tests need .venv-vllm: run `make vllm-env` or set DBR_VLLM_PYTHON")
+    return REPO_VLLM_PYTHON
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl() -> Path:
+    return cached_tiny_model(build_tiny_qwen2vl, TINY_MODELS, vocab_words=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> Path:
+    """A second architecture (CLIP tower + Qwen2 LM, LLaVA-1.5 layout) for per-architecture code."""
+    return cached_tiny_model(build_tiny_llava, TINY_MODELS, vocab_words=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher(
+    tiny_qwen2vl: Path, vllm_python: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Endpoint]:
+    """The real vLLM OpenAI server with the tiny model; its setup time shows in `--durations`."""
+    config = ServerConfig(
+        model=str(tiny_qwen2vl),
+        served_model_name="tiny-teacher",
+        port=free_port(),
+        max_model_len=2048,
+        dtype="float32",
+        vllm_python=vllm_python,
+        log_path=tmp_path_factory.mktemp("vllm") / "server.log",
+    )
+    with VLLMServer(config) as server:
+        yield server.endpoint
+
+
+# --- DomainBed-Reasoning chain runs (the builder's output contract), for export/publish/loading tests.
+
+CHAIN_DROPPED_INDEX = 1  # images with this index in class 0 get no accepted chain: acceptance < 100%
+TEACHER_PROMPT = load_prompt("teacher")
+
+
+def _write_png(path: Path, colour: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6), colour).save(path)
+
+
+def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_class: int, classes: int) -> Path:
+    """Images under `data_dir` plus manifest/chains/stats as `dbr build-chains` writes them."""
+    spec = get_spec(dataset)
+    root = layout.dataset_root(data_dir, spec)
+    if spec.name == "SynthDG":
+        synth.generate(data_dir, images_per_class, seed=0, size=synth.MIN_SIZE)
+    manifest, chains = [], []
+    for d, domain in enumerate(spec.domains):
+        for c, class_name in enumerate(spec.classes[:classes]):
+            for index in range(images_per_class):
+                filename = f"{domain}_{class_name}_{index:05d}.png"
+                path = root / domain / class_name / filename
+                if spec.name != "SynthDG":
+                    _write_png(path, (40 * d, 40 * c, 20 * index))
+                record = {
+                    "id": layout.image_id(spec, domain, class_name, filename),
+                    "dataset": spec.name,
+                    "domain": domain,
+                    "class_name": class_name,
+                    "label": spec.label_of(class_name),
+                    "path": str(path.resolve()),
+                }
+                manifest.append(record | {"width": 8, "height": 6, "bytes": path.stat().st_size})
+                if c == 0 and index == CHAIN_DROPPED_INDEX:
+                    continue
+                stages = {
+                    "summary": f"I will decide which class the {domain} image shows.",
+                    "caption": f"A {domain} rendering of a single object.",
+                    "reasoning": f"Its outline matches a {class_name}.",
+                    "reflection": "No other class fits the outline as well.",
+                    "conclusion": class_name,
+                }
+                chains.append(
+                    record
+                    | {"chain": format_chain(stages), **stages, "teacher": "tiny-teacher", "prompt_version": TEACHER_PROMPT.version}
+                    | {"attempts": 1 + index, "round": 0}
+                )
+    folder = layout.chains_dir(chains_root, spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(manifest).write_parquet(layout.manifest_path(folder))
+    pl.DataFrame(chains).write_parquet(layout.chains_path(folder))
+    stats = {"run": {"candidates": 4, "max_rounds": 3, "shard": "0/1"}, "candidates": 4 * len(manifest)}
+    layout.stats_path(folder).write_text(json.dumps(stats))
+    return folder
+
+
+@pytest.fixture
+def chain_runs(tmp_path: Path) -> tuple[Path, Path]:
+    """(chains_root, data_dir) holding SynthDG (2 images per class) and OfficeHome (3 classes, 2 each)."""
+    chains_root, data_dir = tmp_path / "runs" / "chains", tmp_path / "data"
+    write_chain_run(chains_root, data_dir, "SynthDG", images_per_class=2, classes=5)
+    write_chain_run(chains_root, data_dir, "OfficeHome", images_per_class=2, classes=3)
+    return chains_root, data_dir
+
+
+@pytest.fixture
+def make_chain_run():
+    """`write_chain_run` for tests that need a differently shaped run than `chain_runs`."""
+    return write_chain_run

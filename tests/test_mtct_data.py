@@ -1,0 +1,184 @@
+"""DomainBed-Reasoning rows -> MTCT examples, and the one-line errors on unusable splits."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+from PIL import Image
+
+from domainbed_reasoning.chain_format import format_chain
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.hub_export import features
+from domainbed_reasoning.prompts import class_list, load_prompt
+from domainbed_reasoning.registry import get_spec
+from train.mtct_data import build_examples, check_split, class_names
+from train.mtct_trainer import GroupShuffleSampler, TaskCollator
+
+SPEC = get_spec("OfficeHome")
+CLASSES = list(SPEC.classes)
+
+
+def _png(colour: str) -> Image.Image:
+    return Image.new("RGB", (8, 8), colour)
+
+
+def _row(
+    index: int, class_name: str, chain: str | None = "default", image: object = "default"
+) -> dict:
+    stages = {
+        "summary": "s",
+        "caption": "c",
+        "reasoning": "r",
+        "reflection": "f",
+        "conclusion": class_name,
+    }
+    return {
+        "id": f"OfficeHome/Art/{class_name}/{index}.png",
+        "dataset": "OfficeHome",
+        "domain": "Art",
+        "label": SPEC.label_of(class_name),
+        "class_name": class_name,
+        "image": _png("red") if image == "default" else image,
+        "chain": format_chain(stages) if chain == "default" else chain,
+        **{key: value for key, value in stages.items()},
+        "teacher": "t",
+        "prompt_version": "v",
+        "attempts": 1,
+    }
+
+
+def _split(rows: list[dict]) -> datasets.Dataset:
+    return datasets.Dataset.from_list(rows, features=features(SPEC))
+
+
+@pytest.fixture
+def split() -> datasets.Dataset:
+    return _split([_row(0, "Alarm_Clock"), _row(1, "TV"), _row(2, "Desk_Lamp")])
+
+
+def test_mtct_gives_each_image_a_cls_and_a_reasoning_example_side_by_side(
+    split: datasets.Dataset,
+) -> None:
+    examples = build_examples(split, "mtct", CLASSES)
+    assert examples["task"] == ["cls", "reasoning"] * 3
+    assert examples["id"] == [row_id for row_id in split["id"] for _ in range(2)]
+    cls, reasoning = examples[0], examples[1]
+    assert cls["completion"][0]["content"][0]["text"] == "alarm clock"
+    assert reasoning["completion"][0]["content"][0]["text"] == split[0]["chain"]
+    assert cls["prompt"][0]["content"][1]["text"] == load_prompt("classify").render(
+        classes=class_list(CLASSES)
+    )
+    assert reasoning["prompt"][0]["content"][1]["text"] == load_prompt("reason").render(
+        classes=class_list(CLASSES)
+    )
+    assert cls["prompt"][0]["content"][0]["type"] == "image"
+    assert isinstance(examples.features["images"], datasets.List)
+    assert cls["images"][0].size == (8, 8)
+
+
+@pytest.mark.parametrize(("method", "task"), [("cls", "cls"), ("reasoning", "reasoning")])
+def test_single_path_methods_give_one_example_per_image(
+    split: datasets.Dataset, method: str, task: str
+) -> None:
+    examples = build_examples(split, method, CLASSES)
+    assert examples["task"] == [task] * 3
+    assert examples["id"] == split["id"]
+    answers = [row[0]["content"][0]["text"] for row in examples["completion"]]
+    expected = ["alarm clock", "TV", "desk lamp"] if method == "cls" else split["chain"]
+    assert answers == expected
+
+
+def test_label_never_appears_in_a_prompt(split: datasets.Dataset) -> None:
+    examples = build_examples(split, "mtct", CLASSES)
+    assert len({row[0]["content"][1]["text"] for row in examples["prompt"]}) == 2
+
+
+def test_max_images_takes_a_seeded_subset_keeping_pairs(split: datasets.Dataset) -> None:
+    first = build_examples(split, "mtct", CLASSES, max_images=2, seed=3)
+    again = build_examples(split, "mtct", CLASSES, max_images=2, seed=3)
+    assert len(first) == 4 and first["id"] == again["id"]
+    assert first["id"][0] == first["id"][1] and first["id"][2] == first["id"][3]
+
+
+def test_unknown_method_is_refused(split: datasets.Dataset) -> None:
+    with pytest.raises(
+        UserError, match="unknown method 'both': choose one of mtct, cls, reasoning"
+    ):
+        build_examples(split, "both", CLASSES)
+
+
+def test_class_names_come_from_the_class_label(split: datasets.Dataset) -> None:
+    assert class_names(split) == CLASSES
+    with pytest.raises(UserError, match="`label` column is not a ClassLabel"):
+        class_names(split.cast_column("label", datasets.Value("int64")))
+
+
+def test_check_split_accepts_a_good_split(split: datasets.Dataset) -> None:
+    check_split(split, "mtct")
+
+
+def test_dataset_without_chains_is_refused_for_reasoning_but_fine_for_cls(
+    split: datasets.Dataset,
+) -> None:
+    no_chains = split.remove_columns("chain")
+    with pytest.raises(UserError, match="the train split has no chain column"):
+        check_split(no_chains, "mtct")
+    check_split(no_chains, "cls")
+
+
+@pytest.mark.parametrize("chain", [None, "   "])
+def test_image_without_a_chain_is_named(chain: str | None) -> None:
+    split = _split([_row(0, "TV"), _row(1, "Fan", chain=chain)])
+    with pytest.raises(
+        UserError,
+        match="image OfficeHome/Art/Fan/1.png in the validation split has no reasoning chain",
+    ):
+        check_split(split, "reasoning", "validation")
+    check_split(split, "cls", "validation")
+
+
+def test_missing_image_is_named(tmp_path) -> None:
+    split = _split([_row(0, "TV", image={"bytes": None, "path": str(tmp_path / "gone.png")})])
+    with pytest.raises(
+        UserError, match="image OfficeHome/Art/TV/0.png in the train split is missing"
+    ):
+        check_split(split, "cls")
+
+
+def test_image_stored_as_an_existing_path_is_accepted(tmp_path) -> None:
+    path = tmp_path / "ok.png"
+    _png("blue").save(path)
+    check_split(_split([_row(0, "TV", image={"bytes": None, "path": str(path)})]), "mtct")
+
+
+def test_group_sampler_keeps_an_images_rows_adjacent_and_reshuffles_per_epoch() -> None:
+    keys = [f"img{i // 2}" for i in range(40)]
+    sampler = GroupShuffleSampler(keys, seed=1)
+    first = list(sampler)
+    assert sorted(first) == list(range(40)) and len(sampler) == 40
+    assert all(keys[first[i]] == keys[first[i + 1]] for i in range(0, 40, 2))
+    assert first == list(GroupShuffleSampler(keys, seed=1))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_task_collator_adds_the_task_and_hides_row_keys_from_trl() -> None:
+    seen = []
+
+    def base(rows: list[dict]) -> dict:
+        seen.extend(rows)
+        return {"input_ids": len(rows)}
+
+    batch = TaskCollator(base)(
+        [{"task": "cls", "id": "a", "prompt": 1}, {"task": "reasoning", "id": "a", "prompt": 2}]
+    )
+    assert batch["task"].tolist() == [0, 1]
+    assert seen == [{"prompt": 1}, {"prompt": 2}]
+
+
+def test_pairs_share_a_batch_when_the_batch_is_even() -> None:
+    keys = [f"img{i // 2}" for i in range(24)]
+    order = list(GroupShuffleSampler(keys, seed=0))
+    batches = [order[i : i + 4] for i in range(0, 24, 4)]
+    for batch in batches:
+        assert sorted(keys[i] for i in batch)[0::2] == sorted(keys[i] for i in batch)[1::2]

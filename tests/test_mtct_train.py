@@ -1,0 +1,468 @@
+"""Stage 1 end to end on the CPU with tiny random models of two architectures.
+
+Covers the settings (paper defaults, overrides, errors), LoRA target resolution,
+the MTCT trainer (loss falls; gradient accumulation changes nothing), and the
+`train` stage: validation before any model load, artefacts, reload + generate,
+resume.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import polars as pl
+import pytest
+import torch
+from conftest import write_chain_run
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import SFTConfig
+from typer.testing import CliRunner
+
+from domainbed_reasoning.cli import app
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.hub_export import export
+from train.config import DEFAULT_CONFIG, TrainConfig, build_config, load_config, parse_overrides
+from train.lora import lora_config, target_modules_regex
+from train.mtct_data import build_examples
+from train.mtct_trainer import MTCTTrainer
+from train.run import TrainRequest, train
+
+SYNTH_CLASSES = ("circle", "cross", "square", "star", "triangle")
+COLOURS = ("red", "green", "blue", "yellow", "white")
+
+# --- settings -----------------------------------------------------------------------------------------
+
+
+def test_default_config_is_the_papers_setup() -> None:
+    config = load_config(DEFAULT_CONFIG)
+    assert config == TrainConfig()
+    assert (config.epochs, config.global_batch_size, config.learning_rate) == (3.0, 128, 5e-4)
+    assert (config.optimizer, config.lora_rank, config.train_vision) == ("adamw_torch", 8, True)
+    assert config.gradient_checkpointing and config.bf16 == "auto"
+    assert config.gradient_accumulation_steps(world_size=4) == 4
+
+
+def test_overrides_are_typed() -> None:
+    overrides = parse_overrides(
+        ["learning_rate=1e-4", "train_vision=false", "max_length=null", "epochs=1"]
+    )
+    config = load_config(DEFAULT_CONFIG, overrides)
+    assert config.learning_rate == 1e-4 and config.train_vision is False
+    assert config.max_length is None and config.epochs == 1.0
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"learing_rate": 1},
+            "unknown training setting\\(s\\) learing_rate in overrides: known ones are method,",
+        ),
+        ({"lora_rank": "eight"}, "setting lora_rank='eight' is not a valid int"),
+        ({"train_vision": "maybe"}, "setting train_vision='maybe' is not a valid bool"),
+        (
+            {"per_device_batch_size": 3},
+            "per_device_batch_size 3 is odd: MTCT keeps an image's two examples",
+        ),
+        ({"method": "both"}, "unknown method 'both': choose one of mtct, cls, reasoning"),
+        ({"bf16": "sometimes"}, "bf16 must be auto, true or false, not 'sometimes'"),
+        ({"holdout_fraction": 1.5}, "holdout_fraction must be between 0 and 1, not 1.5"),
+        ({"epochs": None}, "setting epochs needs a value"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(values: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        build_config(values)
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="training config .*nope.yaml not found: pass --config"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: [3\n")
+    with pytest.raises(UserError, match="broken.yaml is not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    with pytest.raises(UserError, match="must be a mapping of setting: value"):
+        load_config(listed)
+    with pytest.raises(UserError, match="override 'epochs' is not KEY=VALUE"):
+        parse_overrides(["epochs"])
+
+
+def test_global_batch_must_divide() -> None:
+    with pytest.raises(
+        UserError, match="global_batch_size 128 is not a multiple of per_device_batch_size 8 x 3"
+    ):
+        TrainConfig().gradient_accumulation_steps(world_size=3)
+
+
+# --- LoRA targets ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fixture", "vision_layer", "language_layer"),
+    [
+        (
+            "tiny_qwen2vl",
+            "model.visual.blocks.0.attn.qkv",
+            "model.language_model.layers.0.self_attn.q_proj",
+        ),
+        (
+            "tiny_llava",
+            "model.vision_tower.encoder.layers.0.self_attn.out_proj",
+            "model.language_model.layers.1.mlp.down_proj",
+        ),
+    ],
+)
+def test_lora_targets_vision_and_language_per_architecture(
+    fixture: str, vision_layer: str, language_layer: str, request: pytest.FixtureRequest
+) -> None:
+    model = AutoModelForImageTextToText.from_pretrained(request.getfixturevalue(fixture))
+    both = lora_config(model, 8, 16, 0.0, train_vision=True).target_modules
+    language_only = lora_config(model, 8, 16, 0.0, train_vision=False).target_modules
+    assert re.fullmatch(both, vision_layer) and re.fullmatch(both, language_layer)
+    assert re.fullmatch(language_only, language_layer) and not re.fullmatch(
+        language_only, vision_layer
+    )
+    assert not re.fullmatch(both, "lm_head")
+    targeted = [module for name, module in model.named_modules() if re.fullmatch(both, name)]
+    assert targeted and all(isinstance(module, torch.nn.Linear) for module in targeted)
+
+
+def test_numbered_linear_layers_do_not_pull_in_their_blocks_or_convs() -> None:
+    regex = target_modules_regex(
+        ["model.visual.merger.mlp.0", "model.language_model.layers.0.mlp.up_proj"]
+    )
+    assert re.fullmatch(regex, "model.visual.merger.mlp.0")
+    assert not re.fullmatch(regex, "model.visual.blocks.0")
+    assert not re.fullmatch(
+        target_modules_regex(["model.visual.blocks.0.attn.proj", "model.language_model.x.q"]),
+        "model.visual.patch_embed.proj",
+    )
+
+
+def test_model_without_a_language_model_is_refused() -> None:
+    with pytest.raises(UserError, match="found no linear layers under a `language_model` module"):
+        target_modules_regex(["encoder.layer.0.dense"])
+
+
+# --- the trainer ------------------------------------------------------------------------------------------
+
+
+def _colour_split(images: int) -> datasets.Dataset:
+    """A learnable task: the colour decides the class, and the chain names it."""
+    rows = []
+    for index in range(images):
+        label = index % len(SYNTH_CLASSES)
+        name = SYNTH_CLASSES[label]
+        rows.append(
+            {
+                "id": f"SynthDG/photo/{name}/{index}.png",
+                "label": label,
+                "image": Image.new("RGB", (32, 32), COLOURS[label]),
+                "chain": f"<SUMMARY>colour</SUMMARY><CAPTION>{COLOURS[label]}</CAPTION><REASONING>so</REASONING>"
+                f"<REFLECTION>sure</REFLECTION><CONCLUSION>{name}</CONCLUSION>",
+            }
+        )
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(SYNTH_CLASSES)),
+            "image": datasets.Image(),
+            "chain": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def _trainer(model_dir: Path, out: Path, examples: datasets.Dataset, **overrides) -> MTCTTrainer:
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    settings = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "max_steps": 6,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "gradient_checkpointing": False,
+        "use_cpu": True,
+        "seed": 0,
+    } | overrides
+    return MTCTTrainer(
+        model=model,
+        args=SFTConfig(**settings),
+        train_dataset=examples,
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+        peft_config=lora_config(model, 8, 16, 0.0, train_vision=True),
+    )
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2vl", "tiny_llava"])
+def test_mtct_loss_falls_on_a_learnable_task(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    examples = build_examples(_colour_split(4), "mtct", SYNTH_CLASSES)
+    trainer = _trainer(
+        request.getfixturevalue(fixture),
+        tmp_path,
+        examples,
+        max_steps=8,
+        lr_scheduler_type="constant",
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss_cls" in entry]
+    assert len(logs) == 8
+    assert logs[-1]["loss"] < logs[0]["loss"] - 1.0  # nats, from about 13.6 = 2 x ln(vocab)
+    assert (
+        logs[-1]["loss_cls"] < logs[0]["loss_cls"]
+        and logs[-1]["loss_reasoning"] < logs[0]["loss_reasoning"]
+    )
+    # the step loss is L_cls + L_reasoning (both means over this step's examples)
+    assert logs[0]["loss"] == pytest.approx(
+        logs[0]["loss_cls"] + logs[0]["loss_reasoning"], rel=1e-4
+    )
+
+
+def test_gradient_accumulation_gives_the_same_update(tiny_llava: Path, tmp_path: Path) -> None:
+    """One step of 4 examples == one step of 2 micro-batches of 2 (SGD, so the update is the gradient)."""
+    examples = build_examples(_colour_split(2), "mtct", SYNTH_CLASSES)
+    weights = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        trainer = _trainer(
+            tiny_llava,
+            tmp_path / f"ga{accumulation}",
+            examples,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+        )
+        before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+        trainer.train()
+        weights.append(
+            {
+                k: v.detach() - before[k]
+                for k, v in trainer.model.named_parameters()
+                if v.requires_grad
+            }
+        )
+    whole = torch.cat([update.flatten() for update in weights[0].values()])
+    accumulated = torch.cat([weights[1][name].flatten() for name in weights[0]])
+    assert whole.norm() > 0
+    # the two runs differ by ~0.2% (float32 accumulation over micro-batches); a normalisation
+    # by micro-batch instead of by step would be off by 100% here
+    assert (accumulated - whole).norm() < 1e-2 * whole.norm()
+
+
+# --- the stage --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`load_dataset` caches an export folder under a key its contents do not change, so
+    the broken copies below (and other tests' exports) must not share a cache with this one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real DomainBed-Reasoning export of SynthDG (4 domains x 5 classes x 2 images)."""
+    root = tmp_path_factory.mktemp("export")
+    write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
+    export(root / "chains", root / "data", root / "domainbed-reasoning", ["SynthDG"])
+    return root / "domainbed-reasoning"
+
+
+FAST = {
+    "max_train_images": 4,
+    "max_steps": 2,
+    "per_device_batch_size": 4,
+    "global_batch_size": 4,
+    "gradient_checkpointing": False,
+    "save_steps": 1,
+    "logging_steps": 1,
+    "learning_rate": 1e-2,
+}
+
+
+def _request(
+    export_dir: Path, model: Path, out: Path, resume: bool = False, **overrides
+) -> TrainRequest:
+    return TrainRequest(
+        "SynthDG",
+        str(export_dir),
+        "sketch",
+        str(model),
+        out,
+        build_config(FAST | overrides),
+        resume,
+    )
+
+
+def _rewrite(
+    export_dir: Path, tmp_path: Path, change: dict, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A copy of the export whose rows have some columns replaced (a broken dataset).
+
+    Loaded through a fresh `datasets` cache: the shared one serves the unchanged copy's rows.
+    """
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    copy = tmp_path / "domainbed-reasoning"
+    shutil.copytree(export_dir, copy)
+    for shard in (copy / "SynthDG").glob("*.parquet"):
+        frame = pl.read_parquet(shard)
+        pl.from_arrow(frame.to_arrow()).with_columns(**change).write_parquet(shard)
+    return copy
+
+
+def test_unknown_target_domain_is_refused(
+    export_dir: Path, tiny_llava: Path, tmp_path: Path
+) -> None:
+    request = TrainRequest(
+        "SynthDG", str(export_dir), "mars", str(tiny_llava), tmp_path, build_config(FAST)
+    )
+    with pytest.raises(
+        UserError, match="unknown target domain 'mars' for SynthDG: choose one of cartoon, painting"
+    ):
+        train(request)
+    assert not any(tmp_path.iterdir())
+
+
+def test_processor_without_chat_template_is_refused(
+    export_dir: Path, tiny_llava: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llava, model)
+    (model / "chat_template.jinja").unlink()
+    with pytest.raises(UserError, match="the processor of .* has no chat template"):
+        train(_request(export_dir, model, tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_model_folder_is_refused(export_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="model folder .*nowhere/model not found"):
+        train(_request(export_dir, tmp_path / "nowhere" / "model", tmp_path / "runs"))
+
+
+def test_dataset_without_chains_is_refused(
+    export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = _rewrite(export_dir, tmp_path, {"chain": pl.lit(None, dtype=pl.String)}, monkeypatch)
+    with pytest.raises(
+        UserError, match="in the train split has no reasoning chain: build chains first"
+    ):
+        train(_request(broken, tiny_llava, tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_images_are_refused(
+    export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = pl.struct(bytes=pl.lit(None, dtype=pl.Binary), path=pl.lit(str(tmp_path / "gone.png")))
+    broken = _rewrite(export_dir, tmp_path, {"image": gone}, monkeypatch)
+    with pytest.raises(
+        UserError, match="in the train split is missing \\(no bytes, no readable file\\)"
+    ):
+        train(_request(broken, tiny_llava, tmp_path / "runs", method="cls"))
+
+
+def test_cli_prints_one_red_line_for_user_errors(
+    export_dir: Path, tiny_llava: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "SynthDG",
+            "--data",
+            str(export_dir),
+            "--target",
+            "mars",
+            "--model",
+            str(tiny_llava),
+            "--out",
+            str(tmp_path),
+            "--set",
+            "epochs=1",
+        ],
+    )
+    assert isinstance(result.exception, UserError)
+    assert "unknown target domain 'mars'" in str(result.exception)
+
+
+def test_train_stage_end_to_end_then_reload_generate_and_resume(
+    export_dir: Path, tiny_llava: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "runs"
+    result = train(_request(export_dir, tiny_llava, out))
+    run_dir = out / "SynthDG" / "sketch" / "mtct"
+    assert result.run_dir == run_dir
+    for name in (
+        "split.parquet",
+        "config.yaml",
+        "run.json",
+        "metrics.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/README.md",
+        "adapter/processor_config.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "logs").glob("events.out.tfevents.*"))
+    assert load_config(run_dir / "config.yaml") == build_config(FAST)
+    split = pl.read_parquet(run_dir / "split.parquet")
+    assert set(split["split"]) == {"train", "validation", "test"}
+    assert all(
+        row_id.startswith("SynthDG/sketch/")
+        for row_id in split.filter(pl.col("split") == "test")["id"]
+    )
+    assert not any("/sketch/" in row_id for row_id in split.filter(pl.col("split") != "test")["id"])
+    assert result.metrics["global_step"] == 2 if "global_step" in result.metrics else True
+    assert "base_model:" in (run_dir / "adapter" / "README.md").read_text()
+
+    processor = AutoProcessor.from_pretrained(run_dir / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(tiny_llava), run_dir / "adapter"
+    )
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which shape?"}]}
+    ]
+    inputs = processor(
+        images=[Image.new("RGB", (32, 32), "red")],
+        text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
+        return_tensors="pt",
+    )
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+    with pytest.raises(UserError, match="already holds a finished run: pass --resume"):
+        train(_request(export_dir, tiny_llava, out))
+    assert train(_request(export_dir, tiny_llava, out, resume=True)).metrics == result.metrics
+    with pytest.raises(UserError, match="--resume with settings that differ from"):
+        train(_request(export_dir, tiny_llava, out, resume=True, learning_rate=0.5))
+
+    # a crash after checkpoint-1: the unfinished run refuses a fresh start, and --resume finishes it
+    for name in ("metrics.json", "adapter", "checkpoints/checkpoint-2"):
+        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    with pytest.raises(UserError, match="holds checkpoints of an unfinished run: pass --resume"):
+        train(_request(export_dir, tiny_llava, out))
+    resumed = train(_request(export_dir, tiny_llava, out, resume=True))
+    steps = [entry["step"] for entry in resumed.metrics["log_history"] if "loss_cls" in entry]
+    assert steps == [
+        1,
+        2,
+    ]  # step 1 comes from the checkpoint's history, only step 2 was trained again
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,157 @@
+"""The training stage's settings: one dataclass, filled from YAML, then from `--set` overrides.
+
+The YAML file holds the paper's defaults (train/configs/mtct.yaml) so a run is
+reproducible from the resolved copy saved beside its adapter; overrides are
+`key=value` strings parsed as YAML scalars so `--set learning_rate=1e-4` and
+`--set train_vision=false` get the right types without a flag per field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from domainbed_reasoning.atomic import write_text
+from domainbed_reasoning.errors import UserError
+
+METHODS = ("mtct", "cls", "reasoning")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mtct.yaml"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what one training stage does (DESIGN.md, "Paper setup")."""
+
+    method: str = "mtct"
+    epochs: float = 3.0
+    max_steps: int = -1
+    global_batch_size: int = 128
+    per_device_batch_size: int = 8
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    optimizer: str = "adamw_torch"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    train_vision: bool = True
+    reasoning_weight: float = 1.0
+    bf16: str = "auto"
+    gradient_checkpointing: bool = True
+    max_length: int | None = None
+    holdout_fraction: float = 0.2
+    max_train_images: int | None = None
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """How many micro-batches make one optimiser step of `global_batch_size` examples."""
+        per_step = self.per_device_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise UserError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
+                f"{self.per_device_batch_size} x {world_size} device(s): change one with --set"
+            )
+        return self.global_batch_size // per_step
+
+
+def _check(config: TrainConfig) -> None:
+    if config.method not in METHODS:
+        raise UserError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
+    if config.bf16 not in ("auto", "true", "false"):
+        raise UserError(f"bf16 must be auto, true or false, not {config.bf16!r}")
+    if config.method == "mtct" and config.per_device_batch_size % 2:
+        raise UserError(
+            f"per_device_batch_size {config.per_device_batch_size} is odd: MTCT keeps an image's two "
+            "examples in one batch, so set an even per_device_batch_size"
+        )
+    for name in ("global_batch_size", "per_device_batch_size", "lora_rank"):
+        if getattr(config, name) < 1:
+            raise UserError(f"{name} must be at least 1, not {getattr(config, name)}")
+    if not 0.0 < config.holdout_fraction < 1.0:
+        raise UserError(f"holdout_fraction must be between 0 and 1, not {config.holdout_fraction}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "train_vision=false"]` -> typed values (YAML scalars)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(
+                f"override {pair!r} is not KEY=VALUE: write e.g. --set learning_rate=1e-4"
+            )
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return overrides
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML file (the paper's defaults when `path` is None), then overrides on top."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"training config {path} not found: pass --config train/configs/mtct.yaml")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(
+            f"training config {path} is not valid YAML ({_first_line(err)}): fix the file"
+        ) from err
+    if not isinstance(values, dict):
+        raise UserError(f"training config {path} must be a mapping of setting: value")
+    return build_config({**values, **(overrides or {})}, source=str(path))
+
+
+def build_config(values: dict[str, Any], source: str = "overrides") -> TrainConfig:
+    known = {field.name: field for field in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(
+            f"unknown training setting(s) {', '.join(unknown)} in {source}: known ones are {', '.join(known)}"
+        )
+    return TrainConfig(**{key: _coerce(known[key], value) for key, value in values.items()})
+
+
+def _coerce(field: dataclasses.Field, value: Any) -> Any:
+    """YAML gives `1e-4` as a string and `3` as an int; bring each value to its field's type."""
+    kind = str(field.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise UserError(f"setting {field.name} needs a value")
+    try:
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind.startswith("float"):
+            return float(value)
+        return str(value).lower() if field.name == "bf16" else str(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"setting {field.name}={value!r} is not a valid {kind.split(' ')[0]}: fix it in the config or --set"
+        ) from None
+
+
+def save_config(config: TrainConfig, target: Path) -> None:
+    write_text(target, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]

@@ -1,0 +1,334 @@
+"""Tiny random-initialised MLLMs built from configs, because nothing can be downloaded.
+
+Tests, the offline demo and the benchmarks need a real checkpoint folder that
+`AutoProcessor` / `AutoModelForImageTextToText`, TRL's SFTTrainer and vLLM's CPU
+server all accept. Each builder writes one such folder (config, weights,
+processor, a byte-level BPE tokenizer trained on the spot, a chat template);
+`cached_tiny_model` keeps the result on disk so a test session builds it once.
+
+A new architecture (LLaVA, InternVL, ...) is one more `build_tiny_*` function
+that reuses `train_tokenizer` and is listed in `BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+STAGE_TAGS = ("SUMMARY", "CAPTION", "REASONING", "REFLECTION", "CONCLUSION")
+
+# Text the tokenizer is trained on besides the caller's words: the chain format and
+# the prompt vocabulary, so chains tokenize into a sensible number of tokens.
+BASE_CORPUS = (
+    "You are a helpful assistant. Look at the image and answer with the class name.",
+    "Which of these classes does the image show? Think step by step.",
+    "The image shows an object drawn in a particular style. The shape and texture suggest it.",
+    "Therefore the answer is the class that best matches the visual evidence.",
+    *(f"<{tag}> text </{tag}>" for tag in STAGE_TAGS),
+)
+
+QWEN2VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen2-VL's own template: string or content-part messages, `{"type": "image"}` and
+# OpenAI-style `image_url` parts become one vision placeholder each.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Patch 14, merge 2: one vision token covers 28x28 pixels, so a 64x64 image becomes
+# 4 tokens and no image more than 16; vLLM's start-up profiling stays small too.
+QWEN2VL_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+
+Builder = Callable[..., Path]
+
+
+def train_tokenizer(
+    words: Iterable[str],
+    special_tokens: Sequence[str],
+    chat_template: str,
+    *,
+    vocab_size: int = 1024,
+    eos_token: str,
+    pad_token: str,
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE, so any text (a teacher's chain, a class name) encodes without <unk>."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [*BASE_CORPUS, *(f"{w} the {w.replace('_', ' ')}." for w in words)]
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)],
+        chat_template=chat_template,
+        model_max_length=4096,
+    )
+
+
+def build_tiny_qwen2vl(
+    out_dir: Path,
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    vision_depth: int = 2,
+    seed: int = 0,
+    vocab_words: Iterable[str] = (),
+) -> Path:
+    """A Qwen2-VL with head_dim 64 (the smallest vLLM's CPU attention accepts)."""
+    head_dim = hidden // heads
+    tokenizer = train_tokenizer(
+        vocab_words,
+        QWEN2VL_SPECIAL_TOKENS,
+        QWEN2VL_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": 4096,
+            "max_window_layers": layers,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1_000_000.0,
+                "mrope_section": _mrope_section(head_dim),
+            },
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": vision_depth,
+            "embed_dim": hidden,
+            "hidden_size": hidden,
+            "num_heads": heads,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=QWEN2VL_PIXELS),
+        video_processor=Qwen2VLVideoProcessor(size=QWEN2VL_PIXELS),
+        tokenizer=tokenizer,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (time, height, width) like Qwen's 16/24/24."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
+
+
+LLAVA_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
+
+# ChatML with LLaVA's single `<image>` placeholder, which LlavaProcessor expands to
+# one token per vision patch.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<image>\n"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_llava(
+    out_dir: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    vocab_words: Iterable[str] = (),
+) -> Path:
+    """LLaVA-1.5's shape (CLIP tower, 2-layer projector, decoder LM) with a Qwen2 LM.
+
+    A second architecture whose module names (`vision_tower`, `self_attn.out_proj`) and
+    image-token scheme differ from Qwen2-VL's, so per-architecture code is really tested.
+    The sizes are arguments so the GPU benchmark can build a real-size model from here.
+    """
+    tokenizer = train_tokenizer(
+        vocab_words,
+        LLAVA_SPECIAL_TOKENS,
+        LLAVA_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in LLAVA_SPECIAL_TOKENS}
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=4 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=max(vocab_size or 0, len(tokenizer)),
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        image_token_id=ids["<image>"],
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+BUILDERS: dict[str, Builder] = {"qwen2vl": build_tiny_qwen2vl, "llava": build_tiny_llava}
+
+
+def cached_tiny_model(builder: Builder, cache_dir: Path, **kwargs: object) -> Path:
+    """Build once per distinct (builder, kwargs); later calls and other processes reuse the folder.
+
+    The folder is built under a temporary name and renamed into place, so a crash or
+    a concurrent builder never leaves a half-written model behind the cache key.
+    """
+    # One-shot iterables (generators) must be materialised before they are hashed and used.
+    kwargs = {k: _materialised(v) for k, v in kwargs.items()}
+    target = Path(cache_dir) / _cache_key(builder, kwargs)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+        builder(staging, **kwargs)
+        os.rename(staging, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _materialised(value: object) -> object:
+    return list(value) if isinstance(value, Iterable) and not isinstance(value, str) else value
+
+
+def _cache_key(builder: Builder, kwargs: dict[str, object]) -> str:
+    """Keyed on the kwargs and the builder's module source, so editing a builder rebuilds."""
+    digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode())
+    digest.update(Path(inspect.getfile(builder)).read_bytes())
+    return f"{builder.__name__.removeprefix('build_')}-{digest.hexdigest()[:12]}"
