@@ -39,7 +39,20 @@ def load_domains(
             f"{source} has no {spec.name} config (it has {', '.join(configs)}): "
             f"export it with `dbr export {spec.name}`"
         )
-    return datasets.load_dataset(source, spec.name, cache_dir=str(cache_dir) if cache_dir else None)
+    return datasets.load_dataset(source, spec.name, cache_dir=_cache_dir(source, cache_dir))
+
+
+def _cache_dir(source: str, cache_dir: str | Path | None) -> str | None:
+    """A local export folder gets its own cache beside its files.
+
+    `datasets` fingerprints local Parquet files by modification time alone, so two
+    export folders (a copy, a re-export elsewhere) could otherwise share one cache
+    entry and serve each other's rows.
+    """
+    if cache_dir is not None:
+        return str(cache_dir)
+    folder = Path(source)
+    return str(folder / ".cache" / "datasets") if folder.is_dir() else None
 
 
 def load_lodo(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import datasets
@@ -109,3 +111,20 @@ def test_too_small_exports_are_refused(tmp_path: Path, make_chain_run) -> None:
         UserError, match=r"holds only the domain 'Art': leave-one-domain-out needs two"
     ):
         load_lodo(out, "OfficeHome", "Art", cache_dir=tmp_path / "cache2")
+
+
+def test_two_export_folders_never_share_a_cache(folder: Path, tmp_path: Path) -> None:
+    """`datasets` keys local files on mtime alone; a copy with other rows must still load its own rows."""
+    copy = tmp_path / "copy" / "domainbed-reasoning"
+    shutil.copytree(folder, copy)  # copy2 keeps every mtime
+    shard = next((copy / "SynthDG").glob("sketch-*.parquet"))
+    stat = shard.stat()
+    frame = pl.read_parquet(shard)
+    frame.with_columns(pl.lit("rewritten").alias("chain")).write_parquet(shard)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    original = load_domains(folder, "SynthDG")["sketch"]
+    copied = load_domains(copy, "SynthDG")["sketch"]
+    assert set(copied["chain"]) == {"rewritten"}
+    assert "rewritten" not in set(original["chain"])
+    assert (folder / ".cache" / "datasets").is_dir()
