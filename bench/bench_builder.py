@@ -1,0 +1,156 @@
+"""Builder throughput against a fixed-latency teacher: how close to C / latency does it get?
+
+The simulated teacher runs in its own process (`dbr sim-teacher`) so the builder's
+event loop is the only thing measured. With latency L and concurrency C a perfect
+client completes C / L requests per second; the ratio to that is the figure of merit
+(goal >= 0.9 at C = 256). Measured in the same run for contrast: a naive loop, one
+request at a time through the same client, and the client alone at C loops with no
+builder work, which is the ceiling the openai SDK's per-request CPU allows.
+
+    .venv/bin/python bench/bench_builder.py [--images-per-class 100] [--concurrency 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from builders.build import BuildConfig, build_chains
+from builders.image_payload import PayloadPolicy, image_data_url
+from builders.rejection_sampling import SamplingPlan
+from builders.teacher_client import TeacherConfig, TeacherPool
+from domainbed_reasoning.prompts import class_list, load_prompt
+from domainbed_reasoning.registry import get_spec
+from domainbed_reasoning.scan import scan_dataset
+from domainbed_reasoning.synth import generate
+
+SPEC = get_spec("SynthDG")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_teacher(data_dir: Path, port: int, latency_ms: float) -> subprocess.Popen:
+    dbr = Path(sys.executable).with_name("dbr")
+    process = subprocess.Popen(
+        [
+            str(dbr),
+            "sim-teacher",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--latency-ms",
+            str(latency_ms),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"sim-teacher exited: {process.stderr.read().decode()}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).raise_for_status()
+            return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("sim-teacher did not become ready within 60 s")
+
+
+async def client_only(
+    url: str, data_dir: Path, requests: int, concurrency: int, candidates: int
+) -> float:
+    """The ceiling set by the openai client itself: `concurrency` loops that only send
+    (no judging, no records, no shards). Returns requests per second."""
+    paths = scan_dataset(SPEC, data_dir).frame["path"].head(requests).to_list()
+    prompt = load_prompt("teacher").render(classes=class_list(SPEC.classes))
+    urls = iter([image_data_url(Path(path), PayloadPolicy()) for path in paths])
+    async with TeacherPool(TeacherConfig((url,), "sim-teacher", concurrency=concurrency)) as pool:
+
+        async def loop() -> None:
+            for data_url in urls:
+                reply = await pool.complete(prompt, data_url, candidates, 0.7)
+                assert reply.error is None, reply.error
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        return len(paths) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--images-per-class", type=int, default=100, help="20 images per unit: 100 -> 2000 requests"
+    )
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--latency-ms", type=float, default=300.0)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--sequential", type=int, default=30, help="requests in the naive loop")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-builder-"))
+    try:
+        data_dir = work / "data"
+        generate(data_dir, args.images_per_class, seed=0, size=64)
+        port = free_port()
+        teacher = start_teacher(data_dir, port, args.latency_ms)
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            config = BuildConfig(
+                "SynthDG",
+                data_dir,
+                work / "out",
+                TeacherConfig((url,), "sim-teacher", concurrency=args.concurrency),
+                plan=SamplingPlan(candidates=args.candidates, max_rounds=1),
+                show_progress=False,
+            )
+            stats = build_chains(config)
+            naive = asyncio.run(client_only(url, data_dir, args.sequential, 1, args.candidates))
+            ceiling = asyncio.run(
+                client_only(
+                    url, data_dir, stats["run"]["requests"], args.concurrency, args.candidates
+                )
+            )
+        finally:
+            teacher.terminate()
+            teacher.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    latency = args.latency_ms / 1000
+    run = stats["run"]
+    achieved = run["requests"] / run["seconds"]
+    ideal = args.concurrency / latency
+    print(
+        f"builder: {run['requests']} requests x {args.candidates} candidates in {run['seconds']:.2f} s"
+    )
+    print(
+        f"  achieved {achieved:.1f} req/s; ideal C/latency = {args.concurrency}/{latency:g} s = {ideal:.1f} req/s"
+    )
+    print(f"  ratio {achieved / ideal:.3f} (goal >= 0.9)")
+    print(f"naive sequential loop: {naive:.2f} req/s; ideal 1/latency = {1 / latency:.2f} req/s")
+    print(f"  ratio {naive * latency:.3f}; the builder is {achieved / naive:.0f}x the naive loop")
+    print(f"client-only ceiling (same client, C loops that only send): {ceiling:.1f} req/s")
+    print(
+        f"  ratio {ceiling / ideal:.3f}; the builder reaches {achieved / ceiling:.3f} of what the client allows"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""chains.parquet, stats.json and report.md, derived from the candidate shards.
+
+They are recomputed from scratch at the end of every run rather than updated,
+so whatever happened before (crashes, resumed runs, several shards of work)
+they always agree with the shards, which stay the one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import polars as pl
+
+from domainbed_reasoning import atomic
+from domainbed_reasoning.layout import chains_path, report_path, stats_path
+from domainbed_reasoning.matching import ClassMatcher
+from domainbed_reasoning.verdict import judge
+
+from .rejection_sampling import ACCEPTED, progress_by_image
+
+STAGE_COLUMNS = ("summary", "caption", "reasoning", "reflection", "conclusion")
+CHAIN_COLUMNS = (
+    "id", "dataset", "domain", "class_name", "label", "path", "chain", *STAGE_COLUMNS,
+    "teacher", "prompt_version", "attempts", "round",
+)  # fmt: skip
+EXHAUSTED_LISTED = 50
+RATE_HEADER = ("group", "images", "accepted", "rate")
+TOKEN_HEADER = ("requests", "prompt tokens", "completion tokens", "tokens per accepted chain")
+REQUEST_ERROR_NOTE = (
+    "A request that still fails after the client's retries is stored as one `request_error` candidate and"
+    " uses up its round, so a dead teacher ends the build with exhausted images instead of looping forever;"
+    " re-run with a higher `--max-rounds` to give them more rounds."
+)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What only the run itself knows: its settings and how fast it went."""
+
+    dataset: str
+    teacher: str
+    teacher_hosts: list[str]
+    candidates: int
+    max_rounds: int
+    temperatures: list[float]
+    shard: str
+    limit: int | None
+    selected: int
+    skipped_files: int
+    requests: int
+    seconds: float
+
+
+def derive_chains(
+    manifest: pl.DataFrame, candidates: pl.DataFrame, matcher: ClassMatcher
+) -> pl.DataFrame:
+    """The first accepted candidate of each image, its stages, and how many candidates came before it."""
+    ordered = candidates.sort("id", "round", "candidate_index").with_columns(
+        attempts=pl.int_range(1, pl.len() + 1).over("id")
+    )
+    accepted = ordered.filter(pl.col("reason") == ACCEPTED).unique(
+        "id", keep="first", maintain_order=True
+    )
+    rows = accepted.join(
+        manifest.select("id", "dataset", "domain", "class_name", "label", "path"), on="id"
+    )
+    stages = []
+    for text, class_name, finish_reason in rows.select(
+        "text", "class_name", "finish_reason"
+    ).iter_rows():
+        chain = judge(text, matcher, class_name, finish_reason).chain
+        stages.append({"chain": chain.text, **chain.as_dict()})
+    stage_frame = pl.DataFrame(
+        stages, schema={"chain": pl.String, **{c: pl.String for c in STAGE_COLUMNS}}
+    )
+    return pl.concat([rows, stage_frame], how="horizontal").select(CHAIN_COLUMNS).sort("id")
+
+
+def image_status(manifest: pl.DataFrame, candidates: pl.DataFrame, max_rounds: int) -> pl.DataFrame:
+    """Every attempted image with its status: accepted, exhausted, or pending (rounds left)."""
+    status = (
+        pl.when(pl.col("accepted"))
+        .then(pl.lit("accepted"))
+        .when(pl.col("rounds") >= max_rounds)
+        .then(pl.lit("exhausted"))
+        .otherwise(pl.lit("pending"))
+    )
+    return progress_by_image(candidates).join(manifest, on="id").with_columns(status=status)
+
+
+def _rates(status: pl.DataFrame, by: str) -> dict[str, dict]:
+    grouped = status.group_by(by).agg(images=pl.len(), accepted=pl.col("accepted").sum()).sort(by)
+    return {
+        key: {"images": images, "accepted": accepted, "rate": round(accepted / images, 4)}
+        for key, images, accepted in grouped.iter_rows()
+    }
+
+
+def _counts(frame: pl.DataFrame, column: str) -> dict[str, int]:
+    return {str(key): count for key, count in frame.group_by(column).len().sort(column).iter_rows()}
+
+
+def compute_stats(
+    manifest: pl.DataFrame, candidates: pl.DataFrame, chains: pl.DataFrame, run: RunInfo
+) -> dict:
+    status = image_status(manifest, candidates, run.max_rounds)
+    requests = candidates.filter(pl.col("candidate_index") == 0)
+    prompt_tokens = int(requests["prompt_tokens"].sum())
+    completion_tokens = int(requests["completion_tokens"].sum())
+    exhausted_ids = status.filter(pl.col("status") == "exhausted")["id"]
+    exhausted = (
+        candidates.filter(pl.col("id").is_in(exhausted_ids.implode()))
+        .group_by("id", "reason")
+        .len()
+        .sort("id", "reason")
+        .group_by("id", maintain_order=True)
+        .agg(pl.struct("reason", "len"))
+    )
+    images = status.height
+    accepted = int(status["accepted"].sum())
+    return {
+        "run": asdict(run)
+        | {
+            "requests_per_s": round(run.requests / run.seconds, 2) if run.seconds else 0.0,
+            "request_errors_retire_a_round": True,
+        },
+        "images": {"attempted": images, **_counts(status, "status")},
+        "acceptance_rate": round(accepted / images, 4) if images else 0.0,
+        "per_domain": _rates(status, "domain"),
+        "per_class": _rates(status, "class_name"),
+        "candidates": candidates.height,
+        "requests": requests.height,
+        "reasons": _counts(candidates, "reason"),
+        "rounds_needed": {str(k): v for k, v in _counts(chains, "round").items()},
+        "attempts_mean": round(float(chains["attempts"].mean()), 3) if chains.height else None,
+        "tokens": {
+            "prompt": prompt_tokens,
+            "completion": completion_tokens,
+            "per_accepted_chain": round((prompt_tokens + completion_tokens) / chains.height, 1)
+            if chains.height
+            else None,
+        },
+        "exhausted": {
+            id_: {row["reason"]: row["len"] for row in reasons}
+            for id_, reasons in exhausted.iter_rows()
+        },
+    }
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _rate_rows(rates: dict[str, dict]) -> list[tuple]:
+    return [
+        (key, r["images"], r["accepted"], f"{100 * r['rate']:.1f}%") for key, r in rates.items()
+    ]
+
+
+def _settings_line(run: dict) -> str:
+    limit = "" if run["limit"] is None else f", limit {run['limit']}"
+    return (
+        f"Teacher `{run['teacher']}` at {', '.join(run['teacher_hosts'])}; {run['candidates']} candidates"
+        f" per request, at most {run['max_rounds']} rounds, temperatures {run['temperatures']};"
+        f" shard {run['shard']}{limit}."
+    )
+
+
+def _exhausted_section(exhausted: dict[str, dict[str, int]]) -> str:
+    rows = [
+        (id_, ", ".join(f"{r} x{n}" for r, n in reasons.items()))
+        for id_, reasons in exhausted.items()
+    ]
+    more = len(rows) - EXHAUSTED_LISTED
+    tail = f"\n\n... and {more} more (all in stats.json)." if more > 0 else ""
+    return (
+        f"## Exhausted images ({len(rows)})\n\n"
+        + _table(("id", "reject reasons"), rows[:EXHAUSTED_LISTED])
+        + tail
+    )
+
+
+def render_report(stats: dict) -> str:
+    run, images, tokens = stats["run"], stats["images"], stats["tokens"]
+    headline = (
+        f"**{images.get('accepted', 0)} of {images['attempted']} attempted images accepted"
+        f" ({100 * stats['acceptance_rate']:.1f}%)**; exhausted {images.get('exhausted', 0)},"
+        f" pending {images.get('pending', 0)}."
+    )
+    token_row = (
+        stats["requests"],
+        tokens["prompt"],
+        tokens["completion"],
+        tokens["per_accepted_chain"],
+    )
+    throughput = (
+        f"This run: {run['requests']} requests in {run['seconds']:.1f} s ({run['requests_per_s']} requests/s)"
+        f" over {run['selected']} selected images; {run['skipped_files']} unreadable files skipped by the scan."
+    )
+    parts = [
+        f"# Chain build report: {run['dataset']}",
+        _settings_line(run),
+        headline,
+        REQUEST_ERROR_NOTE,
+        "## Acceptance per domain\n\n" + _table(RATE_HEADER, _rate_rows(stats["per_domain"])),
+        "## Acceptance per class\n\n" + _table(RATE_HEADER, _rate_rows(stats["per_class"])),
+        "## Candidate verdicts\n\n"
+        + _table(("reason", "candidates"), list(stats["reasons"].items())),
+        "## Rounds needed\n\n" + _table(("round", "images"), list(stats["rounds_needed"].items())),
+        f"Mean candidates seen until acceptance: {stats['attempts_mean']}.",
+        "## Tokens and throughput\n\n" + _table(TOKEN_HEADER, [token_row]),
+        throughput,
+        _exhausted_section(stats["exhausted"]),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_outputs(
+    chains_dir: Path,
+    manifest: pl.DataFrame,
+    candidates: pl.DataFrame,
+    matcher: ClassMatcher,
+    run: RunInfo,
+) -> dict:
+    """Rewrite chains.parquet, stats.json and report.md atomically; return the stats."""
+    chains = derive_chains(manifest, candidates, matcher)
+    stats = compute_stats(manifest, candidates, chains, run)
+    atomic.write_parquet(chains_path(chains_dir), chains)
+    atomic.write_json(stats_path(chains_dir), stats)
+    atomic.write_text(report_path(chains_dir), render_report(stats))
+    return stats

@@ -1,0 +1,323 @@
+"""The chain builder against the simulated teacher on SynthDG: faults, resume, shards, secrets."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from builders import sim_teacher
+from builders.build import BuildConfig, Shard, build_chains, select_images
+from builders.candidate_store import KEY, SHARD_GLOB
+from builders.rejection_sampling import SamplingPlan, parse_temperatures
+from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
+from builders.teacher_client import Sample, TeacherConfig, parse_completion, resolve_api_key
+from domainbed_reasoning import layout
+from domainbed_reasoning.cli import app
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.registry import get_spec
+from domainbed_reasoning.scan import scan_dataset
+from domainbed_reasoning.synth import generate
+
+SPEC = get_spec("SynthDG")
+IMAGES = 20  # 1 per (domain, class)
+FAST = {"latency_ms": 5.0, "retry_after": 0.01, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, images_per_class=1, seed=0, size=32)
+    return root
+
+
+def config(url: str, data_dir: Path, out: Path, **overrides) -> BuildConfig:
+    teacher = TeacherConfig(
+        urls=overrides.pop("urls", (url,)),
+        model="sim-teacher",
+        timeout=overrides.pop("timeout", 5.0),
+        max_retries=overrides.pop("max_retries", 0),
+        concurrency=overrides.pop("concurrency", 8),
+    )
+    plan = overrides.pop("plan", SamplingPlan(candidates=2, max_rounds=2, temperatures=(0.5, 0.8)))
+    return BuildConfig(
+        "SynthDG", data_dir, out, teacher, plan=plan, show_progress=False, **overrides
+    )
+
+
+@pytest.fixture
+def teacher(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    params = getattr(request, "param", {})
+    with run_sim_teacher(SimTeacherConfig(**(FAST | params)), data_dir) as url:
+        yield url
+
+
+def outputs(out: Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    folder = layout.chains_dir(out, SPEC)
+    raw = pl.read_parquet(layout.candidates_dir(folder) / SHARD_GLOB)
+    chains = pl.read_parquet(layout.chains_path(folder))
+    return raw, chains, json.loads(layout.stats_path(folder).read_text())
+
+
+def assert_consistent(out: Path, expected_ids: set[str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Every image accepted or exhausted, once; no record duplicated or lost."""
+    raw, chains, stats = outputs(out)
+    assert raw.height == raw.unique(subset=list(KEY)).height, "a candidate row was written twice"
+    assert set(raw["id"]) == expected_ids
+    assert chains["id"].is_unique().all() and set(chains["id"]) <= expected_ids
+    assert stats["images"]["attempted"] == len(expected_ids)
+    assert stats["images"].get("pending", 0) == 0
+    assert stats["images"].get("accepted", 0) + stats["images"].get("exhausted", 0) == len(
+        expected_ids
+    )
+    assert chains.height == stats["images"].get("accepted", 0)
+    return raw, chains, stats
+
+
+def all_ids(data_dir: Path) -> set[str]:
+    return set(scan_dataset(SPEC, data_dir).frame["id"])
+
+
+def test_clean_teacher_gives_one_well_formed_chain_per_image(
+    teacher: str, data_dir: Path, tmp_path: Path
+) -> None:
+    stats = build_chains(config(teacher, data_dir, tmp_path))
+    raw, chains, _ = assert_consistent(tmp_path, all_ids(data_dir))
+    assert stats["images"] == {"attempted": IMAGES, "accepted": IMAGES}
+    assert stats["run"]["requests"] == IMAGES and stats["rounds_needed"] == {"1": IMAGES}
+    row = chains.row(0, named=True)
+    assert row["chain"].startswith("<SUMMARY>") and row["conclusion"] == row["class_name"]
+    assert (row["attempts"], row["round"], row["teacher"]) == (1, 1, "sim-teacher")
+    assert row["label"] == SPEC.label_of(row["class_name"])
+    assert set(raw["teacher_url"]) == {teacher.removeprefix("http://").removesuffix("/v1")}
+    report = (tmp_path / "SynthDG" / "report.md").read_text()
+    assert (
+        "**20 of 20 attempted images accepted (100.0%)**" in report
+        and "| photo | 5 | 5 | 100.0% |" in report
+    )
+
+
+def test_the_label_never_travels_in_a_request(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bodies: list[dict] = []
+    complete = sim_teacher.SimTeacher.complete
+    monkeypatch.setattr(
+        sim_teacher.SimTeacher,
+        "complete",
+        lambda self, body: bodies.append(body) or complete(self, body),
+    )
+    with run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as url:
+        build_chains(config(url, data_dir, tmp_path))
+    assert len(bodies) == IMAGES
+    images = set()
+    for body in bodies:
+        images.add(body["messages"][0]["content"][0]["image_url"]["url"])
+        body["messages"][0]["content"][0]["image_url"]["url"] = "IMAGE"
+    assert len(images) == IMAGES, "each request carries its own image"
+    assert all(body == bodies[0] for body in bodies), (
+        "something besides the pixels differs between images"
+    )
+    text = json.dumps(bodies[0])
+    assert not re.search(r"SynthDG/|\.png|label", text)
+
+
+FAULTS = [
+    ({"p_wrong": 0.5}, {"wrong_class"}),
+    ({"p_malformed": 0.5}, {"missing_stage", "order", "unclosed_tag", "no_conclusion"}),
+    ({"p_empty": 0.5}, {"empty_response"}),
+    ({"p_429": 0.4}, {"request_error"}),
+    ({"p_500": 0.4}, {"request_error"}),
+    ({"p_drop": 0.4}, {"request_error"}),
+    ({"p_stall": 0.4, "stall_s": 5.0}, {"request_error"}),
+]
+DETAILS = {  # openai's aiohttp transport reports a dropped connection as a connect timeout
+    "p_429": "^RateLimitError: ",
+    "p_500": "^InternalServerError: ",
+    "p_drop": "^(APIConnectionError|APITimeoutError): ",
+    "p_stall": "^APITimeoutError: ",
+}
+
+
+@pytest.mark.parametrize(
+    ("teacher", "reasons"), FAULTS, indirect=["teacher"], ids=[next(iter(f)) for f, _ in FAULTS]
+)
+def test_every_fault_ends_resolved_or_exhausted_with_its_reason_recorded(
+    teacher: str, reasons: set[str], data_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    build_chains(config(teacher, data_dir, tmp_path, timeout=0.5))
+    raw, _, stats = assert_consistent(tmp_path, all_ids(data_dir))
+    assert reasons & set(stats["reasons"]), stats["reasons"]
+    assert stats["reasons"]["accepted"] > 0
+    fault = next(iter(request.node.callspec.params["teacher"]))
+    if fault in DETAILS:
+        details = raw.filter(pl.col("reason") == "request_error")["detail"]
+        assert details.str.contains(DETAILS[fault]).all(), details.to_list()
+        assert stats["exhausted"] == {} or all(
+            "request_error" in r for r in stats["exhausted"].values()
+        )
+
+
+@pytest.mark.parametrize("teacher", [{"p_429": 0.3, "p_500": 0.1, "p_drop": 0.05}], indirect=True)
+def test_the_client_retries_transport_faults_away(
+    teacher: str, data_dir: Path, tmp_path: Path
+) -> None:
+    stats = build_chains(config(teacher, data_dir, tmp_path, max_retries=30))
+    assert_consistent(tmp_path, all_ids(data_dir))
+    assert stats["reasons"] == {"accepted": 2 * IMAGES}
+
+
+@pytest.mark.parametrize("teacher", [{"p_wrong": 1.0}], indirect=True)
+def test_a_rerun_resumes_exhausted_images_at_their_next_round(
+    teacher: str, data_dir: Path, tmp_path: Path
+) -> None:
+    one_round = SamplingPlan(candidates=2, max_rounds=1, temperatures=(0.5, 0.8))
+    first = build_chains(config(teacher, data_dir, tmp_path, plan=one_round))
+    assert first["images"] == {"attempted": IMAGES, "exhausted": IMAGES}
+    again = build_chains(config(teacher, data_dir, tmp_path, plan=one_round))
+    assert again["run"]["requests"] == 0
+    more = build_chains(config(teacher, data_dir, tmp_path, plan=SamplingPlan(2, 3, (0.5, 0.8))))
+    raw, _, _ = assert_consistent(tmp_path, all_ids(data_dir))
+    assert more["run"]["requests"] == 2 * IMAGES
+    per_round = dict(
+        raw.group_by("round").agg(pl.col("temperature").unique()).sort("round").iter_rows()
+    )
+    assert per_round == {1: [0.5], 2: [0.8], 3: [0.8]}
+
+
+def test_limit_then_full_run_requests_each_image_once(
+    teacher: str, data_dir: Path, tmp_path: Path
+) -> None:
+    assert build_chains(config(teacher, data_dir, tmp_path, limit=7))["run"]["requests"] == 7
+    rest = build_chains(config(teacher, data_dir, tmp_path))
+    assert rest["run"]["requests"] == IMAGES - 7
+    assert_consistent(tmp_path, all_ids(data_dir))
+
+
+def test_shards_cover_every_id_exactly_once(teacher: str, data_dir: Path, tmp_path: Path) -> None:
+    manifest = scan_dataset(SPEC, data_dir).frame
+    parts = [set(select_images(manifest, Shard(i, 3), None)["id"]) for i in range(3)]
+    assert sum(map(len, parts)) == manifest.height and set().union(*parts) == set(manifest["id"])
+    assert all(parts), "a shard got nothing: the hash does not spread"
+    for i in range(2):
+        build_chains(config(teacher, data_dir, tmp_path, shard=Shard(i, 2)))
+    assert_consistent(tmp_path, all_ids(data_dir))
+
+
+def test_requests_spread_over_replicas(data_dir: Path, tmp_path: Path) -> None:
+    with (
+        run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as one,
+        run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as two,
+    ):
+        build_chains(config(one, data_dir, tmp_path, urls=(one, two)))
+    raw, _, _ = assert_consistent(tmp_path, all_ids(data_dir))
+    used = raw.group_by("teacher_url").len()["len"].to_list()
+    assert len(used) == 2 and min(used) >= IMAGES // 4
+
+
+def test_the_api_key_appears_in_no_output(teacher: str, data_dir: Path, tmp_path: Path) -> None:
+    key = "sk-test-DISTINCTIVE-4f9a1c"
+    with run_sim_teacher(SimTeacherConfig(**FAST | {"p_500": 0.5}), data_dir) as url:
+        result = CliRunner().invoke(
+            app,
+            ["build-chains", "SynthDG", "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),
+             "--teacher-url", url, "--teacher-model", "sim-teacher", "--max-retries", "0",
+             "--api-key-env", "DBR_TEST_KEY", "--no-progress"],
+            env={"DBR_TEST_KEY": key},
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "request_error" in outputs(tmp_path / "out")[2]["reasons"]
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    assert not [p for p in files if key.encode() in p.read_bytes()]
+    assert key not in result.output
+
+
+def test_api_key_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert resolve_api_key(None) == "EMPTY"
+    monkeypatch.setenv("OPENAI_API_KEY", "from-openai-env")
+    assert resolve_api_key(None) == "from-openai-env"
+    monkeypatch.setenv("MY_KEY", "from-my-env")
+    assert resolve_api_key("MY_KEY") == "from-my-env"
+
+
+def test_a_completion_body_is_read_or_refused_as_malformed() -> None:
+    body = {
+        "choices": [
+            {"message": {"content": "a"}, "finish_reason": "stop"},
+            {"message": {"content": None}},
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+    }
+    assert parse_completion(body) == ((Sample("a", "stop"), Sample("", None)), 7, 3)
+    for bad, why in [([], "TypeError"), ({"error": "x"}, "KeyError"), ({"choices": []}, "without choices"),
+                     ({"choices": [{"message": "text"}]}, "AttributeError")]:  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            parse_completion(bad)
+
+
+def test_temperature_schedule_repeats_its_last_value() -> None:
+    plan = SamplingPlan(temperatures=parse_temperatures("0.7, 0.9"))
+    assert [plan.temperature(r) for r in range(1, 5)] == [0.7, 0.9, 0.9, 0.9]
+
+
+def cli_error(
+    args: list[str], data_dir: Path, tmp_path: Path, url: str = "http://127.0.0.1:9/v1"
+) -> str:
+    base = ["build-chains", "SynthDG", "--data-dir", str(data_dir), "--out", str(tmp_path),
+            "--teacher-url", url, "--teacher-model", "sim-teacher", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, base + args)
+    assert isinstance(result.exception, UserError), result.output
+    message = str(result.exception)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shard", "2/2"], r"--shard '2/2': write i/n with 0 <= i < n"),
+        (["--shard", "half"], r"--shard 'half': write i/n"),
+        (["--temperatures", "hot"], r"--temperatures 'hot': give comma-separated numbers"),
+        (["--temperatures", "0.7,3"], r"--temperatures 0.7,3.0: give values in \[0, 2\]"),
+        (["--candidates", "0"], r"--candidates 0: must be at least 1"),
+        (["--max-rounds", "0"], r"--max-rounds 0: must be at least 1"),
+        (["--limit", "0"], r"--limit 0: must be at least 1"),
+        (["--timeout", "0"], r"--timeout 0.0: must be more than 0 seconds"),
+        (["--max-retries", "-1"], r"--max-retries -1: must be 0 or more"),
+        (["--concurrency", "0"], r"--concurrency 0: must be at least 1"),
+        (["--max-tokens", "0"], r"--max-tokens 0: must be at least 1"),
+        (
+            ["--api-key-env", "DBR_SURELY_UNSET"],
+            r"environment variable DBR_SURELY_UNSET is not set",
+        ),
+    ],
+)
+def test_bad_options_are_one_line_errors(
+    args: list[str], message: str, data_dir: Path, tmp_path: Path
+) -> None:
+    assert re.search(message, cli_error(args, data_dir, tmp_path))
+
+
+def test_bad_url_and_unreachable_teacher_say_how_to_fix(data_dir: Path, tmp_path: Path) -> None:
+    assert re.search(
+        r"--teacher-url 'localhost:8000' is not an http\(s\) URL",
+        cli_error([], data_dir, tmp_path, "localhost:8000"),
+    )
+    message = cli_error([], data_dir, tmp_path)
+    assert "teacher at http://127.0.0.1:9/v1 is not reachable" in message
+    assert "start it with `make serve-teacher` or pass --teacher-url" in message
+    assert not (tmp_path / "SynthDG" / "candidates").exists()
+
+
+def test_a_model_the_teacher_does_not_serve_is_named(
+    teacher: str, data_dir: Path, tmp_path: Path
+) -> None:
+    message = cli_error(["--teacher-model", "gpt-9"], data_dir, tmp_path, teacher)
+    assert "does not serve model 'gpt-9' (it serves sim-teacher): pass --teacher-model" in message
