@@ -49,6 +49,19 @@ def datasets(as_json: bool = typer.Option(False, "--json", help="Print the regis
 
 
 @app.command()
+def prompt(
+    name: str = typer.Argument("teacher", help="Prompt template: teacher, classify or reason."),
+    dataset: str = typer.Option("PACS", help="Dataset whose class names fill {classes}."),
+) -> None:
+    """Print a prompt exactly as the model receives it, with its version (the content hash)."""
+    from .prompts import class_list, load_prompt
+
+    template = load_prompt(name)
+    err_console.print(f"prompt [bold]{template.name}[/] version {template.version}", highlight=False)
+    typer.echo(template.render(classes=class_list(get_spec(dataset).classes)))
+
+
+@app.command()
 def scan(
     dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
     data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
@@ -68,6 +81,322 @@ def scan(
     console.print(
         f"[green]wrote[/] {out} ({result.frame.height:,} images, {len(result.skipped)} skipped)", highlight=False
     )
+
+
+@app.command()
+def synth(
+    data_dir: Path = typer.Option(Path("data"), help="Folder to write SynthDG/<domain>/<class>/<image> into."),
+    images_per_class: int = typer.Option(50, help="Images per (domain, class) pair."),
+    seed: int = typer.Option(0, help="Same seed, same bytes."),
+    size: int = typer.Option(64, help="Image side in pixels."),
+) -> None:
+    """Draw the SynthDG dataset (4 styles x 5 shapes) and its attributes sidecar, offline."""
+    from .synth import generate, sidecar_path
+
+    root = generate(data_dir, images_per_class, seed, size)
+    total = images_per_class * len(get_spec("SynthDG").domains) * len(get_spec("SynthDG").classes)
+    console.print(f"[green]wrote[/] {root} ({total:,} images) and {sidecar_path(data_dir)}", highlight=False)
+
+
+@app.command("sim-teacher")
+def sim_teacher(
+    data_dir: Path = typer.Option(Path("data"), help="Folder holding SynthDG/ and its attributes sidecar."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    model: str = typer.Option("sim-teacher", help="Model id served at /v1/models."),
+    latency_ms: float = typer.Option(0.0, help="Added latency per request, in ms."),
+    jitter_ms: float = typer.Option(0.0, help="Extra uniform random latency up to this many ms."),
+    p_wrong: float = typer.Option(0.0, help="Per answer: conclusion names another class."),
+    p_malformed: float = typer.Option(0.0, help="Per answer: a stage missing, swapped or unclosed."),
+    p_empty: float = typer.Option(0.0, help="Per answer: empty content."),
+    p_429: float = typer.Option(0.0, help="Per request: 429 with a Retry-After header."),
+    retry_after: float = typer.Option(1.0, help="Retry-After seconds sent with a 429."),
+    p_500: float = typer.Option(0.0, help="Per request: HTTP 500."),
+    p_drop: float = typer.Option(0.0, help="Per request: connection closed without a response."),
+    p_stall: float = typer.Option(0.0, help="Per request: answer only after --stall-s seconds."),
+    stall_s: float = typer.Option(30.0, help="How long a stalled request sleeps."),
+    seed: int = typer.Option(0, help="Seed of the fault and wording draws."),
+) -> None:
+    """Serve an OpenAI-compatible simulated teacher for SynthDG, with optional fault injection."""
+    from builders.sim_teacher import SimTeacherConfig, serve
+
+    config = SimTeacherConfig(
+        model=model, latency_ms=latency_ms, jitter_ms=jitter_ms, p_wrong=p_wrong, p_malformed=p_malformed,
+        p_empty=p_empty, p_429=p_429, retry_after=retry_after, p_500=p_500, p_drop=p_drop, p_stall=p_stall,
+        stall_s=stall_s, seed=seed,
+    )  # fmt: skip
+    ready = f"sim-teacher serving `{model}` at http://{host}:{port}/v1 (Ctrl-C stops)"
+    serve(config, data_dir, host, port, on_ready=lambda: console.print(ready, highlight=False))
+
+
+@app.command()
+def download(
+    dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
+    data_dir: Path = typer.Option(Path("data"), help="Folder to write <dirname>/<domain>/<class>/<image> into."),
+    from_archive: list[Path] = typer.Option(
+        [], "--from-archive", help="An archive you already hold (or a folder of them); repeatable. Skips HTTP."
+    ),
+    from_hub: str | None = typer.Option(
+        None, "--from-hub", help="Hub dataset (or local folder) with image/domain/label columns, e.g. flwrlabs/pacs."
+    ),
+) -> None:
+    """Fetch a DomainBed dataset into DomainBed's layout: resumable, verified, safe to re-run."""
+    from .download import download_dataset
+
+    result = download_dataset(get_spec(dataset), data_dir, from_archive=from_archive, from_hub=from_hub)
+    verb = "already complete" if result.skipped else f"downloaded ({result.origin})"
+    console.print(f"[green]{result.dataset}[/] {verb}: {result.root} ({result.files:,} files)", highlight=False)
+
+
+@app.command(
+    "serve-teacher", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def serve_teacher(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Hub id or local folder of the teacher MLLM."),
+    served_model_name: str = typer.Option("teacher", help="Model name clients ask for (--teacher-model)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size (GPUs per server)."),
+    max_model_len: int = typer.Option(8192, help="Context length: prompt + image tokens + chain."),
+    dtype: str = typer.Option("auto", help="Weights dtype; float32 for tiny test models on CPU."),
+    images_per_prompt: int = typer.Option(1, help="vLLM --limit-mm-per-prompt for images."),
+    kv_cache_gib: int = typer.Option(1, help="KV cache GiB on the CPU build (VLLM_CPU_KVCACHE_SPACE)."),
+    lora: list[str] = typer.Option([], help="name=path of a LoRA adapter to serve (repeatable)."),
+    max_lora_rank: int = typer.Option(8, help="Largest LoRA rank served."),
+    vllm_python: Path | None = typer.Option(
+        None, help="Python of the vLLM env (else $DBR_VLLM_PYTHON, else .venv-vllm/bin/python)."
+    ),
+    log: Path = typer.Option(Path("runs/vllm/teacher.log"), help="vLLM's log file."),
+) -> None:
+    """Serve a teacher MLLM with vLLM's OpenAI API until Ctrl-C; extra args go to vLLM unchanged."""
+    from .vllm_server import ServerConfig, parse_lora_modules, serve
+
+    config = ServerConfig(
+        model=model,
+        served_model_name=served_model_name,
+        host=host,
+        port=port,
+        tensor_parallel_size=tp,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        limit_mm_per_prompt={"image": images_per_prompt},
+        cpu_kvcache_gib=kv_cache_gib,
+        lora_modules=parse_lora_modules(lora),
+        max_lora_rank=max_lora_rank,
+        extra_args=tuple(ctx.args),
+        vllm_python=vllm_python,
+        log_path=log,
+    )
+    serve(config)
+
+
+@app.command("build-chains")
+def build_chains_command(
+    dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
+    data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
+    out: Path = typer.Option(Path("runs/chains"), help="Writes <out>/<DATASET>/{manifest,chains}.parquet etc."),
+    teacher_url: list[str] = typer.Option(
+        ["http://127.0.0.1:8000/v1"], help="OpenAI-compatible base URL; repeat for several replicas."
+    ),
+    teacher_model: str = typer.Option("teacher", help="Model name the teacher serves."),
+    candidates: int = typer.Option(4, help="Samples per request (the `n` parameter): one prefill, K answers."),
+    max_rounds: int = typer.Option(3, help="Requests per image at most before it counts as exhausted."),
+    temperatures: str = typer.Option("0.7,0.9,1.0", help="Temperature per round; the last one repeats."),
+    concurrency: int = typer.Option(256, help="Requests in flight at once, over all replicas."),
+    timeout: float = typer.Option(120.0, help="Seconds per request attempt."),
+    max_retries: int = typer.Option(3, help="Client retries on 429/5xx/timeouts/connection errors."),
+    shard: str = typer.Option("0/1", help="i/n: this machine takes the ids whose hash mod n is i."),
+    limit: int | None = typer.Option(None, help="Only the first N images of this shard (a trial run)."),
+    max_side: int = typer.Option(1024, help="Images with a longer side are downscaled to it before sending."),
+    max_tokens: int = typer.Option(1024, help="Completion token limit per answer."),
+    api_key_env: str | None = typer.Option(
+        None, help="Environment variable holding the API key (default OPENAI_API_KEY, else 'EMPTY')."
+    ),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
+    from builders.build import BuildConfig, Shard, build_chains
+    from builders.image_payload import PayloadPolicy
+    from builders.rejection_sampling import SamplingPlan, parse_temperatures
+    from builders.teacher_client import TeacherConfig, resolve_api_key
+
+    config = BuildConfig(
+        dataset=dataset,
+        data_dir=data_dir,
+        out=out,
+        teacher=TeacherConfig(
+            urls=tuple(teacher_url),
+            model=teacher_model,
+            api_key=resolve_api_key(api_key_env),
+            timeout=timeout,
+            max_retries=max_retries,
+            concurrency=concurrency,
+            max_tokens=max_tokens,
+        ),
+        plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures)),
+        policy=PayloadPolicy(max_side=max_side),
+        shard=Shard.parse(shard),
+        limit=limit,
+        show_progress=progress,
+    )
+    stats = build_chains(config, console=err_console)
+    images = stats["images"]
+    console.print(
+        f"[green]{dataset}[/]: {images.get('accepted', 0):,} of {images['attempted']:,} images accepted, "
+        f"{images.get('exhausted', 0):,} exhausted; {stats['run']['requests']:,} requests this run "
+        f"({stats['run']['requests_per_s']} req/s). Report: {out / get_spec(dataset).name / 'report.md'}",
+        highlight=False,
+    )
+
+
+@app.command("train")
+def train_command(
+    dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
+    data: str = typer.Option("domainbed-reasoning", help="DomainBed-Reasoning export folder or Hub repo id."),
+    target: str = typer.Option(..., help="Held-out (test) domain; training uses every other domain."),
+    model: str = typer.Option(..., help="Base MLLM: a local checkpoint folder or a Hub id."),
+    method: str = typer.Option(
+        "mtct", help="mtct (both paths), cls (class name only), reasoning (chain only) or rd-mldg (MTCT + SARR)."
+    ),
+    out: Path = typer.Option(Path("runs/train"), help="Writes <out>/<DATASET>/<target>/<method>/."),
+    config: Path = typer.Option(Path("train/configs/mtct.yaml"), help="YAML settings (the paper's defaults)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, KEY=VALUE; repeatable."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint of this run folder."),
+    sarr_rounds: int | None = typer.Option(None, help="rd-mldg: self-labelling rounds after MTCT (config: 3)."),
+    sarr_init: str | None = typer.Option(
+        None, help="rd-mldg: each round trains from the `base` model or `continue`s the last adapter."
+    ),
+    engine: str | None = typer.Option(None, help="rd-mldg: self-labelling engine, transformers or vllm."),
+) -> None:
+    """RD-MLDG training with LoRA via TRL, leave-one-domain-out: MTCT (or one path), or MTCT + SARR rounds."""
+    from train.config import load_config, parse_overrides
+    from train.run import TrainRequest, train
+
+    sarr = {"sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine}
+    chosen = {key: value for key, value in sarr.items() if value is not None}
+    settings = load_config(config, {**parse_overrides(set_), **chosen, "method": method})
+    result = train(TrainRequest(dataset, data, target, model, out, settings, resume))
+    console.print(f"[green]adapter[/]: {result.adapter_dir}  (logs: {result.run_dir / 'logs'})", highlight=False)
+
+
+@app.command()
+def export(
+    datasets: list[str] = typer.Argument(..., help="Dataset names to (re-)export, e.g. PACS VLCS."),
+    chains_dir: Path = typer.Option(Path("runs/chains"), help="Holds <DATASET>/{manifest,chains}.parquet."),
+    data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
+    out: Path = typer.Option(Path("domainbed-reasoning"), help="The Hub-layout folder (README.md + <DATASET>/)."),
+    max_shard_mb: int = typer.Option(256, help="Largest Parquet shard, in MiB of image bytes."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Write DomainBed-Reasoning as Parquet with embedded images and regenerate its dataset card."""
+    import datasets as hf_datasets
+
+    from .hub_export import export as export_datasets
+
+    hf_datasets.disable_progress_bars()
+    written = export_datasets(chains_dir, data_dir, out, datasets, max_shard_mb * 1024**2, progress)
+    for folder in written:
+        console.print(f"[green]exported[/] {folder}", highlight=False)
+    console.print(f"card: {out / 'README.md'}; try `load_dataset({str(out)!r}, {written[0].name!r})`", highlight=False)
+
+
+@app.command()
+def publish(
+    folder: Path = typer.Option(Path("domainbed-reasoning"), help="The folder `dbr export` wrote."),
+    repo_id: str = typer.Option(..., help="Hub dataset repo, USER/domainbed-reasoning."),
+    private: bool = typer.Option(False, help="Create the repo private (an existing repo keeps its visibility)."),
+    revision: str | None = typer.Option(None, help="Branch to commit to (created if missing); default main."),
+    dry_run: bool = typer.Option(False, help="List the files and total size; upload nothing."),
+) -> None:
+    """Upload the export folder to a Hub dataset repo; token from HF_TOKEN or `hf auth login`."""
+    from .hub_publish import plan_publish
+    from .hub_publish import publish as publish_folder
+
+    if dry_run:
+        plan = plan_publish(folder)
+        table = Table(title=f"{folder} -> {repo_id} (dry run)")
+        table.add_column("file")
+        table.add_column("bytes", justify="right")
+        for path, size in plan.files:
+            table.add_row(path, f"{size:,}")
+        console.print(table)
+        console.print(f"{len(plan.files)} files, {plan.total_bytes:,} bytes in total; nothing uploaded", highlight=False)
+        return
+    url = publish_folder(folder, repo_id, private=private, revision=revision)
+    console.print(f"[green]published[/] {folder} to {repo_id}: {url}", highlight=False)
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in value.split(",") if part.strip()) if value else None
+
+
+@app.command("eval")
+def eval_command(
+    run: Path | None = typer.Option(None, help="A finished `dbr train` run folder: evaluates its adapter."),
+    dataset: str | None = typer.Option(None, help="With --model: dataset name, e.g. PACS."),
+    data: str = typer.Option("domainbed-reasoning", help="With --model: DomainBed-Reasoning folder or Hub repo id."),
+    target: str | None = typer.Option(None, help="With --model: the held-out domain to test on."),
+    model: str | None = typer.Option(None, help="Evaluate this model as is: checkpoint folder, Hub id, remote name."),
+    adapter: Path | None = typer.Option(None, help="With --model: a LoRA adapter folder to apply."),
+    name: str | None = typer.Option(None, help="With --model: the row's name, e.g. gpt-4o (default: model name)."),
+    out: Path = typer.Option(Path("runs/train"), help="With --model: writes <out>/<DATASET>/<target>/zeroshot-<name>/."),
+    engine: str = typer.Option("transformers", help="transformers (in-process), vllm (.venv-vllm server) or remote."),
+    base_url: str | None = typer.Option(None, help="remote engine: OpenAI-compatible base URL."),
+    api_key_env: str | None = typer.Option(None, help="remote engine: environment variable holding the API key."),
+    batch_size: int | None = typer.Option(None, help="transformers engine: images per batch."),
+    vllm_python: Path | None = typer.Option(None, help="vllm engine: Python of the vLLM env."),
+    modes: str | None = typer.Option(None, help="direct,reasoning (default: the mode(s) the method trained)."),
+    splits: str | None = typer.Option(None, help="test,validation (default: both; test only with --model)."),
+    direct_tokens: int = typer.Option(32, help="Token limit of a direct (class name) answer."),
+    max_new_tokens: int = typer.Option(1024, help="Token limit of a reasoning answer."),
+    force: bool = typer.Option(False, help="Evaluate again over a finished evaluation."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Leave-one-domain-out accuracy (direct and reasoning modes) of a trained run or of any model."""
+    from train import evaluate
+
+    if (run is None) == (model is None):
+        raise UserError("pass --run RUN_DIR (a trained run) or --model MODEL (any model, zero-shot), not both")
+    settings = evaluate.EvalSettings(
+        engine=engine,
+        engine_options=evaluate.engine_options(engine, base_url, api_key_env, batch_size, vllm_python),
+        modes=_csv(modes),
+        splits=_csv(splits),
+        direct_tokens=direct_tokens,
+        reasoning_tokens=max_new_tokens,
+        force=force,
+        progress=progress,
+    )
+    if run is not None:
+        metrics = evaluate.evaluate_run(run, settings)
+    elif dataset is None or target is None:
+        raise UserError("--model needs --dataset and --target (the LODO test split to evaluate on)")
+    else:
+        request = evaluate.ZeroShotRequest(dataset, data, target, model, out, name, adapter)
+        metrics = evaluate.evaluate_model(request, settings)
+    table = Table(title=f"{metrics['dataset']} / held-out {metrics['target']} / {metrics['name']}")
+    for column in ("split", "mode", "images", "accuracy", "unparseable"):
+        table.add_column(column)
+    for split, by_mode in metrics["results"].items():
+        for mode, scores in by_mode.items():
+            table.add_row(split, mode, str(scores["n"]), f"{100 * scores['accuracy']:.2f}%", str(scores["unparseable"]))
+    console.print(table)
+
+
+@app.command()
+def report(
+    runs: Path = typer.Argument(Path("runs/train"), help="Folder holding run folders with eval/metrics.json."),
+    out: Path = typer.Option(Path("runs/report"), help="Writes results.md, results.png and results.json here."),
+) -> None:
+    """The results table in the paper's format (beside the paper's numbers), a bar plot and a JSON."""
+    from rich.markdown import Markdown
+
+    from train.report import write_report
+
+    written = write_report(runs, out)
+    console.print(Markdown(written.text))
+    console.print(f"[green]wrote[/] {written.markdown}, {written.plot}, {written.data}", highlight=False)
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_
                 chains.append(
                     record
                     | {"chain": format_chain(stages), **stages, "teacher": "tiny-teacher", "prompt_version": TEACHER_PROMPT.version}
-                    | {"attempts": 1 + index, "round": 0}
+                    | {"attempts": 1 + index, "round": 1}
                 )
     folder = layout.chains_dir(chains_root, spec)
     folder.mkdir(parents=True, exist_ok=True)
