@@ -81,9 +81,13 @@ sim-teacher: setup
 demo: setup
 	$(DBR) demo --data-dir $(DATA_DIR) --runs $(RUNS)
 
-# Stage 1 (MTCT). One process per visible GPU through accelerate when there are several.
+# Training (METHOD=mtct|cls|reasoning|rd-mldg). One process per visible GPU through accelerate when there are several.
+# rd-mldg (MTCT + SARR) also takes SARR_ROUNDS, SARR_INIT (base|continue) and ENGINE (transformers|vllm).
 TARGET ?=
 METHOD ?= mtct
+SARR_ROUNDS ?=
+SARR_INIT ?=
+ENGINE ?=
 DATA ?= domainbed-reasoning
 TRAIN_CONFIG ?= train/configs/mtct.yaml
 TRAIN_ARGS ?=
@@ -92,7 +96,14 @@ train: setup
 	@test -n "$(TARGET)" -a -n "$(MODEL)" || { echo "train: set TARGET=<held-out domain> MODEL=<checkpoint>, e.g. make train DATASET=PACS TARGET=sketch MODEL=OpenGVLab/InternVL3-2B-hf"; exit 2; }
 	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file train/accelerate/ddp.yaml --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
 		train $(DATASET) --data $(DATA) --target "$(TARGET)" --model "$(MODEL)" --method $(METHOD) \
-		--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
+		--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS) \
+		$(if $(SARR_ROUNDS),--sarr-rounds $(SARR_ROUNDS)) $(if $(SARR_INIT),--sarr-init $(SARR_INIT)) \
+		$(if $(ENGINE),--engine $(ENGINE))
+
+# Stage 5: the paper-format table, plot and JSON from every eval/metrics.json under runs/train.
+.PHONY: report
+report: setup
+	$(DBR) report $(RUNS)/train --out $(RUNS)/report
 
 bench: setup
 	$(PY) bench/bench_scan.py

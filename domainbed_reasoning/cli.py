@@ -390,12 +390,10 @@ def report(
     out: Path = typer.Option(Path("runs/report"), help="Writes results.md, results.png and results.json here."),
 ) -> None:
     """The results table in the paper's format (beside the paper's numbers), a bar plot and a JSON."""
-    from rich.markdown import Markdown
-
     from train.report import write_report
 
     written = write_report(runs, out)
-    console.print(Markdown(written.text))
+    typer.echo(written.text)
     console.print(f"[green]wrote[/] {written.markdown}, {written.plot}, {written.data}", highlight=False)
 
 

@@ -18,7 +18,9 @@ import yaml
 from domainbed_reasoning.atomic import write_text
 from domainbed_reasoning.errors import UserError
 
-METHODS = ("mtct", "cls", "reasoning")
+METHODS = ("mtct", "cls", "reasoning", "rd-mldg")
+ENGINES = ("transformers", "vllm")
+SARR_INITS = ("base", "continue")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mtct.yaml"
 
 
@@ -50,6 +52,12 @@ class TrainConfig:
     save_steps: int = 200
     save_total_limit: int = 2
     seed: int = 0
+    sarr_rounds: int = 3
+    sarr_init: str = "base"
+    self_label_candidates: int = 4
+    self_label_temperature: float = 1.0
+    self_label_max_new_tokens: int = 1024
+    engine: str = "transformers"
 
     def __post_init__(self) -> None:
         _check(self)
@@ -73,7 +81,7 @@ def _check(config: TrainConfig) -> None:
         raise UserError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
     if config.bf16 not in ("auto", "true", "false"):
         raise UserError(f"bf16 must be auto, true or false, not {config.bf16!r}")
-    if config.method == "mtct" and config.per_device_batch_size % 2:
+    if config.method in ("mtct", "rd-mldg") and config.per_device_batch_size % 2:
         raise UserError(
             f"per_device_batch_size {config.per_device_batch_size} is odd: MTCT keeps an image's two "
             "examples in one batch, so set an even per_device_batch_size"
@@ -83,6 +91,33 @@ def _check(config: TrainConfig) -> None:
             raise UserError(f"{name} must be at least 1, not {getattr(config, name)}")
     if not 0.0 < config.holdout_fraction < 1.0:
         raise UserError(f"holdout_fraction must be between 0 and 1, not {config.holdout_fraction}")
+    _check_sarr(config)
+
+
+def _check_sarr(config: TrainConfig) -> None:
+    if config.method == "rd-mldg" and config.sarr_rounds < 1:
+        raise UserError(
+            f"sarr_rounds {config.sarr_rounds} leaves rd-mldg without self-labelling: set sarr_rounds to 1 or "
+            "more, or train with --method mtct"
+        )
+    if config.sarr_init not in SARR_INITS:
+        raise UserError(
+            f"unknown sarr_init {config.sarr_init!r}: choose one of {', '.join(SARR_INITS)}"
+        )
+    if config.engine not in ENGINES:
+        raise UserError(f"unknown engine {config.engine!r}: choose one of {', '.join(ENGINES)}")
+    for name in ("self_label_candidates", "self_label_max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise UserError(f"{name} must be at least 1, not {getattr(config, name)}")
+    if config.self_label_temperature < 0:
+        raise UserError(
+            f"self_label_temperature must be 0 or more, not {config.self_label_temperature}"
+        )
+    if config.self_label_candidates > 1 and config.self_label_temperature == 0:
+        raise UserError(
+            f"self_label_candidates {config.self_label_candidates} at self_label_temperature 0 are copies of one "
+            "greedy chain: set self_label_temperature above 0 (e.g. 1.0) or self_label_candidates=1"
+        )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ TASKS_OF_METHOD: dict[str, tuple[str, ...]] = {
     "cls": ("cls",),
     "reasoning": ("reasoning",),
     "mtct": TASKS,
+    "rd-mldg": TASKS,  # every SARR round is an MTCT stage
 }
 PROMPT_OF_TASK = {"cls": "classify", "reasoning": "reason"}
 REQUIRED_COLUMNS = ("id", "image", "label")
@@ -94,10 +95,7 @@ def build_examples(
     if max_images is not None and max_images < len(split):
         split = split.shuffle(seed=seed).select(range(max_images))
     tasks = TASKS_OF_METHOD[method]
-    prompts = {
-        task: load_prompt(PROMPT_OF_TASK[task]).render(classes=class_list(classes))
-        for task in tasks
-    }
+    prompts = {task: task_prompt(task, classes) for task in tasks}
     columns = ["id", "image", "label", *(["chain"] if "reasoning" in tasks else [])]
     view = split.select_columns(columns).cast_column("image", datasets.Image(decode=False))
     examples = view.map(
@@ -108,6 +106,11 @@ def build_examples(
         desc=f"{method} examples",
     )
     return examples.cast_column("images", datasets.List(datasets.Image()))
+
+
+def task_prompt(task: str, classes: Sequence[str]) -> str:
+    """The prompt text of one path; evaluation and SARR ask with exactly what training taught."""
+    return load_prompt(PROMPT_OF_TASK[task]).render(classes=class_list(classes))
 
 
 def _expand(

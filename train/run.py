@@ -24,6 +24,7 @@ import torch
 import yaml
 from accelerate import PartialState
 from datasets import Dataset, DatasetDict
+from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig
@@ -155,9 +156,13 @@ def train(request: TrainRequest) -> StageResult:
     run_dir = prepared.run_dir
     if request.resume and (run_dir / "metrics.json").is_file():
         return _result(run_dir)
+    if request.config.method == "rd-mldg":
+        from .sarr import train_sarr  # SARR's rounds are this module's stages, so it imports us
+
+        return train_sarr(request, prepared)
     state = PartialState()
     if state.is_main_process:
-        _write_inputs(request, prepared)
+        write_inputs(request, prepared)
     return train_stage(
         request.model,
         prepared.processor,
@@ -165,11 +170,11 @@ def train(request: TrainRequest) -> StageResult:
         prepared.eval_examples,
         request.config,
         run_dir,
-        card=_model_card(request, prepared),
+        card=model_card(request, prepared),
     )
 
 
-def _write_inputs(request: TrainRequest, prepared: Prepared) -> None:
+def write_inputs(request: TrainRequest, prepared: Prepared) -> None:
     split_ids = pl.concat(
         pl.DataFrame({"id": prepared.splits[name]["id"], "split": name}) for name in prepared.splits
     )
@@ -235,13 +240,20 @@ def train_stage(
     config: TrainConfig,
     run_dir: Path,
     card: str = "",
+    init_adapter: Path | None = None,
 ) -> StageResult:
-    """Train LoRA on `model` with the MTCT loss; reusable by later stages (SARR rounds) with their own examples."""
+    """Train LoRA on `model` with the MTCT loss; reusable by later stages (SARR rounds) with their own examples.
+
+    `init_adapter` continues training that saved adapter instead of starting a fresh LoRA
+    (SARR's `sarr_init: continue`); the result is still one adapter over the base `model`.
+    """
     args = sft_config(
         config, run_dir, has_eval=eval_examples is not None and len(eval_examples) > 0
     )
     base = AutoModelForImageTextToText.from_pretrained(model, **args.model_init_kwargs)
     args.model_init_kwargs = None
+    if init_adapter is not None:
+        base = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(run_dir / "logs")
     trainer = MTCTTrainer(
@@ -250,7 +262,9 @@ def train_stage(
         train_dataset=train_examples,
         eval_dataset=eval_examples if args.eval_strategy != "no" else None,
         processing_class=processor,
-        peft_config=lora_config(
+        peft_config=None
+        if init_adapter is not None
+        else lora_config(
             base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.train_vision
         ),
         callbacks=[tensorboard],
@@ -284,7 +298,7 @@ def _result(run_dir: Path) -> StageResult:
     return StageResult(run_dir=run_dir, adapter_dir=run_dir / "adapter", metrics=metrics)
 
 
-def _model_card(request: TrainRequest, prepared: Prepared) -> str:
+def model_card(request: TrainRequest, prepared: Prepared) -> str:
     config = request.config
     front = {
         "base_model": request.model,

@@ -1,0 +1,348 @@
+"""RD-MLDG stage 2, SARR: rounds of self-labelling and MTCT on the model's own label-consistent chains.
+
+Round 0 is MTCT on the teacher's chains. Round r (1..N) lets the round r-1 model
+(base + its adapter) write K chains per training image with the reasoning prompt
+training uses, keeps them under the builder's filter (self_label.py), and trains
+MTCT again on the merged chains - from the base model, or from the previous
+adapter with `sarr_init: continue`.
+
+The run folder `<out>/<DATASET>/<target>/rd-mldg/` holds round-<r>/ folders laid
+out as `train_stage` writes a stage (adapter/, metrics.json, checkpoints/, logs/),
+plus self_labels.parquet and self_label_stats.json for r >= 1. `state.json` lists
+the finished steps and is rewritten atomically after each one, so a killed run
+resumes at the step it was in: a finished self-labelling is never redone, an
+unfinished one is redone whole, and an unfinished training resumes from its
+checkpoint. When every round is done the last round's adapter is copied to
+`adapter/` and `metrics.json` is written, which is what `dbr eval` reads, as for
+any other method.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import polars as pl
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from rich.console import Console
+
+from domainbed_reasoning import atomic
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.matching import matcher_for
+from domainbed_reasoning.vllm_server import resolve_vllm_python
+
+from .config import TrainConfig
+from .engines import GenRequest, SamplingSpec, open_engine
+from .mtct_data import build_examples, class_names, task_prompt
+from .run import Prepared, StageResult, TrainRequest, model_card, train_stage, write_inputs
+from .self_label import Supervised, merge_self_labels, self_label_stats
+
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+SELF_LABELS = "self_labels.parquet"
+SELF_LABEL_STATS = "self_label_stats.json"
+CHUNK_IMAGES = 1024  # images per generate() call: enough to keep vLLM's batches full, few in memory
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Step:
+    round: int
+    kind: str  # "self_label" or "train"
+
+    @property
+    def name(self) -> str:
+        return f"round-{self.round}/{self.kind}"
+
+
+def plan(rounds: int) -> list[Step]:
+    """Every step of a run, in order: round 0 trains on the teacher's chains, later rounds label then train."""
+    return [Step(0, "train")] + [
+        Step(r, kind) for r in range(1, rounds + 1) for kind in ("self_label", "train")
+    ]
+
+
+def round_dir(run_dir: Path, round_: int) -> Path:
+    return run_dir / f"round-{round_}"
+
+
+def engine_options(config: TrainConfig) -> dict[str, Any]:
+    """Checked now, before any model loads: a missing vLLM environment must not surface after round 0."""
+    if config.engine == "vllm":
+        return {"vllm_python": resolve_vllm_python()}
+    return {}
+
+
+# --- the run's state ------------------------------------------------------------------------------
+
+
+def load_state(run_dir: Path, rounds: int, resume: bool) -> list[str]:
+    """The finished steps, after checking the folder is this version's and still holds what they wrote."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        leftovers = sorted(child.name for child in run_dir.glob("round-*"))
+        if leftovers:
+            raise UserError(
+                f"{run_dir} holds {', '.join(leftovers)} but no {STATE_FILE}: it was written by an older "
+                "version of dbr or is damaged; train into another --out or delete the folder"
+            )
+        return []
+    if not resume:
+        raise UserError(
+            f"{run_dir} holds an unfinished rd-mldg run: pass --resume to continue it, or delete the folder"
+        )
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(
+            f"{path} is not valid JSON: delete the run folder and train again"
+        ) from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        found = state.get("version") if isinstance(state, dict) else None
+        raise UserError(
+            f"{path} has state version {found}, this dbr reads version {STATE_VERSION}: "
+            "finish the run with the dbr that started it, or train into another --out"
+        )
+    done = list(state.get("done", []))
+    names = [step.name for step in plan(rounds)]
+    if done != names[: len(done)]:
+        raise UserError(
+            f"{path} lists steps {', '.join(done)}, not a start of this run's plan: delete the folder and train again"
+        )
+    for step in plan(rounds)[: len(done)]:
+        _check_step_output(run_dir, step)
+    return done
+
+
+def _check_step_output(run_dir: Path, step: Step) -> None:
+    folder = round_dir(run_dir, step.round)
+    needed = folder / (SELF_LABELS if step.kind == "self_label" else "adapter/adapter_config.json")
+    if not needed.is_file():
+        raise UserError(
+            f"{run_dir} is missing {needed.relative_to(run_dir)}, which {STATE_FILE} lists as done: "
+            "restore it, or delete the folder and train again"
+        )
+
+
+def save_state(run_dir: Path, done: list[str]) -> None:
+    atomic.write_json(
+        run_dir / STATE_FILE, {"version": STATE_VERSION, "method": "rd-mldg", "done": done}
+    )
+
+
+# --- the training images --------------------------------------------------------------------------
+
+
+def training_subset(prepared: Prepared) -> Dataset:
+    """The training images round 0 trained on (all, or the seeded `max_train_images` subset), in split order."""
+    wanted = set(prepared.train_examples.unique("id"))
+    return prepared.splits["train"].filter(
+        lambda ids: [row_id in wanted for row_id in ids], batched=True, input_columns="id"
+    )
+
+
+def teacher_supervision(subset: Dataset, classes: list[str]) -> list[Supervised]:
+    columns = subset.select_columns(["id", "label", "chain"]).to_dict()
+    return [
+        Supervised(row_id, classes[label], chain)
+        for row_id, label, chain in zip(
+            columns["id"], columns["label"], columns["chain"], strict=True
+        )
+    ]
+
+
+def _supervision(
+    run_dir: Path, round_: int, subset: Dataset, classes: list[str]
+) -> list[Supervised]:
+    """What the images trained on in `round_`: the teacher's chains in round 0, the merged self-labels after."""
+    if round_ == 0:
+        return teacher_supervision(subset, classes)
+    frame = pl.read_parquet(round_dir(run_dir, round_) / SELF_LABELS)
+    return [Supervised(*row) for row in frame.select("id", "class_name", "chain").iter_rows()]
+
+
+def _image_chunks(subset: Dataset) -> Iterator[list[tuple[str, bytes]]]:
+    """(id, encoded image) in split order, a chunk at a time, so a big dataset's images never sit in memory."""
+    view = subset.select_columns(["id", "image"]).cast_column("image", datasets.Image(decode=False))
+    for batch in view.with_format("arrow").iter(batch_size=CHUNK_IMAGES):
+        yield [
+            (row_id, image["bytes"] if image["bytes"] else Path(image["path"]).read_bytes())
+            for row_id, image in zip(
+                batch.column("id").to_pylist(), batch.column("image").to_pylist(), strict=True
+            )
+        ]
+
+
+# --- the steps ----------------------------------------------------------------------------------
+
+
+def self_label_round(
+    request: TrainRequest,
+    run_dir: Path,
+    round_: int,
+    subset: Dataset,
+    classes: list[str],
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Round `round_`'s self-labels from the round before's model; writes the table, then its stats."""
+    config = request.config
+    previous = {item.id: item for item in _supervision(run_dir, round_ - 1, subset, classes)}
+    prompt = task_prompt("reasoning", classes)
+    sampling = SamplingSpec(
+        n=config.self_label_candidates,
+        temperature=config.self_label_temperature,
+        max_new_tokens=config.self_label_max_new_tokens,
+        seed=config.seed + round_,
+    )
+    matcher = matcher_for(tuple(classes))
+    adapter = round_dir(run_dir, round_ - 1) / "adapter"
+    console.print(
+        f"round {round_}: {len(previous):,} training images x {sampling.n} chains with {config.engine}",
+        highlight=False,
+    )
+    folder = round_dir(run_dir, round_)
+    if config.engine == "vllm":
+        options = {"log_path": folder / "vllm.log", **options}
+    started = time.perf_counter()
+    frames = []
+    with open_engine(config.engine, request.model, adapter, **options) as engine:
+        for chunk in _image_chunks(subset):
+            images = [previous[row_id] for row_id, _ in chunk]
+            requests = [GenRequest(row_id, image, prompt) for row_id, image in chunk]
+            frames.append(merge_self_labels(images, engine.generate(requests, sampling), matcher))
+    seconds = time.perf_counter() - started
+    frame = pl.concat(frames)
+    stats = self_label_stats(frame) | {
+        "round": round_,
+        "engine": config.engine,
+        "candidates_per_image": sampling.n,
+        "temperature": sampling.temperature,
+        "max_new_tokens": sampling.max_new_tokens,
+        "model": request.model,
+        "adapter": str(adapter),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(frame.height / seconds, 3) if seconds else None,
+    }
+    atomic.write_parquet(folder / SELF_LABELS, frame)
+    atomic.write_json(folder / SELF_LABEL_STATS, stats)
+    return stats
+
+
+def train_round(
+    request: TrainRequest, prepared: Prepared, round_: int, subset: Dataset, classes: list[str]
+) -> StageResult:
+    """MTCT on round `round_`'s chains: the teacher's in round 0, the merged self-labels after."""
+    config = request.config
+    run_dir = prepared.run_dir
+    folder = round_dir(run_dir, round_)
+    examples = prepared.train_examples
+    if round_ > 0:
+        chains = {item.id: item.chain for item in _supervision(run_dir, round_, subset, classes)}
+        relabelled = subset.remove_columns("chain").add_column(
+            "chain", [chains[row_id] for row_id in subset["id"]]
+        )
+        examples = build_examples(relabelled, config.method, classes)
+    init = (
+        round_dir(run_dir, round_ - 1) / "adapter"
+        if round_ > 0 and config.sarr_init == "continue"
+        else None
+    )
+    card = model_card(request, prepared) + (
+        f"\nSARR round {round_} of {config.sarr_rounds} "
+        f"({'teacher chains' if round_ == 0 else 'self-labelled chains, see ../' + SELF_LABEL_STATS}).\n"
+    )
+    return train_stage(
+        request.model,
+        prepared.processor,
+        examples,
+        prepared.eval_examples,
+        config,
+        folder,
+        card=card,
+        init_adapter=init,
+    )
+
+
+def _release_memory() -> None:
+    """The trainer of one step and the engine of the next must not hold the GPU at once."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def train_sarr(
+    request: TrainRequest, prepared: Prepared, extra_engine_options: Mapping[str, Any] | None = None
+) -> StageResult:
+    """Run (or resume) every step of `plan`, then publish the last round's adapter as the run's."""
+    config = request.config
+    run_dir = prepared.run_dir
+    options = engine_options(config) | dict(extra_engine_options or {})
+    done = load_state(run_dir, config.sarr_rounds, request.resume)
+    state = PartialState()
+    if state.is_main_process:
+        write_inputs(request, prepared)
+        save_state(run_dir, done)
+    classes = class_names(prepared.splits["train"])
+    subset = training_subset(prepared)
+    for step in plan(config.sarr_rounds):
+        if step.name in done:
+            continue
+        if step.kind == "self_label":
+            if state.is_main_process:
+                self_label_round(request, run_dir, step.round, subset, classes, options)
+            state.wait_for_everyone()
+        else:
+            train_round(request, prepared, step.round, subset, classes)
+        _release_memory()
+        done.append(step.name)
+        if state.is_main_process:
+            save_state(run_dir, done)
+    if state.is_main_process:
+        _finish(run_dir, config.sarr_rounds)
+    state.wait_for_everyone()
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return StageResult(run_dir=run_dir, adapter_dir=run_dir / "adapter", metrics=metrics)
+
+
+def _finish(run_dir: Path, rounds: int) -> None:
+    """Copy the last adapter to `adapter/` (complete or absent), then metrics.json, which marks the run done."""
+    final = round_dir(run_dir, rounds) / "adapter"
+    staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run_dir))
+    try:
+        shutil.copytree(final, staging, dirs_exist_ok=True)
+        shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+        os.replace(staging, run_dir / "adapter")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary = []
+    for round_ in range(rounds + 1):
+        folder = round_dir(run_dir, round_)
+        trained = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        trained.pop("log_history", None)
+        stats_path = folder / SELF_LABEL_STATS
+        stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
+        summary.append({"round": round_, "train": trained, "self_label": stats})
+    atomic.write_json(
+        run_dir / "metrics.json",
+        {
+            "method": "rd-mldg",
+            "final_round": rounds,
+            "adapter": f"round-{rounds}/adapter",
+            "rounds": summary,
+        },
+    )
