@@ -267,10 +267,16 @@ def train_command(
     sarr_init: str | None = typer.Option(
         None, help="rd-mldg: each round trains from the `base` model or `continue`s the last adapter."
     ),
-    engine: str | None = typer.Option(None, help="rd-mldg: self-labelling engine, transformers or vllm."),
+    engine: str | None = typer.Option(
+        None, help="Generation engine for SARR self-labelling and evaluation: transformers or vllm."
+    ),
+    evaluate: bool = typer.Option(True, help="Evaluate the final adapter on the held-out domain and validation."),
 ) -> None:
     """RD-MLDG training with LoRA via TRL, leave-one-domain-out: MTCT (or one path), or MTCT + SARR rounds."""
+    from accelerate import PartialState
+
     from train.config import load_config, parse_overrides
+    from train.evaluate import EvalSettings, evaluate_run
     from train.run import TrainRequest, train
 
     sarr = {"sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine}
@@ -278,6 +284,16 @@ def train_command(
     settings = load_config(config, {**parse_overrides(set_), **chosen, "method": method})
     result = train(TrainRequest(dataset, data, target, model, out, settings, resume))
     console.print(f"[green]adapter[/]: {result.adapter_dir}  (logs: {result.run_dir / 'logs'})", highlight=False)
+    if not evaluate:
+        return
+    state = PartialState()
+    if state.num_processes > 1:
+        if state.is_main_process:
+            console.print(f"evaluate with one process: `dbr eval --run {result.run_dir}`", highlight=False)
+        return
+    metrics = evaluate_run(result.run_dir, EvalSettings(engine=settings.engine, progress=True))
+    _print_eval(metrics)
+    console.print(f"[green]evaluation[/]: {result.run_dir / 'eval' / 'metrics.json'}", highlight=False)
 
 
 @app.command()
@@ -375,6 +391,10 @@ def eval_command(
     else:
         request = evaluate.ZeroShotRequest(dataset, data, target, model, out, name, adapter)
         metrics = evaluate.evaluate_model(request, settings)
+    _print_eval(metrics)
+
+
+def _print_eval(metrics: dict) -> None:
     table = Table(title=f"{metrics['dataset']} / held-out {metrics['target']} / {metrics['name']}")
     for column in ("split", "mode", "images", "accuracy", "unparseable"):
         table.add_column(column)

@@ -8,6 +8,7 @@ resume.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from typer.testing import CliRunner
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub_export import export
+from domainbed_reasoning.loading import load_domains
 from train.config import DEFAULT_CONFIG, TrainConfig, build_config, load_config, parse_overrides
 from train.lora import lora_config, target_modules_regex
 from train.mtct_data import build_examples
@@ -466,3 +468,22 @@ def test_train_stage_end_to_end_then_reload_generate_and_resume(
         2,
     ]  # step 1 comes from the checkpoint's history, only step 2 was trained again
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_trains_then_evaluates_the_held_out_domain(
+    export_dir: Path, tiny_llava: Path, tmp_path: Path
+) -> None:
+    overrides = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", "SynthDG", "--data", str(export_dir), "--target", "sketch",
+            "--model", str(tiny_llava), "--out", str(tmp_path), "--method", "cls", *overrides,
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "SynthDG/sketch/cls/eval/metrics.json").read_text())
+    assert set(metrics["results"]) == {"test", "validation"}
+    assert set(metrics["results"]["test"]) == {"direct"}
+    assert metrics["results"]["test"]["direct"]["n"] == len(load_domains(export_dir, "SynthDG")["sketch"])
+    assert "held-out sketch" in result.output
