@@ -109,5 +109,10 @@ bench: setup
 	$(PY) bench/bench_scan.py
 	$(PY) bench/bench_builder.py
 
+# SARR self-labelling throughput, transformers vs vLLM engine (needs the vLLM environment).
+.PHONY: bench-selflabel
+bench-selflabel: setup vllm-env
+	$(PY) bench/bench_selflabel.py --vllm-python $(VLLM_VENV)/bin/python
+
 clean:
 	rm -rf $(RUNS) domainbed-reasoning .pytest_cache

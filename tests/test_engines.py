@@ -1,0 +1,372 @@
+"""Generation engines: in-process transformers, a real vLLM server (CPU build) and a remote API.
+
+All three answer the same `GenRequest`s; the vLLM engine is started once for the
+whole file, with an adapter that touches the vision tower (the merge path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForImageTextToText
+
+from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.matching import matcher_for
+from domainbed_reasoning.prompts import class_list, load_prompt
+from domainbed_reasoning.synth import SPEC, generate, read_sidecar
+from domainbed_reasoning.verdict import judge
+from domainbed_reasoning.vllm_server import free_port
+from train.engine_transformers import TransformersEngine
+from train.engine_vllm import LORA_NAME, VLLMEngine, serving_plan, touches_vision
+from train.engines import GenerationEngine, GenRequest, SamplingSpec, open_engine
+from train.lora import lora_config
+
+GREEDY = SamplingSpec(max_new_tokens=12)
+SAMPLED = SamplingSpec(n=3, temperature=1.0, max_new_tokens=8, seed=1)
+PROMPT = load_prompt("reason").render(classes=class_list(SPEC.classes))
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("synth")
+    generate(data_dir, images_per_class=1, seed=0, size=64)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def labelled(synth_dir: Path) -> list[tuple[GenRequest, str]]:
+    """One request per SynthDG image (4 domains x 5 classes), with its true class."""
+    root = synth_dir / SPEC.dirname
+    rows = read_sidecar(synth_dir).sort("relpath").iter_rows(named=True)
+    return [
+        (
+            GenRequest(row["relpath"], (root / row["relpath"]).read_bytes(), PROMPT),
+            row["class_name"],
+        )
+        for row in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def requests_(labelled: list[tuple[GenRequest, str]]) -> list[GenRequest]:
+    return [request for request, _ in labelled[:6]]
+
+
+def random_adapter(model: Path, out: Path, train_vision: bool) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so it really changes the model."""
+    base = AutoModelForImageTextToText.from_pretrained(model)
+    peft_model = get_peft_model(base, lora_config(base, 8, 16, 0.0, train_vision))
+    torch.manual_seed(0)
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vision_adapter(tiny_qwen2vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_adapter(tiny_qwen2vl, tmp_path_factory.mktemp("vision-adapter"), True)
+
+
+@pytest.fixture(scope="module")
+def language_adapter(tiny_qwen2vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_adapter(tiny_qwen2vl, tmp_path_factory.mktemp("language-adapter"), False)
+
+
+@pytest.fixture(scope="module")
+def base_engine(tiny_qwen2vl: Path) -> Iterator[GenerationEngine]:
+    with open_engine("transformers", str(tiny_qwen2vl), batch_size=4) as engine:
+        yield engine
+
+
+def texts(generations: list) -> list[tuple[str, ...]]:
+    return [generation.texts for generation in generations]
+
+
+# --- transformers engine -------------------------------------------------------------------------------
+
+
+def test_greedy_is_deterministic_with_one_text_per_request(
+    base_engine: GenerationEngine, requests_: list[GenRequest]
+) -> None:
+    first = base_engine.generate(requests_, GREEDY, progress=False)
+    second = base_engine.generate(requests_, GREEDY, progress=False)
+    assert first == second
+    assert [len(g.texts) for g in first] == [1] * len(requests_)
+    assert all(g.error is None and g.texts[0] for g in first)
+    # A random model never says its end token within 12 tokens: every answer was cut.
+    assert {reason for g in first for reason in g.finish_reasons} == {"length"}
+
+
+def test_sampling_gives_n_candidates_reproducible_by_seed(
+    base_engine: GenerationEngine, requests_: list[GenRequest]
+) -> None:
+    sampled = base_engine.generate(requests_, SAMPLED, progress=False)
+    assert [len(g.texts) for g in sampled] == [3] * len(requests_)
+    assert [len(g.finish_reasons) for g in sampled] == [3] * len(requests_)
+    assert any(len(set(g.texts)) > 1 for g in sampled)
+    assert base_engine.generate(requests_, SAMPLED, progress=False) == sampled
+    reseeded = SamplingSpec(n=3, temperature=1.0, max_new_tokens=8, seed=2)
+    assert texts(base_engine.generate(requests_, reseeded, progress=False)) != texts(sampled)
+
+
+def test_prompt_is_the_training_chat_format(base_engine: TransformersEngine) -> None:
+    text = base_engine.prompt_text(PROMPT)
+    assert text.count("<|image_pad|>") == 1
+    assert text.index("<|vision_start|>") < text.index(PROMPT)
+    assert text.endswith(f"{PROMPT}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_an_answer_that_ends_with_the_end_token_is_a_stop(
+    tiny_qwen2vl: Path, tmp_path: Path, requests_: list[GenRequest]
+) -> None:
+    # The same weights, but every token ends the answer: generation stops after one token.
+    stopper = shutil.copytree(tiny_qwen2vl, tmp_path / "stopper")
+    config_path = stopper / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    vocab = json.loads((stopper / "config.json").read_text())["text_config"]["vocab_size"]
+    config["eos_token_id"] = list(range(vocab))
+    config_path.write_text(json.dumps(config))
+    with open_engine("transformers", str(stopper)) as engine:
+        generations = engine.generate(requests_[:2], GREEDY, progress=False)
+    assert [g.finish_reasons for g in generations] == [("stop",), ("stop",)]
+
+
+def test_an_adapter_changes_the_answers(
+    tiny_qwen2vl: Path,
+    vision_adapter: Path,
+    language_adapter: Path,
+    base_engine: GenerationEngine,
+    requests_: list[GenRequest],
+) -> None:
+    base = texts(base_engine.generate(requests_, GREEDY, progress=False))
+    for adapter in (vision_adapter, language_adapter):
+        with open_engine("transformers", str(tiny_qwen2vl), adapter, batch_size=4) as engine:
+            adapted = texts(engine.generate(requests_, GREEDY, progress=False))
+        assert adapted != base
+
+
+def test_an_unreadable_image_is_a_failed_generation_not_a_crash(
+    base_engine: GenerationEngine, requests_: list[GenRequest]
+) -> None:
+    broken = GenRequest("broken.png", b"not an image", PROMPT)
+    generations = base_engine.generate([requests_[0], broken], GREEDY, progress=False)
+    assert generations[0].error is None and len(generations[0].texts) == 1
+    assert generations[1].texts == ()
+    assert generations[1].error == (
+        "image broken.png: the image bytes are not a readable image (UnidentifiedImageError)"
+    )
+
+
+def test_llava_architecture_generates_too(tiny_llava: Path, requests_: list[GenRequest]) -> None:
+    with open_engine("transformers", str(tiny_llava), batch_size=3) as engine:
+        generations = engine.generate(requests_[:3], SAMPLED, progress=False)
+    assert [len(g.texts) for g in generations] == [3, 3, 3]
+
+
+# --- remote engine (the simulated teacher) ---------------------------------------------------------------
+
+
+def test_remote_engine_returns_the_teachers_chains_in_request_order(
+    synth_dir: Path, labelled: list[tuple[GenRequest, str]]
+) -> None:
+    matcher = matcher_for(tuple(SPEC.classes))
+    requests = [request for request, _ in labelled]
+    with (
+        run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
+        open_engine("remote", "sim-teacher", base_url=base_url) as engine,
+    ):
+        generations = engine.generate(requests, SamplingSpec(n=2, temperature=1.0), progress=False)
+    assert [len(g.texts) for g in generations] == [2] * len(requests)
+    for generation, (_, label) in zip(generations, labelled, strict=True):
+        for text, reason in zip(generation.texts, generation.finish_reasons, strict=True):
+            assert judge(text, matcher, label, reason).accepted
+
+
+def test_remote_failures_after_retries_are_values(
+    synth_dir: Path, requests_: list[GenRequest]
+) -> None:
+    with (
+        run_sim_teacher(SimTeacherConfig(p_500=1.0), synth_dir) as base_url,
+        open_engine("remote", "sim-teacher", base_url=base_url, max_retries=0) as engine,
+    ):
+        generations = engine.generate(requests_[:2], GREEDY, progress=False)
+    assert [g.texts for g in generations] == [(), ()]
+    assert all(g.error and "InternalServerError" in g.error for g in generations)
+
+
+def test_remote_engine_that_does_not_answer_fails_at_open() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(UserError, match=rf"^remote engine: teacher at {url} is not reachable"):
+        open_engine("remote", "gpt-4o", base_url=url, max_retries=0)
+
+
+def test_remote_engine_names_a_model_it_does_not_serve(synth_dir: Path) -> None:
+    with (
+        run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
+        pytest.raises(UserError, match=r"does not serve model 'gpt-4o' \(it serves sim-teacher\)"),
+    ):
+        open_engine("remote", "gpt-4o", base_url=base_url)
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+
+def test_unknown_kind() -> None:
+    with pytest.raises(
+        UserError, match=r"^unknown engine 'tgi': choose one of transformers, vllm, remote$"
+    ):
+        open_engine("tgi", "model")
+
+
+@pytest.mark.parametrize("kind", ["transformers", "vllm"])
+def test_missing_model_folder(kind: str, tmp_path: Path) -> None:
+    with pytest.raises(
+        UserError, match=rf"^model folder {tmp_path}/nope not found or has no config.json"
+    ):
+        open_engine(kind, str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("kind", ["transformers", "vllm"])
+def test_adapter_folder_without_adapter_config(
+    kind: str, tiny_qwen2vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A python that exists: the adapter must be refused before anything is started.
+    monkeypatch.setenv("DBR_VLLM_PYTHON", "/bin/sh")
+    with pytest.raises(
+        UserError,
+        match=rf"^adapter folder {tmp_path} has no adapter_config.json: pass the `adapter/`",
+    ):
+        open_engine(kind, str(tiny_qwen2vl), tmp_path)
+
+
+def test_remote_engine_refuses_an_adapter(tmp_path: Path) -> None:
+    with pytest.raises(
+        UserError, match="a remote engine serves its own weights, it cannot apply adapter"
+    ):
+        open_engine("remote", "gpt-4o", tmp_path, base_url="http://127.0.0.1:1/v1")
+
+
+def test_vllm_engine_without_vllm_says_make_vllm_env(tiny_qwen2vl: Path) -> None:
+    with pytest.raises(
+        UserError, match=r"vLLM python /no/python does not exist: run `make vllm-env`"
+    ):
+        open_engine("vllm", str(tiny_qwen2vl), vllm_python=Path("/no/python"))
+
+
+def test_adapter_rank_above_vllms_limit(tiny_qwen2vl: Path, tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(
+        UserError, match=r"LoRA rank 1024, above vLLM's maximum 512: use the transformers engine"
+    ):
+        open_engine("vllm", str(tiny_qwen2vl), tmp_path, vllm_python=Path("/bin/sh"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"n": 4}, r"4 copies of the greedy answer: set a temperature above 0"),
+        ({"n": 0}, r"^sampling n=0: ask for at least 1"),
+        ({"temperature": -1.0}, r"^temperature -1.0: must be 0 \(greedy\) or more"),
+        ({"max_new_tokens": 0}, r"^max_new_tokens 0: must be at least 1"),
+    ],
+)
+def test_bad_sampling(options: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        SamplingSpec(**options)
+
+
+def test_bad_batch_size(tiny_qwen2vl: Path) -> None:
+    with pytest.raises(UserError, match=r"^--batch-size 0: must be at least 1$"):
+        open_engine("transformers", str(tiny_qwen2vl), batch_size=0)
+
+
+# --- vLLM engine: which adapters are merged, then one real server ---------------------------------------
+
+
+def test_only_adapters_on_the_vision_tower_are_merged(
+    tiny_qwen2vl: Path, vision_adapter: Path, language_adapter: Path, tmp_path: Path
+) -> None:
+    assert touches_vision(str(tiny_qwen2vl), vision_adapter)
+    assert not touches_vision(str(tiny_qwen2vl), language_adapter)
+    served, lora_modules, request_model = serving_plan(
+        str(tiny_qwen2vl), language_adapter, tmp_path
+    )
+    assert (served, lora_modules, request_model) == (
+        str(tiny_qwen2vl),
+        {LORA_NAME: language_adapter},
+        LORA_NAME,
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(
+    tiny_qwen2vl: Path,
+    vision_adapter: Path,
+    vllm_python: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[VLLMEngine]:
+    with VLLMEngine(
+        str(tiny_qwen2vl),
+        vision_adapter,
+        vllm_python=vllm_python,
+        log_path=tmp_path_factory.mktemp("vllm-engine") / "server.log",
+    ) as engine:
+        yield engine
+
+
+def test_vllm_engine_serves_the_merged_checkpoint(
+    vllm_engine: VLLMEngine, requests_: list[GenRequest]
+) -> None:
+    served = Path(vllm_engine.server.config.model)
+    assert served.parent == vllm_engine.work_dir and (served / "model.safetensors").is_file()
+    assert vllm_engine.server.config.lora_modules == {}
+    greedy = vllm_engine.generate(requests_, GREEDY, progress=False)
+    assert [len(g.texts) for g in greedy] == [1] * len(requests_)
+    assert vllm_engine.generate(requests_, GREEDY, progress=False) == greedy
+    sampled = vllm_engine.generate(requests_, SAMPLED, progress=False)
+    assert [len(g.texts) for g in sampled] == [3] * len(requests_)
+    assert all(r in {"stop", "length"} for g in sampled for r in g.finish_reasons)
+
+
+def test_vllm_engine_agrees_with_transformers_on_the_merged_model(
+    vllm_engine: VLLMEngine, tiny_qwen2vl: Path, vision_adapter: Path, requests_: list[GenRequest]
+) -> None:
+    """Same prompt format, same image processing, same weights: the same greedy answer."""
+    short = SamplingSpec(max_new_tokens=4)
+    with open_engine("transformers", str(tiny_qwen2vl), vision_adapter, batch_size=1) as engine:
+        expected = texts(engine.generate(requests_, short, progress=False))
+    assert texts(vllm_engine.generate(requests_, short, progress=False)) == expected
+
+
+def test_vllm_engine_reports_a_bad_image_as_a_value(
+    vllm_engine: VLLMEngine, requests_: list[GenRequest]
+) -> None:
+    broken = GenRequest("broken.png", b"\x89PNG\r\n\x1a\n truncated", PROMPT)
+    generations = vllm_engine.generate([broken, requests_[0]], GREEDY, progress=False)
+    assert generations[0].texts == () and generations[0].error
+    assert generations[1].error is None and len(generations[1].texts) == 1
+
+
+def test_a_server_that_died_is_a_clear_error_and_closing_cleans_up(
+    vllm_engine: VLLMEngine, requests_: list[GenRequest]
+) -> None:
+    # Runs last in this file: it kills the module's server.
+    work_dir, process = vllm_engine.work_dir, vllm_engine.server.process
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    with pytest.raises(UserError, match=r"^vLLM server for .*merged exited with code -9: "):
+        vllm_engine.generate(requests_[:1], GREEDY, progress=False)
+    vllm_engine.close()
+    assert vllm_engine.server is None and not work_dir.exists()
