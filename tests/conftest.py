@@ -148,3 +148,49 @@ def chain_runs(tmp_path: Path) -> tuple[Path, Path]:
 def make_chain_run():
     """`write_chain_run` for tests that need a differently shaped run than `chain_runs`."""
     return write_chain_run
+
+
+# --- a real DomainBed-Reasoning export and fast training settings, for the train/ tests.
+
+FAST_TRAIN = {
+    "max_train_images": 4,
+    "max_steps": 2,
+    "per_device_batch_size": 4,
+    "global_batch_size": 4,
+    "gradient_checkpointing": False,
+    "save_steps": 1,
+    "logging_steps": 1,
+    "learning_rate": 1e-2,
+}
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DomainBed-Reasoning SynthDG (4 domains x 5 classes x 2 images), exported for real."""
+    from domainbed_reasoning.hub_export import export
+
+    root = tmp_path_factory.mktemp("export")
+    write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
+    export(root / "chains", root / "data", root / "domainbed-reasoning", ["SynthDG"], progress=False)
+    return root / "domainbed-reasoning"
+
+
+@pytest.fixture(scope="session")
+def train_request():
+    """`train_request(export_dir, model, out, resume=False, target="sketch", **overrides)`: a fast LODO request."""
+    from train.config import build_config
+    from train.run import TrainRequest
+
+    def make(
+        export: Path, model: Path, out: Path, resume: bool = False, target: str = "sketch", **overrides
+    ) -> TrainRequest:
+        settings = build_config(FAST_TRAIN | overrides)
+        return TrainRequest("SynthDG", str(export), target, str(model), out, settings, resume)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fast_train() -> dict:
+    """The settings `train_request` uses, for tests that pass them another way (the CLI)."""
+    return dict(FAST_TRAIN)

@@ -17,7 +17,6 @@ from typing import Self
 import datasets
 import polars as pl
 import pytest
-from conftest import write_chain_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,8 +24,6 @@ from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
 from domainbed_reasoning.chain_format import format_chain
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.hub_export import export
-from train.config import build_config
 from train.engines import Generation, GenRequest, SamplingSpec
 from train.evaluate import (
     EvalJob,
@@ -42,7 +39,7 @@ from train.evaluate import (
     score,
 )
 from train.mtct_data import task_prompt
-from train.run import TrainRequest, train
+from train.run import train
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 
@@ -364,34 +361,14 @@ def test_run_job_resumes_from_finished_predictions(tmp_path: Path) -> None:
 # --- a real run, the transformers engine ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
-    export(root / "chains", root / "data", root / "domainbed-reasoning", ["SynthDG"])
-    return root / "domainbed-reasoning"
-
-
-FAST = {
-    "max_train_images": 4,
-    "max_steps": 1,
-    "per_device_batch_size": 4,
-    "global_batch_size": 4,
-    "gradient_checkpointing": False,
-    "save_steps": 10,
-    "logging_steps": 1,
-}
 
 
 @pytest.fixture(scope="module")
 def trained_run(
-    export_dir: Path, tiny_qwen2vl: Path, tmp_path_factory: pytest.TempPathFactory
+    export_dir: Path, tiny_qwen2vl: Path, train_request, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    request = TrainRequest(
-        "SynthDG", str(export_dir), "sketch", str(tiny_qwen2vl), out, build_config(FAST)
-    )
-    return train(request).run_dir
+    return train(train_request(export_dir, tiny_qwen2vl, out, max_steps=1, save_steps=10)).run_dir
 
 
 def fast(tmp_path: Path, **changes) -> EvalSettings:

@@ -18,7 +18,6 @@ import datasets
 import polars as pl
 import pytest
 import torch
-from conftest import write_chain_run
 from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -27,13 +26,12 @@ from typer.testing import CliRunner
 
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.hub_export import export
 from domainbed_reasoning.loading import load_domains
 from train.config import DEFAULT_CONFIG, TrainConfig, build_config, load_config, parse_overrides
 from train.lora import lora_config, target_modules_regex
 from train.mtct_data import build_examples
 from train.mtct_trainer import MTCTTrainer
-from train.run import TrainRequest, train
+from train.run import train
 
 SYNTH_CLASSES = ("circle", "cross", "square", "star", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "white")
@@ -279,41 +277,6 @@ def private_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real DomainBed-Reasoning export of SynthDG (4 domains x 5 classes x 2 images)."""
-    root = tmp_path_factory.mktemp("export")
-    write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
-    export(root / "chains", root / "data", root / "domainbed-reasoning", ["SynthDG"])
-    return root / "domainbed-reasoning"
-
-
-FAST = {
-    "max_train_images": 4,
-    "max_steps": 2,
-    "per_device_batch_size": 4,
-    "global_batch_size": 4,
-    "gradient_checkpointing": False,
-    "save_steps": 1,
-    "logging_steps": 1,
-    "learning_rate": 1e-2,
-}
-
-
-def _request(
-    export_dir: Path, model: Path, out: Path, resume: bool = False, **overrides
-) -> TrainRequest:
-    return TrainRequest(
-        "SynthDG",
-        str(export_dir),
-        "sketch",
-        str(model),
-        out,
-        build_config(FAST | overrides),
-        resume,
-    )
-
-
 def _rewrite(
     export_dir: Path, tmp_path: Path, change: dict, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
@@ -331,11 +294,9 @@ def _rewrite(
 
 
 def test_unknown_target_domain_is_refused(
-    export_dir: Path, tiny_llava: Path, tmp_path: Path
+    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path
 ) -> None:
-    request = TrainRequest(
-        "SynthDG", str(export_dir), "mars", str(tiny_llava), tmp_path, build_config(FAST)
-    )
+    request = train_request(export_dir, tiny_llava, tmp_path, target="mars")
     with pytest.raises(
         UserError, match="unknown target domain 'mars' for SynthDG: choose one of cartoon, painting"
     ):
@@ -344,41 +305,41 @@ def test_unknown_target_domain_is_refused(
 
 
 def test_processor_without_chat_template_is_refused(
-    export_dir: Path, tiny_llava: Path, tmp_path: Path
+    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path
 ) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny_llava, model)
     (model / "chat_template.jinja").unlink()
     with pytest.raises(UserError, match="the processor of .* has no chat template"):
-        train(_request(export_dir, model, tmp_path / "runs"))
+        train(train_request(export_dir, model, tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
 
 
-def test_missing_model_folder_is_refused(export_dir: Path, tmp_path: Path) -> None:
+def test_missing_model_folder_is_refused(train_request, export_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="model folder .*nowhere/model not found"):
-        train(_request(export_dir, tmp_path / "nowhere" / "model", tmp_path / "runs"))
+        train(train_request(export_dir, tmp_path / "nowhere" / "model", tmp_path / "runs"))
 
 
 def test_dataset_without_chains_is_refused(
-    export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     broken = _rewrite(export_dir, tmp_path, {"chain": pl.lit(None, dtype=pl.String)}, monkeypatch)
     with pytest.raises(
         UserError, match="in the train split has no reasoning chain: build chains first"
     ):
-        train(_request(broken, tiny_llava, tmp_path / "runs"))
+        train(train_request(broken, tiny_llava, tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
 
 
 def test_missing_images_are_refused(
-    export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gone = pl.struct(bytes=pl.lit(None, dtype=pl.Binary), path=pl.lit(str(tmp_path / "gone.png")))
     broken = _rewrite(export_dir, tmp_path, {"image": gone}, monkeypatch)
     with pytest.raises(
         UserError, match="in the train split is missing \\(no bytes, no readable file\\)"
     ):
-        train(_request(broken, tiny_llava, tmp_path / "runs", method="cls"))
+        train(train_request(broken, tiny_llava, tmp_path / "runs", method="cls"))
 
 
 def test_cli_prints_one_red_line_for_user_errors(
@@ -406,10 +367,11 @@ def test_cli_prints_one_red_line_for_user_errors(
 
 
 def test_train_stage_end_to_end_then_reload_generate_and_resume(
-    export_dir: Path, tiny_llava: Path, tmp_path: Path
+    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "runs"
-    result = train(_request(export_dir, tiny_llava, out))
+    request = train_request(export_dir, tiny_llava, out)
+    result = train(request)
     run_dir = out / "SynthDG" / "sketch" / "mtct"
     assert result.run_dir == run_dir
     for name in (
@@ -424,7 +386,7 @@ def test_train_stage_end_to_end_then_reload_generate_and_resume(
     ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "logs").glob("events.out.tfevents.*"))
-    assert load_config(run_dir / "config.yaml") == build_config(FAST)
+    assert load_config(run_dir / "config.yaml") == request.config
     split = pl.read_parquet(run_dir / "split.parquet")
     assert set(split["split"]) == {"train", "validation", "test"}
     assert all(
@@ -451,17 +413,17 @@ def test_train_stage_end_to_end_then_reload_generate_and_resume(
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
     with pytest.raises(UserError, match="already holds a finished run: pass --resume"):
-        train(_request(export_dir, tiny_llava, out))
-    assert train(_request(export_dir, tiny_llava, out, resume=True)).metrics == result.metrics
+        train(train_request(export_dir, tiny_llava, out))
+    assert train(train_request(export_dir, tiny_llava, out, resume=True)).metrics == result.metrics
     with pytest.raises(UserError, match="--resume with settings that differ from"):
-        train(_request(export_dir, tiny_llava, out, resume=True, learning_rate=0.5))
+        train(train_request(export_dir, tiny_llava, out, resume=True, learning_rate=0.5))
 
     # a crash after checkpoint-1: the unfinished run refuses a fresh start, and --resume finishes it
     for name in ("metrics.json", "adapter", "checkpoints/checkpoint-2"):
         shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     with pytest.raises(UserError, match="holds checkpoints of an unfinished run: pass --resume"):
-        train(_request(export_dir, tiny_llava, out))
-    resumed = train(_request(export_dir, tiny_llava, out, resume=True))
+        train(train_request(export_dir, tiny_llava, out))
+    resumed = train(train_request(export_dir, tiny_llava, out, resume=True))
     steps = [entry["step"] for entry in resumed.metrics["log_history"] if "loss_cls" in entry]
     assert steps == [
         1,
@@ -471,9 +433,9 @@ def test_train_stage_end_to_end_then_reload_generate_and_resume(
 
 
 def test_cli_trains_then_evaluates_the_held_out_domain(
-    export_dir: Path, tiny_llava: Path, tmp_path: Path
+    fast_train, export_dir: Path, tiny_llava: Path, tmp_path: Path
 ) -> None:
-    overrides = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
+    overrides = [arg for key, value in fast_train.items() for arg in ("--set", f"{key}={value}")]
     result = CliRunner().invoke(
         app,
         [

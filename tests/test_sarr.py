@@ -12,19 +12,17 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import write_chain_run
 from typer.testing import CliRunner
 
 from domainbed_reasoning.chain_format import format_chain
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.hub_export import export
 from domainbed_reasoning.matching import matcher_for
 from train import sarr
 from train.config import build_config
 from train.engines import Generation
 from train.mtct_data import task_prompt
-from train.run import TrainRequest, prepare, train
+from train.run import prepare, train
 from train.self_label import Supervised, merge_self_labels, self_label_stats
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
@@ -177,46 +175,14 @@ def test_state_errors(tmp_path: Path) -> None:
 # --- whole runs on the tiny Qwen2-VL --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """DomainBed-Reasoning SynthDG (4 domains x 5 classes x 2 images), exported for real."""
-    root = tmp_path_factory.mktemp("sarr-export")
-    write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
-    export(
-        root / "chains", root / "data", root / "domainbed-reasoning", ["SynthDG"], progress=False
-    )
-    return root / "domainbed-reasoning"
-
-
-FAST = {
+SARR_FAST = {
     "method": "rd-mldg",
     "sarr_rounds": 1,
-    "max_train_images": 4,
     "max_steps": 1,
-    "per_device_batch_size": 4,
-    "global_batch_size": 4,
-    "gradient_checkpointing": False,
-    "save_steps": 1,
-    "logging_steps": 1,
-    "learning_rate": 1e-2,
     "self_label_candidates": 2,
     "self_label_temperature": 1.0,
     "self_label_max_new_tokens": 12,
 }
-
-
-def _request(
-    export_dir: Path, model: Path, out: Path, resume: bool = False, **overrides
-) -> TrainRequest:
-    return TrainRequest(
-        "SynthDG",
-        str(export_dir),
-        "sketch",
-        str(model),
-        out,
-        build_config(FAST | overrides),
-        resume,
-    )
 
 
 def _check_finished_run(run_dir: Path, engine: str) -> dict:
@@ -238,7 +204,7 @@ def _check_finished_run(run_dir: Path, engine: str) -> dict:
     assert stats["images"] == labels.height == 4
     assert stats["replaced"] + stats["kept_previous"] == 4
     assert (
-        stats["candidates"] == 4 * FAST["self_label_candidates"] == sum(stats["reasons"].values())
+        stats["candidates"] == 4 * SARR_FAST["self_label_candidates"] == sum(stats["reasons"].values())
     )
     assert stats["engine"] == engine and stats["images_per_s"] > 0
     split = pl.read_parquet(run_dir / "split.parquet")
@@ -251,7 +217,7 @@ def _check_finished_run(run_dir: Path, engine: str) -> dict:
 
 
 def test_vllm_engine_without_its_environment_is_refused_before_training(
-    export_dir: Path, tiny_qwen2vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_request, export_dir: Path, tiny_qwen2vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no .venv-vllm here
     monkeypatch.setenv("DBR_VLLM_PYTHON", str(tmp_path / "no-vllm" / "python"))
@@ -259,7 +225,7 @@ def test_vllm_engine_without_its_environment_is_refused_before_training(
     with pytest.raises(
         UserError, match="vLLM python .*no-vllm/python does not exist: run `make vllm-env`"
     ):
-        train(_request(export_dir, tiny_qwen2vl, out, engine="vllm"))
+        train(train_request(export_dir, tiny_qwen2vl, out, **SARR_FAST, engine="vllm"))
     assert not (out / "SynthDG" / "sketch" / "rd-mldg" / "round-0").exists()
 
 
@@ -290,11 +256,11 @@ class SimulatedKill(Exception):
 
 
 def test_one_round_with_transformers_killed_after_self_labelling_then_resumed(
-    export_dir: Path, tiny_qwen2vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_request, export_dir: Path, tiny_qwen2vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "runs"
     run_dir = out / "SynthDG" / "sketch" / "rd-mldg"
-    request = _request(export_dir, tiny_qwen2vl, out, sarr_init="continue")
+    request = train_request(export_dir, tiny_qwen2vl, out, **SARR_FAST, sarr_init="continue")
     trained, prompts = [], []
     real_train_stage, real_open_engine = sarr.train_stage, sarr.open_engine
 
@@ -349,7 +315,7 @@ def test_one_round_with_transformers_killed_after_self_labelling_then_resumed(
 
     monkeypatch.setattr(sarr, "train_stage", capture)
     monkeypatch.setattr(sarr, "open_engine", no_engine)
-    result = train(_request(export_dir, tiny_qwen2vl, out, resume=True, sarr_init="continue"))
+    result = train(train_request(export_dir, tiny_qwen2vl, out, **SARR_FAST, resume=True, sarr_init="continue"))
 
     assert marker in seen["completions"]
     assert seen["init"] == run_dir / "round-0" / "adapter"  # sarr_init=continue
@@ -362,12 +328,12 @@ def test_one_round_with_transformers_killed_after_self_labelling_then_resumed(
     with pytest.raises(UserError, match="already holds a finished run: pass --resume"):
         train(request)
     assert train(
-        _request(export_dir, tiny_qwen2vl, out, resume=True, sarr_init="continue")
+        train_request(export_dir, tiny_qwen2vl, out, **SARR_FAST, resume=True, sarr_init="continue")
     ).metrics == (result.metrics)
 
 
 def test_one_round_with_real_vllm(
-    export_dir: Path,
+    train_request, export_dir: Path,
     tiny_qwen2vl: Path,
     vllm_python: Path,
     tmp_path: Path,
@@ -376,7 +342,7 @@ def test_one_round_with_real_vllm(
     """The vLLM engine serves base + round-0 adapter (merged: it adapts the vision tower) for round 1."""
     monkeypatch.setenv("DBR_VLLM_PYTHON", str(vllm_python))
     out = tmp_path / "runs"
-    request = _request(export_dir, tiny_qwen2vl, out, engine="vllm")
+    request = train_request(export_dir, tiny_qwen2vl, out, **SARR_FAST, engine="vllm")
     result = sarr.train_sarr(request, prepare(request), {"max_model_len": 2048})
     run_dir = out / "SynthDG" / "sketch" / "rd-mldg"
     assert result.run_dir == run_dir
