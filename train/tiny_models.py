@@ -106,8 +106,12 @@ def train_tokenizer(
     vocab_size: int = 1024,
     eos_token: str,
     pad_token: str,
+    corpus: Iterable[str] = (),
 ) -> PreTrainedTokenizerFast:
-    """Byte-level BPE, so any text (a teacher's chain, a class name) encodes without <unk>."""
+    """Byte-level BPE, so any text (a teacher's chain, a class name) encodes without <unk>.
+
+    `corpus` adds whole texts (e.g. chains): merges learnt from them keep those sequences short.
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -117,8 +121,8 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [*BASE_CORPUS, *(f"{w} the {w.replace('_', ' ')}." for w in words)]
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    texts = [*BASE_CORPUS, *(f"{w} the {w.replace('_', ' ')}." for w in words), *corpus]
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=eos_token,
@@ -138,15 +142,22 @@ def build_tiny_qwen2vl(
     vision_depth: int = 2,
     seed: int = 0,
     vocab_words: Iterable[str] = (),
+    corpus: Iterable[str] = (),
+    vocab_size: int = 1024,
+    patch_size: int = 14,
+    pixels: dict[str, int] | None = None,
 ) -> Path:
     """A Qwen2-VL with head_dim 64 (the smallest vLLM's CPU attention accepts)."""
     head_dim = hidden // heads
+    pixels = pixels or QWEN2VL_PIXELS
     tokenizer = train_tokenizer(
         vocab_words,
         QWEN2VL_SPECIAL_TOKENS,
         QWEN2VL_CHAT_TEMPLATE,
+        vocab_size=vocab_size,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
+        corpus=corpus,
     )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
     config = Qwen2VLConfig(
@@ -173,6 +184,7 @@ def build_tiny_qwen2vl(
             "embed_dim": hidden,
             "hidden_size": hidden,
             "num_heads": heads,
+            "patch_size": patch_size,
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -184,14 +196,32 @@ def build_tiny_qwen2vl(
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=QWEN2VL_PIXELS),
-        video_processor=Qwen2VLVideoProcessor(size=QWEN2VL_PIXELS),
+        image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=patch_size),
+        video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=patch_size),
         tokenizer=tokenizer,
         chat_template=QWEN2VL_CHAT_TEMPLATE,
     )
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# SynthDG's 64x64 images at native resolution: 8-pixel patches, 2x2 merge -> 16 vision tokens.
+DEMO_PIXELS = {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}
+
+
+def build_demo_qwen2vl(
+    out_dir: Path, *, corpus: Iterable[str] = (), seed: int = 0, vocab_size: int = 4096
+) -> Path:
+    """The `dbr demo` model: a Qwen2-VL small enough to train on 2 CPU cores in minutes.
+
+    Its tokenizer learns merges from the demo's own chains (`corpus`), so a chain is
+    about 200 tokens, and its vision patches fit 64-pixel SynthDG images without resizing.
+    """
+    return build_tiny_qwen2vl(
+        out_dir, hidden=128, layers=2, heads=2, vision_depth=2, seed=seed, corpus=corpus,
+        vocab_size=vocab_size, patch_size=8, pixels=DEMO_PIXELS,
+    )  # fmt: skip
 
 
 def _mrope_section(head_dim: int) -> list[int]:

@@ -1,0 +1,101 @@
+"""The demo's pipeline at reduced size, end to end, so `make demo` cannot rot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from domainbed_reasoning.cli import app
+from domainbed_reasoning.demo import METHODS, SMALL, DemoConfig, run_demo
+from domainbed_reasoning.errors import UserError
+
+ROW_LABELS = ("CLS only", "Reasoning only", "MTCT", "RD-MLDG")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("demo")
+    console = Console(record=True, width=200)
+    config = DemoConfig(root / "data", root / "runs", SMALL)
+    return config, run_demo(config, console), console.export_text()
+
+
+def test_teacher_errors_are_visibly_rejected(demo_run) -> None:
+    config, result, printed = demo_run
+    reasons = result.build_stats["reasons"]
+    rejected = {reason for reason in reasons if reason != "accepted"}
+    assert {"wrong_class", "empty_response"} <= rejected
+    assert result.build_stats["images"]["accepted"] > 0
+    assert "rejected: wrong_class" in printed
+    assert (config.chains_root / "SynthDG" / "chains.parquet").is_file()
+
+
+def test_load_dataset_saw_every_domain(demo_run) -> None:
+    config, result, _ = demo_run
+    assert set(result.splits) == {"cartoon", "painting", "photo", "sketch"}
+    accepted = pl.read_parquet(config.chains_root / "SynthDG" / "chains.parquet").height
+    assert sum(result.splits.values()) == accepted
+    assert (config.export_dir / "README.md").is_file()
+
+
+def test_every_method_trained_and_evaluated(demo_run) -> None:
+    _, result, printed = demo_run
+    assert set(result.runs) == set(METHODS)
+    for method, run_dir in result.runs.items():
+        assert (run_dir / "adapter" / "adapter_config.json").is_file(), method
+        assert (run_dir / "eval" / "metrics.json").is_file(), method
+    sarr = result.runs["rd-mldg"] / "round-1"
+    assert (sarr / "self_labels.parquet").is_file()
+    assert json.loads((sarr / "self_label_stats.json").read_text())["round"] == 1
+    assert str(result.runs["rd-mldg"] / "adapter") in printed
+
+
+def test_report_has_the_four_rows(demo_run) -> None:
+    _, result, printed = demo_run
+    table = result.report.markdown.read_text()
+    main_table = table.split("\n## ")[0]
+    for label in ROW_LABELS:
+        assert f"| {label} (" in main_table, label
+    assert result.report.plot.stat().st_size > 0
+    assert json.loads(result.report.data.read_text())
+    assert "step 14/14: report" in printed
+    assert all(seconds >= 0 for seconds in result.seconds.values())
+
+
+def test_rerun_resumes_instead_of_retraining(demo_run) -> None:
+    config, result, _ = demo_run
+    adapter = result.runs["cls"] / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    again = run_demo(config, Console(record=True, width=200))
+    assert adapter.stat().st_mtime_ns == before
+    assert again.report.markdown.read_text() == result.report.markdown.read_text()
+
+
+def test_unknown_target_is_one_clear_line(tmp_path: Path) -> None:
+    config = DemoConfig(tmp_path / "data", tmp_path / "runs", SMALL, target="clipart")
+    with pytest.raises(UserError, match="unknown held-out domain 'clipart': choose one of cartoon"):
+        run_demo(config, Console(record=True))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_demo_reports_a_bad_target(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--runs",
+            str(tmp_path / "r"),
+            "--small",
+            "--target",
+            "x",
+        ],
+    )
+    assert isinstance(result.exception, UserError)
+    assert "unknown held-out domain 'x'" in str(result.exception)
