@@ -214,6 +214,9 @@ def build_chains_command(
         None, help="Environment variable holding the API key (default OPENAI_API_KEY, else 'EMPTY')."
     ),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    workers: int | None = typer.Option(
+        None, help="Client processes sharing --concurrency (default min(2, CPUs)); 1 keeps one process."
+    ),
 ) -> None:
     """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
     from builders.build import BuildConfig, Shard, build_chains
@@ -239,6 +242,7 @@ def build_chains_command(
         shard=Shard.parse(shard),
         limit=limit,
         show_progress=progress,
+        workers=workers,
     )
     stats = build_chains(config, console=err_console)
     images = stats["images"]
@@ -260,7 +264,9 @@ def train_command(
         "mtct", help="mtct (both paths), cls (class name only), reasoning (chain only) or rd-mldg (MTCT + SARR)."
     ),
     out: Path = typer.Option(Path("runs/train"), help="Writes <out>/<DATASET>/<target>/<method>/."),
-    config: Path = typer.Option(Path("train/configs/mtct.yaml"), help="YAML settings (the paper's defaults)."),
+    config: Path | None = typer.Option(
+        None, help="YAML settings; default: the paper's, train/configs/mtct.yaml shipped with the package."
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a setting, KEY=VALUE; repeatable."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint of this run folder."),
     sarr_rounds: int | None = typer.Option(None, help="rd-mldg: self-labelling rounds after MTCT (config: 3)."),
@@ -283,7 +289,7 @@ def train_command(
     chosen = {key: value for key, value in sarr.items() if value is not None}
     settings = load_config(config, {**parse_overrides(set_), **chosen, "method": method})
     result = train(TrainRequest(dataset, data, target, model, out, settings, resume))
-    console.print(f"[green]adapter[/]: {result.adapter_dir}  (logs: {result.run_dir / 'logs'})", highlight=False)
+    console.print(f"[green]trained weights[/]: {result.weights.folder}  (logs: {result.run_dir / 'logs'})", highlight=False)
     if not evaluate:
         return
     state = PartialState()
