@@ -23,7 +23,7 @@ from domainbed_reasoning.verdict import judge
 
 from .candidate_store import CandidateRecord
 from .image_payload import PayloadPolicy, image_data_url
-from .teacher_client import Reply
+from .teacher_client import Reply, encode_messages
 
 ACCEPTED = "accepted"
 
@@ -149,25 +149,30 @@ class Judging:
         return records
 
 
-Ask = Callable[[str, int, float], Awaitable[Reply]]
+Ask = Callable[[bytes, int, float], Awaitable[Reply]]
+
+
+def image_messages(path: str, policy: PayloadPolicy, prompt: str) -> bytes:
+    return encode_messages(prompt, image_data_url(path, policy))
 
 
 async def resolve_image(
     task: ImageTask,
     plan: SamplingPlan,
     policy: PayloadPolicy,
+    prompt: str,
     ask: Ask,
     judging: Judging,
     emit: Callable[[list[CandidateRecord]], None],
 ) -> Outcome:
     """Sample rounds for one image until a candidate is accepted or the rounds run out.
 
-    The image is encoded once, off the event loop, and reused by every round.
+    The image and prompt are encoded once, off the event loop, and reused by every round.
     """
-    data_url = await asyncio.to_thread(image_data_url, task.path, policy)
+    messages = await asyncio.to_thread(image_messages, task.path, policy, prompt)
     for round_ in range(task.first_round, plan.max_rounds + 1):
         temperature = plan.temperature(round_)
-        reply = await ask(data_url, plan.candidates, temperature)
+        reply = await ask(messages, plan.candidates, temperature)
         records = judging.records(task, round_, temperature, reply)
         emit(records)
         if any(record.reason == ACCEPTED for record in records):

@@ -101,6 +101,17 @@ def request_messages(prompt: str, data_url: str) -> list[dict]:
     ]
 
 
+def encode_messages(prompt: str, data_url: str) -> bytes:
+    """The messages as JSON, made once per image: the image's base64 is the bulk of every
+    body, and re-encoding it for each round and each request costs more than the rest."""
+    return json.dumps(request_messages(prompt, data_url)).encode()
+
+
+def request_body(messages: bytes, fields: dict) -> bytes:
+    """A chat-completion body: the pre-encoded `messages` spliced beside the JSON of `fields`."""
+    return b'{"messages": ' + messages + b", " + json.dumps(fields).encode()[1:]
+
+
 def parse_completion(payload: object) -> tuple[tuple[Sample, ...], int, int]:
     """Samples and token usage of a chat completion; ValueError when the body is not one."""
     try:
@@ -176,25 +187,30 @@ class TeacherPool:
                 )
 
     async def complete(self, prompt: str, data_url: str, n: int, temperature: float) -> Reply:
-        """`n` samples from one image prefill; a request that fails after retries is a Reply with `error`.
+        """`n` samples from one image prefill; a request that fails after retries is a Reply with `error`."""
+        return await self.send(encode_messages(prompt, data_url), n, temperature)
 
-        The body is posted as plain JSON and the answer read as plain JSON: the SDK's
-        typed request transform and pydantic response models cost more CPU than the
-        rest of the build, while its retries, backoff and timeouts are kept.
+    async def send(self, messages: bytes, n: int, temperature: float) -> Reply:
+        """`complete` for messages already encoded by `encode_messages`.
+
+        The body is posted as bytes and the answer read as plain JSON: the SDK's typed
+        request transform and pydantic response models cost more CPU than the rest of
+        the build, while its retries, backoff and timeouts are kept.
         """
         index = min(range(len(self.clients)), key=self.in_flight.__getitem__)
         self.in_flight[index] += 1
         start = time.perf_counter()
-        body = {
+        fields = {
             "model": self.config.model,
-            "messages": request_messages(prompt, data_url),
             "n": n,
             "temperature": temperature,
             "max_tokens": self.config.max_tokens,
         }
         try:
             response = await self.clients[index].post(
-                "/chat/completions", body=body, cast_to=httpx2.Response
+                "/chat/completions",
+                content=request_body(messages, fields),
+                cast_to=httpx2.Response,
             )
             samples, prompt_tokens, completion_tokens = parse_completion(
                 json.loads(await response.aread())

@@ -214,9 +214,7 @@ def build_chains_command(
         None, help="Environment variable holding the API key (default OPENAI_API_KEY, else 'EMPTY')."
     ),
     progress: bool = typer.Option(True, help="Show the progress bar."),
-    workers: int | None = typer.Option(
-        None, help="Client processes sharing --concurrency (default min(2, CPUs)); 1 keeps one process."
-    ),
+    workers: int = typer.Option(1, help="Client processes sharing --concurrency; more only pays on idle cores."),
 ) -> None:
     """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
     from builders.build import BuildConfig, Shard, build_chains

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +17,27 @@ import pytest
 from typer.testing import CliRunner
 
 from builders import sim_teacher
-from builders.build import BuildConfig, Shard, build_chains, select_images
+from builders.build import (
+    BuildConfig,
+    Shard,
+    Share,
+    build_chains,
+    select_images,
+    split_shares,
+    worker_count,
+)
 from builders.candidate_store import KEY, SHARD_GLOB
 from builders.rejection_sampling import SamplingPlan, parse_temperatures
 from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
-from builders.teacher_client import Sample, TeacherConfig, parse_completion, resolve_api_key
+from builders.teacher_client import (
+    Sample,
+    TeacherConfig,
+    encode_messages,
+    parse_completion,
+    request_body,
+    request_messages,
+    resolve_api_key,
+)
 from domainbed_reasoning import layout
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
@@ -45,9 +66,11 @@ def config(url: str, data_dir: Path, out: Path, **overrides) -> BuildConfig:
         concurrency=overrides.pop("concurrency", 8),
     )
     plan = overrides.pop("plan", SamplingPlan(candidates=2, max_rounds=2, temperatures=(0.5, 0.8)))
+    workers = overrides.pop("workers", 1)
     return BuildConfig(
-        "SynthDG", data_dir, out, teacher, plan=plan, show_progress=False, **overrides
-    )
+        "SynthDG", data_dir, out, teacher, plan=plan, show_progress=False, workers=workers,
+        **overrides,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -209,6 +232,55 @@ def test_shards_cover_every_id_exactly_once(teacher: str, data_dir: Path, tmp_pa
     assert_consistent(tmp_path, all_ids(data_dir))
 
 
+@pytest.mark.parametrize("teacher", [{"p_wrong": 0.4, "p_500": 0.1}], indirect=True)
+def test_worker_processes_share_one_build(teacher: str, data_dir: Path, tmp_path: Path) -> None:
+    stats = build_chains(config(teacher, data_dir, tmp_path, workers=2, concurrency=5))
+    raw, _, _ = assert_consistent(tmp_path, all_ids(data_dir))
+    assert stats["run"]["requests"] == raw.filter(pl.col("candidate_index") == 0).height
+    assert not multiprocessing.active_children(), "a worker outlived the build"
+
+
+def test_workers_are_capped_by_images_and_request_slots() -> None:
+    assert (worker_count(1, 1000, 256), worker_count(4, 3, 256), worker_count(4, 1000, 2)) == (
+        1,
+        3,
+        2,
+    )
+
+
+def test_shares_partition_the_images_and_the_concurrency(teacher: str, data_dir: Path) -> None:
+    whole = config(teacher, data_dir, Path("unused"), concurrency=7)
+    tasks = list(range(IMAGES))
+    shares = split_shares(Share(whole, tasks, "prompt", None, Path("unused")), 3)
+    assert sorted(t for share in shares for t in share.tasks) == tasks
+    assert [share.config.teacher.concurrency for share in shares] == [3, 2, 2]
+    assert all(share.config.teacher.urls == whole.teacher.urls for share in shares)
+
+
+@pytest.mark.parametrize("teacher", [{"latency_ms": 200.0}], indirect=True)
+def test_a_worker_killed_from_outside_is_named_and_a_rerun_finishes(
+    teacher: str, data_dir: Path, tmp_path: Path
+) -> None:
+    def kill_first_worker() -> None:
+        deadline = time.monotonic() + 30
+        while not multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    with pytest.raises(UserError, match=r"^build worker \d stopped before finishing \(exit code -9\): "
+                       r"re-run the same command to resume$"):  # fmt: skip
+        build_chains(
+            config(teacher, data_dir, tmp_path, workers=2, concurrency=2, flush_seconds=0.1)
+        )
+    killer.join()
+    assert not multiprocessing.active_children(), "the other worker was left running"
+    build_chains(config(teacher, data_dir, tmp_path, workers=2, concurrency=8))
+    assert_consistent(tmp_path, all_ids(data_dir))
+
+
 def test_requests_spread_over_replicas(data_dir: Path, tmp_path: Path) -> None:
     with (
         run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as one,
@@ -262,6 +334,14 @@ def test_a_completion_body_is_read_or_refused_as_malformed() -> None:
             parse_completion(bad)
 
 
+def test_a_body_with_pre_encoded_messages_is_the_plain_json_body() -> None:
+    fields = {"model": "m", "n": 4, "temperature": 0.7, "max_tokens": 9}
+    body = request_body(encode_messages('say "hi"', "data:image/png;base64,AAAA"), fields)
+    assert json.loads(body) == fields | {
+        "messages": request_messages('say "hi"', "data:image/png;base64,AAAA")
+    }
+
+
 def test_temperature_schedule_repeats_its_last_value() -> None:
     plan = SamplingPlan(temperatures=parse_temperatures("0.7, 0.9"))
     assert [plan.temperature(r) for r in range(1, 5)] == [0.7, 0.9, 0.9, 0.9]
@@ -293,6 +373,10 @@ def cli_error(
         (["--max-retries", "-1"], r"--max-retries -1: must be 0 or more"),
         (["--concurrency", "0"], r"--concurrency 0: must be at least 1"),
         (["--max-tokens", "0"], r"--max-tokens 0: must be at least 1"),
+        (
+            ["--workers", "0"],
+            r"--workers 0: must be at least 1 \(1 is one process\)",
+        ),
         (
             ["--api-key-env", "DBR_SURELY_UNSET"],
             r"environment variable DBR_SURELY_UNSET is not set",

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from builders.candidate_store import KEY, SHARD_GLOB
 from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
@@ -19,23 +20,46 @@ from domainbed_reasoning.synth import generate
 IMAGES = 60  # 3 per (domain, class)
 
 
-def command(url: str, data_dir: Path, out: Path) -> list[str]:
+def command(url: str, data_dir: Path, out: Path, workers: int) -> list[str]:
     return [
         sys.executable, "-m", "domainbed_reasoning", "build-chains", "SynthDG",
         "--data-dir", str(data_dir), "--out", str(out), "--teacher-url", url,
         "--teacher-model", "sim-teacher", "--candidates", "2", "--max-rounds", "4",
-        "--concurrency", "4", "--no-progress",
+        "--concurrency", "4", "--no-progress", "--workers", str(workers),
     ]  # fmt: skip
 
 
-def test_sigkill_mid_run_then_rerun_resolves_every_image_exactly_once(tmp_path: Path) -> None:
+def children(pid: int) -> set[int]:
+    """Live processes whose parent is `pid` (Linux /proc), zombies excepted."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_mid_run_then_rerun_resolves_every_image_exactly_once(
+    tmp_path: Path, workers: int
+) -> None:
     data_dir, out = tmp_path / "data", tmp_path / "out"
     generate(data_dir, images_per_class=3, seed=0, size=32)
     shards = out / "SynthDG" / "candidates"
     teacher = SimTeacherConfig(latency_ms=150, p_wrong=0.4, p_malformed=0.1, seed=5)
     with run_sim_teacher(teacher, data_dir) as url:
         victim = subprocess.Popen(
-            command(url, data_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command(url, data_dir, out, workers), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + 60
         while (
@@ -47,14 +71,24 @@ def test_sigkill_mid_run_then_rerun_resolves_every_image_exactly_once(tmp_path: 
         assert victim.poll() is None, (
             f"the build ended before it could be killed: {victim.stderr.read()!r}"
         )
+        helpers = children(victim.pid)
+        assert len(helpers) >= workers * (workers > 1), "the workers were not running"
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
+        deadline = time.monotonic() + 1  # the kernel kills them at once; orphans would run on
+        while any(map(alive, helpers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(alive, helpers)), "a worker outlived the killed build"
         before = pl.read_parquet(shards / SHARD_GLOB)
         assert 0 < before["id"].n_unique() < IMAGES, "the kill did not land mid-run"
         assert not (out / "SynthDG" / "chains.parquet").exists()
 
         rerun = subprocess.run(
-            command(url, data_dir, out), check=False, capture_output=True, text=True, timeout=120
+            command(url, data_dir, out, workers),
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert rerun.returncode == 0, rerun.stderr
 
