@@ -41,7 +41,7 @@ class DemoSize:
     chain_tokens: int = 320  # a SynthDG chain is about 200 tokens: room for a whole one
 
 
-FULL = DemoSize(images_per_class=30, epochs=4)
+FULL = DemoSize(images_per_class=30, epochs=6)
 SMALL = DemoSize(images_per_class=3, epochs=1, max_train_images=16, chain_tokens=32)
 
 
@@ -249,7 +249,7 @@ def train_method(config: DemoConfig, model: Path, method: str, steps: Steps) -> 
             config.train_root, settings, resume=True,
         )
     )  # fmt: skip
-    steps.artefact(f"{method} adapter", result.adapter_dir)
+    steps.artefact(f"{method} trained weights", result.weights.folder)
     if method == "rd-mldg":
         steps.artefact(
             "SARR self-labels (round 1)", result.run_dir / "round-1" / "self_labels.parquet"

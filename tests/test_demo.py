@@ -47,12 +47,12 @@ def test_every_method_trained_and_evaluated(demo_run) -> None:
     _, result, printed = demo_run
     assert set(result.runs) == set(METHODS)
     for method, run_dir in result.runs.items():
-        assert (run_dir / "adapter" / "adapter_config.json").is_file(), method
+        assert (run_dir / "model" / "model.safetensors").is_file(), method  # full fine-tuning
         assert (run_dir / "eval" / "metrics.json").is_file(), method
     sarr = result.runs["rd-mldg"] / "round-1"
     assert (sarr / "self_labels.parquet").is_file()
     assert json.loads((sarr / "self_label_stats.json").read_text())["round"] == 1
-    assert str(result.runs["rd-mldg"] / "adapter") in printed
+    assert str(result.runs["rd-mldg"] / "model") in printed
 
 
 def test_report_has_the_four_rows(demo_run) -> None:
@@ -69,10 +69,10 @@ def test_report_has_the_four_rows(demo_run) -> None:
 
 def test_rerun_resumes_instead_of_retraining(demo_run) -> None:
     config, result, _ = demo_run
-    adapter = result.runs["cls"] / "adapter" / "adapter_model.safetensors"
-    before = adapter.stat().st_mtime_ns
+    weights = result.runs["cls"] / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
     again = run_demo(config, Console(record=True, width=200))
-    assert adapter.stat().st_mtime_ns == before
+    assert weights.stat().st_mtime_ns == before
     assert again.report.markdown.read_text() == result.report.markdown.read_text()
 
 

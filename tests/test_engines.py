@@ -250,6 +250,18 @@ def test_adapter_folder_without_adapter_config(
         open_engine(kind, str(tiny_qwen2vl), tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["transformers", "vllm"])
+def test_a_full_checkpoint_passed_as_adapter_is_named(
+    kind: str, tiny_qwen2vl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DBR_VLLM_PYTHON", "/bin/sh")
+    with pytest.raises(
+        UserError,
+        match=rf"^{tiny_qwen2vl} is a full checkpoint \(config.json\), not a LoRA adapter",
+    ):
+        open_engine(kind, str(tiny_qwen2vl), tiny_qwen2vl)
+
+
 def test_remote_engine_refuses_an_adapter(tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match="a remote engine serves its own weights, it cannot apply adapter"

@@ -271,7 +271,7 @@ def _finished_run(root: Path, **skip: bool) -> Path:
         ),
         (
             {"adapter": True},
-            "has no adapter \\(adapter/adapter_config.json\\): run `dbr train` first",
+            "has no trained weights \\(adapter/adapter_config.json or model/config.json\\): run `dbr train` first",
         ),
         (
             {"split": True},
@@ -359,8 +359,6 @@ def test_run_job_resumes_from_finished_predictions(tmp_path: Path) -> None:
 
 
 # --- a real run, the transformers engine ------------------------------------------------------------
-
-
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.loading import load_domains
 from train.config import DEFAULT_CONFIG, TrainConfig, build_config, load_config, parse_overrides
+from train.evaluate import EvalSettings, evaluate_run
 from train.lora import lora_config, target_modules_regex
 from train.mtct_data import build_examples
 from train.mtct_trainer import MTCTTrainer
@@ -74,6 +75,7 @@ def test_overrides_are_typed() -> None:
         ({"bf16": "sometimes"}, "bf16 must be auto, true or false, not 'sometimes'"),
         ({"holdout_fraction": 1.5}, "holdout_fraction must be between 0 and 1, not 1.5"),
         ({"epochs": None}, "setting epochs needs a value"),
+        ({"finetune": "qlora"}, "unknown finetune 'qlora': choose one of lora, full"),
     ],
 )
 def test_bad_settings_are_one_line_errors(values: dict, message: str) -> None:
@@ -321,7 +323,11 @@ def test_missing_model_folder_is_refused(train_request, export_dir: Path, tmp_pa
 
 
 def test_dataset_without_chains_is_refused(
-    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_request,
+    export_dir: Path,
+    tiny_llava: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     broken = _rewrite(export_dir, tmp_path, {"chain": pl.lit(None, dtype=pl.String)}, monkeypatch)
     with pytest.raises(
@@ -332,7 +338,11 @@ def test_dataset_without_chains_is_refused(
 
 
 def test_missing_images_are_refused(
-    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_request,
+    export_dir: Path,
+    tiny_llava: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gone = pl.struct(bytes=pl.lit(None, dtype=pl.Binary), path=pl.lit(str(tmp_path / "gone.png")))
     broken = _rewrite(export_dir, tmp_path, {"image": gone}, monkeypatch)
@@ -447,5 +457,30 @@ def test_cli_trains_then_evaluates_the_held_out_domain(
     metrics = json.loads((tmp_path / "SynthDG/sketch/cls/eval/metrics.json").read_text())
     assert set(metrics["results"]) == {"test", "validation"}
     assert set(metrics["results"]["test"]) == {"direct"}
-    assert metrics["results"]["test"]["direct"]["n"] == len(load_domains(export_dir, "SynthDG")["sketch"])
+    assert metrics["results"]["test"]["direct"]["n"] == len(
+        load_domains(export_dir, "SynthDG")["sketch"]
+    )
     assert "held-out sketch" in result.output
+
+
+def test_full_fine_tuning_saves_a_model_that_engines_and_evaluation_load(
+    train_request, export_dir: Path, tiny_qwen2vl: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "runs"
+    result = train(train_request(export_dir, tiny_qwen2vl, out, method="cls", finetune="full"))
+    run_dir = out / "SynthDG" / "sketch" / "cls"
+    assert result.weights.model == str(run_dir / "model") and result.weights.adapter is None
+    assert not (run_dir / "adapter").exists()
+    assert "fully fine-tuned" in (run_dir / "model" / "README.md").read_text()
+    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl).state_dict()
+    tuned = AutoModelForImageTextToText.from_pretrained(run_dir / "model").state_dict()
+    changed = [name for name in base if not torch.equal(base[name], tuned[name])]
+    assert any("visual" in name for name in changed) and any(
+        "language_model" in name for name in changed
+    )
+
+    metrics = evaluate_run(run_dir, EvalSettings(progress=False, cache_dir=tmp_path / "cache"))
+    assert metrics["model"] == str(run_dir / "model") and metrics["adapter"] is None
+    assert metrics["results"]["test"]["direct"]["n"] == len(
+        load_domains(export_dir, "SynthDG")["sketch"]
+    )

@@ -161,8 +161,15 @@ def test_state_errors(tmp_path: Path) -> None:
     ):
         sarr.load_state(run, 1, resume=True)
     _state(run, {"version": 1, "done": ["round-0/train", "round-1/self_label"]})
-    (run / "round-0" / "adapter").mkdir(parents=True)
-    (run / "round-0" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(
+        UserError,
+        match=r"is missing round-0/trained weights \(adapter/ or model/\), which state.json lists as done",
+    ):
+        sarr.load_state(run, 1, resume=True)
+    (run / "round-0" / "model").mkdir(parents=True)
+    (run / "round-0" / "model" / "config.json").write_text(
+        "{}"
+    )  # a full fine-tuning round counts too
     with pytest.raises(
         UserError, match="is missing round-1/self_labels.parquet, which state.json lists as done"
     ):
@@ -204,20 +211,26 @@ def _check_finished_run(run_dir: Path, engine: str) -> dict:
     assert stats["images"] == labels.height == 4
     assert stats["replaced"] + stats["kept_previous"] == 4
     assert (
-        stats["candidates"] == 4 * SARR_FAST["self_label_candidates"] == sum(stats["reasons"].values())
+        stats["candidates"]
+        == 4 * SARR_FAST["self_label_candidates"]
+        == sum(stats["reasons"].values())
     )
     assert stats["engine"] == engine and stats["images_per_s"] > 0
     split = pl.read_parquet(run_dir / "split.parquet")
     assert set(labels["id"]) <= set(split.filter(pl.col("split") == "train")["id"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["final_round"] == 1 and metrics["adapter"] == "round-1/adapter"
+    assert metrics["final_round"] == 1 and metrics["weights"] == "round-1/adapter"
     assert [entry["round"] for entry in metrics["rounds"]] == [0, 1]
     assert metrics["rounds"][1]["self_label"]["replaced"] == stats["replaced"]
     return stats
 
 
 def test_vllm_engine_without_its_environment_is_refused_before_training(
-    train_request, export_dir: Path, tiny_qwen2vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_request,
+    export_dir: Path,
+    tiny_qwen2vl: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no .venv-vllm here
     monkeypatch.setenv("DBR_VLLM_PYTHON", str(tmp_path / "no-vllm" / "python"))
@@ -256,7 +269,11 @@ class SimulatedKill(Exception):
 
 
 def test_one_round_with_transformers_killed_after_self_labelling_then_resumed(
-    train_request, export_dir: Path, tiny_qwen2vl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    train_request,
+    export_dir: Path,
+    tiny_qwen2vl: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "runs"
     run_dir = out / "SynthDG" / "sketch" / "rd-mldg"
@@ -315,11 +332,13 @@ def test_one_round_with_transformers_killed_after_self_labelling_then_resumed(
 
     monkeypatch.setattr(sarr, "train_stage", capture)
     monkeypatch.setattr(sarr, "open_engine", no_engine)
-    result = train(train_request(export_dir, tiny_qwen2vl, out, **SARR_FAST, resume=True, sarr_init="continue"))
+    result = train(
+        train_request(export_dir, tiny_qwen2vl, out, **SARR_FAST, resume=True, sarr_init="continue")
+    )
 
     assert marker in seen["completions"]
     assert seen["init"] == run_dir / "round-0" / "adapter"  # sarr_init=continue
-    assert result.adapter_dir == run_dir / "adapter"
+    assert result.weights.adapter == run_dir / "adapter"
     stats = _check_finished_run(run_dir, "transformers")
     assert stats["candidates_per_image"] == 2 and stats["adapter"] == str(
         run_dir / "round-0" / "adapter"
@@ -333,7 +352,8 @@ def test_one_round_with_transformers_killed_after_self_labelling_then_resumed(
 
 
 def test_one_round_with_real_vllm(
-    train_request, export_dir: Path,
+    train_request,
+    export_dir: Path,
     tiny_qwen2vl: Path,
     vllm_python: Path,
     tmp_path: Path,
@@ -348,3 +368,37 @@ def test_one_round_with_real_vllm(
     assert result.run_dir == run_dir
     _check_finished_run(run_dir, "vllm")
     assert (run_dir / "round-1" / "vllm.log").is_file()
+
+
+def test_full_fine_tuning_rounds_continue_from_the_previous_model(
+    train_request,
+    export_dir: Path,
+    tiny_qwen2vl: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "runs"
+    real_train_stage = sarr.train_stage
+    started_from = []
+
+    def capture(model, *args, **kwargs):
+        started_from.append((model, kwargs["init_adapter"]))
+        return real_train_stage(model, *args, **kwargs)
+
+    monkeypatch.setattr(sarr, "train_stage", capture)
+    result = train(
+        train_request(
+            export_dir, tiny_qwen2vl, out, **SARR_FAST, finetune="full", sarr_init="continue"
+        )
+    )
+
+    run_dir = out / "SynthDG" / "sketch" / "rd-mldg"
+    assert started_from == [(str(tiny_qwen2vl), None), (str(run_dir / "round-0" / "model"), None)]
+    assert result.weights.model == str(run_dir / "model") and result.weights.adapter is None
+    assert not list(run_dir.rglob("adapter_config.json"))
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == (
+        run_dir / "round-1" / "model" / "model.safetensors"
+    ).read_bytes()
+    stats = json.loads((run_dir / "round-1" / "self_label_stats.json").read_text())
+    assert stats["model"] == str(run_dir / "round-0" / "model") and stats["adapter"] is None
+    assert json.loads((run_dir / "metrics.json").read_text())["weights"] == "round-1/model"

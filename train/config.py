@@ -21,6 +21,7 @@ from domainbed_reasoning.errors import UserError
 METHODS = ("mtct", "cls", "reasoning", "rd-mldg")
 ENGINES = ("transformers", "vllm")
 SARR_INITS = ("base", "continue")
+FINETUNES = ("lora", "full")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mtct.yaml"
 
 
@@ -38,6 +39,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
     optimizer: str = "adamw_torch"
+    finetune: str = "lora"
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -79,6 +81,10 @@ class TrainConfig:
 def _check(config: TrainConfig) -> None:
     if config.method not in METHODS:
         raise UserError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
+    if config.finetune not in FINETUNES:
+        raise UserError(
+            f"unknown finetune {config.finetune!r}: choose one of {', '.join(FINETUNES)}"
+        )
     if config.bf16 not in ("auto", "true", "false"):
         raise UserError(f"bf16 must be auto, true or false, not {config.bf16!r}")
     if config.method in ("mtct", "rd-mldg") and config.per_device_batch_size % 2:

@@ -125,6 +125,11 @@ def check_model(model: str) -> None:
 def adapter_config(adapter: Path) -> dict[str, Any]:
     """The adapter's PEFT config; its presence is what makes a folder an adapter."""
     path = Path(adapter) / "adapter_config.json"
+    if not path.is_file() and (Path(adapter) / "config.json").is_file():
+        raise UserError(
+            f"{adapter} is a full checkpoint (config.json), not a LoRA adapter: pass it as the model, "
+            "without an adapter"
+        )
     if not path.is_file():
         raise UserError(
             f"adapter folder {adapter} has no adapter_config.json: pass the `adapter/` folder of a finished "

@@ -38,6 +38,7 @@ from domainbed_reasoning.verdict import judge
 from .config import load_config
 from .engines import GenerationEngine, GenRequest, SamplingSpec, open_engine
 from .mtct_data import PROMPT_OF_TASK, class_names, task_prompt
+from .weights import stage_weights
 
 EVAL_FORMAT = 1
 # mode -> the training path whose prompt it asks with
@@ -263,7 +264,7 @@ def score(predictions: pl.DataFrame, classes: Sequence[str]) -> dict[str, Any]:
 
 
 def job_for_run(run_dir: Path) -> EvalJob:
-    """A finished `dbr train` run folder, checked: finished, has an adapter, current layout."""
+    """A finished `dbr train` run folder, checked: finished, has trained weights, current layout."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(
@@ -281,10 +282,6 @@ def job_for_run(run_dir: Path) -> EvalJob:
             f"{run_dir} has no metrics.json, its training never finished: run `dbr train` first "
             "(or `dbr train --resume` to finish it)"
         )
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise UserError(
-            f"{run_dir} has no adapter (adapter/adapter_config.json): run `dbr train` first"
-        )
     missing = [
         name
         for name in ("run.json", "config.yaml", "split.parquet")
@@ -297,14 +294,15 @@ def job_for_run(run_dir: Path) -> EvalJob:
             "re-run `dbr train` into a new --out"
         )
     config = load_config(run_dir / "config.yaml")
+    weights = stage_weights(run_dir, info["model"])
     return EvalJob(
         run_dir=run_dir,
         dataset=info["dataset"],
         data=info["data"],
         target=info["target"],
         method=config.method,
-        model=info["model"],
-        adapter=run_dir / "adapter",
+        model=weights.model,
+        adapter=weights.adapter,
         name=config.method,
         holdout_fraction=config.holdout_fraction,
         seed=config.seed,
@@ -528,7 +526,7 @@ def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
 
 
 def evaluate_run(run_dir: Path, settings: EvalSettings | None = None) -> dict[str, Any]:
-    """Evaluate a finished training run's adapter on its held-out domain (and validation split)."""
+    """Evaluate a finished training run's weights on its held-out domain (and validation split)."""
     return _evaluate(job_for_run(run_dir), settings or EvalSettings())
 
 

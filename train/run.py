@@ -1,12 +1,13 @@
-"""The `train` stage, stage 1 of RD-MLDG: MTCT (or a single path) with LoRA on one LODO split.
+"""The `train` stage, stage 1 of RD-MLDG: MTCT (or a single path) with LoRA or full fine-tuning on one LODO split.
 
 Everything a user can get wrong is checked before a model is loaded - an 8B
 checkpoint takes minutes to load, a typo should take a second to report. The
 run folder `<out>/<DATASET>/<target>/<method>/` then holds, each written
 atomically: split.parquet (which image went where), config.yaml (the resolved
 settings, reusable with --config), run.json, checkpoints/ (for --resume),
-logs/ (TensorBoard), adapter/ (LoRA weights, processor, model card) and
-metrics.json, written last, which marks the run finished.
+logs/ (TensorBoard), adapter/ (LoRA weights, processor, model card) - or model/
+(the whole checkpoint, with `finetune: full`) - and metrics.json, written last,
+which marks the run finished.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .config import TrainConfig, load_config, save_config
 from .lora import lora_config
 from .mtct_data import build_examples, check_split, class_names
 from .mtct_trainer import MTCTTrainer
+from .weights import TrainedWeights, stage_weights, weights_dirname
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class TrainRequest:
 @dataclass(frozen=True)
 class StageResult:
     run_dir: Path
-    adapter_dir: Path
+    weights: TrainedWeights
     metrics: dict[str, Any]
 
 
@@ -155,7 +157,7 @@ def train(request: TrainRequest) -> StageResult:
     prepared = prepare(request)
     run_dir = prepared.run_dir
     if request.resume and (run_dir / "metrics.json").is_file():
-        return _result(run_dir)
+        return _result(run_dir, request.model)
     if request.config.method == "rd-mldg":
         from .sarr import train_sarr  # SARR's rounds are this module's stages, so it imports us
 
@@ -163,7 +165,7 @@ def train(request: TrainRequest) -> StageResult:
     state = PartialState()
     if state.is_main_process:
         write_inputs(request, prepared)
-    return train_stage(
+    train_stage(
         request.model,
         prepared.processor,
         prepared.train_examples,
@@ -172,6 +174,7 @@ def train(request: TrainRequest) -> StageResult:
         run_dir,
         card=model_card(request, prepared),
     )
+    return _result(run_dir, request.model)
 
 
 def write_inputs(request: TrainRequest, prepared: Prepared) -> None:
@@ -242,10 +245,12 @@ def train_stage(
     card: str = "",
     init_adapter: Path | None = None,
 ) -> StageResult:
-    """Train LoRA on `model` with the MTCT loss; reusable by later stages (SARR rounds) with their own examples.
+    """Train `model` with the MTCT loss; reusable by later stages (SARR rounds) with their own examples.
 
-    `init_adapter` continues training that saved adapter instead of starting a fresh LoRA
-    (SARR's `sarr_init: continue`); the result is still one adapter over the base `model`.
+    `finetune: lora` trains a fresh LoRA (or continues `init_adapter`, SARR's `sarr_init:
+    continue`), saved as one adapter over the base `model`; `finetune: full` trains every
+    weight of `model` - a random-initialised model has nothing worth freezing - and saves
+    the whole checkpoint. The returned weights say which.
     """
     args = sft_config(
         config, run_dir, has_eval=eval_examples is not None and len(eval_examples) > 0
@@ -254,6 +259,7 @@ def train_stage(
     args.model_init_kwargs = None
     if init_adapter is not None:
         base = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+    fresh_lora = config.finetune == "lora" and init_adapter is None
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(run_dir / "logs")
     trainer = MTCTTrainer(
@@ -262,26 +268,26 @@ def train_stage(
         train_dataset=train_examples,
         eval_dataset=eval_examples if args.eval_strategy != "no" else None,
         processing_class=processor,
-        peft_config=None
-        if init_adapter is not None
-        else lora_config(
+        peft_config=lora_config(
             base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.train_vision
-        ),
+        )
+        if fresh_lora
+        else None,
         callbacks=[tensorboard],
         reasoning_weight=config.reasoning_weight,
     )
     checkpoint = _last_checkpoint(run_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.accelerator.is_main_process:
-        _save_adapter(trainer, processor, run_dir / "adapter", card)
+        _save_weights(trainer, processor, run_dir / weights_dirname(config.finetune), card)
         metrics = {**output.metrics, "log_history": trainer.state.log_history}
         atomic.write_json(run_dir / "metrics.json", metrics)
     trainer.accelerator.wait_for_everyone()
-    return _result(run_dir)
+    return _result(run_dir, model)
 
 
-def _save_adapter(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path, card: str) -> None:
-    """Saved beside the target and renamed into place: an adapter folder is complete or absent."""
+def _save_weights(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path, card: str) -> None:
+    """Saved beside the target and renamed into place: a weights folder is complete or absent."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         trainer.model.save_pretrained(staging)
@@ -293,28 +299,35 @@ def _save_adapter(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path,
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _result(run_dir: Path) -> StageResult:
+def _result(run_dir: Path, model: str) -> StageResult:
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    return StageResult(run_dir=run_dir, adapter_dir=run_dir / "adapter", metrics=metrics)
+    return StageResult(run_dir, stage_weights(run_dir, model), metrics)
 
 
 def model_card(request: TrainRequest, prepared: Prepared) -> str:
     config = request.config
+    lora = config.finetune == "lora"
     front = {
         "base_model": request.model,
-        "library_name": "peft",
+        "library_name": "peft" if lora else "transformers",
         "pipeline_tag": "image-text-to-text",
-        "tags": ["domainbed-reasoning", "rd-mldg", config.method, "lora", "trl"],
+        "tags": ["domainbed-reasoning", "rd-mldg", config.method, config.finetune, "trl"],
         "datasets": [request.data],
     }
+    what = f"LoRA adapter for `{request.model}`" if lora else f"`{request.model}` fully fine-tuned"
+    load = (
+        "PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter)"
+        if lora
+        else "AutoModelForImageTextToText.from_pretrained(folder)"
+    )
     settings = "\n".join(f"| {key} | {value} |" for key, value in config.to_dict().items())
     return (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
         f"# {prepared.spec.name} / held-out {request.target} / {config.method}\n\n"
-        f"LoRA adapter for `{request.model}`, trained with RD-MLDG stage 1 ({config.method}) on "
+        f"{what}, trained with RD-MLDG stage 1 ({config.method}) on "
         f"DomainBed-Reasoning {prepared.spec.name}, every domain except **{request.target}** "
         f"({len(prepared.splits['train'])} training images, {len(prepared.train_examples)} examples). "
         f"The held-out domain is the test split; `split.parquet` beside this folder lists every image's split.\n\n"
-        "Load with `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter)`.\n\n"
+        f"Load with `{load}`.\n\n"
         f"| setting | value |\n|---|---|\n{settings}\n"
     )

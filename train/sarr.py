@@ -1,19 +1,19 @@
 """RD-MLDG stage 2, SARR: rounds of self-labelling and MTCT on the model's own label-consistent chains.
 
 Round 0 is MTCT on the teacher's chains. Round r (1..N) lets the round r-1 model
-(base + its adapter) write K chains per training image with the reasoning prompt
-training uses, keeps them under the builder's filter (self_label.py), and trains
-MTCT again on the merged chains - from the base model, or from the previous
-adapter with `sarr_init: continue`.
+(base + its adapter, or its fully fine-tuned checkpoint) write K chains per training
+image with the reasoning prompt training uses, keeps them under the builder's filter
+(self_label.py), and trains MTCT again on the merged chains - from the base model, or
+from the previous round's weights with `sarr_init: continue`.
 
 The run folder `<out>/<DATASET>/<target>/rd-mldg/` holds round-<r>/ folders laid
-out as `train_stage` writes a stage (adapter/, metrics.json, checkpoints/, logs/),
+out as `train_stage` writes a stage (adapter/ or model/, metrics.json, checkpoints/, logs/),
 plus self_labels.parquet and self_label_stats.json for r >= 1. `state.json` lists
 the finished steps and is rewritten atomically after each one, so a killed run
 resumes at the step it was in: a finished self-labelling is never redone, an
 unfinished one is redone whole, and an unfinished training resumes from its
-checkpoint. When every round is done the last round's adapter is copied to
-`adapter/` and `metrics.json` is written, which is what `dbr eval` reads, as for
+checkpoint. When every round is done the last round's weights are copied to
+`adapter/` (or `model/`) and `metrics.json` is written, which is what `dbr eval` reads, as for
 any other method.
 """
 
@@ -47,6 +47,7 @@ from .engines import GenRequest, SamplingSpec, open_engine
 from .mtct_data import build_examples, class_names, task_prompt
 from .run import Prepared, StageResult, TrainRequest, model_card, train_stage, write_inputs
 from .self_label import Supervised, merge_self_labels, self_label_stats
+from .weights import TrainedWeights, find_weights, stage_weights
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -128,10 +129,14 @@ def load_state(run_dir: Path, rounds: int, resume: bool) -> list[str]:
 
 def _check_step_output(run_dir: Path, step: Step) -> None:
     folder = round_dir(run_dir, step.round)
-    needed = folder / (SELF_LABELS if step.kind == "self_label" else "adapter/adapter_config.json")
-    if not needed.is_file():
+    if step.kind == "self_label":
+        missing = not (folder / SELF_LABELS).is_file()
+    else:
+        missing = find_weights(folder, "") is None
+    if missing:
+        what = SELF_LABELS if step.kind == "self_label" else "trained weights (adapter/ or model/)"
         raise UserError(
-            f"{run_dir} is missing {needed.relative_to(run_dir)}, which {STATE_FILE} lists as done: "
+            f"{run_dir} is missing {folder.name}/{what}, which {STATE_FILE} lists as done: "
             "restore it, or delete the folder and train again"
         )
 
@@ -207,7 +212,7 @@ def self_label_round(
         seed=config.seed + round_,
     )
     matcher = matcher_for(tuple(classes))
-    adapter = round_dir(run_dir, round_ - 1) / "adapter"
+    weights = stage_weights(round_dir(run_dir, round_ - 1), request.model)
     console.print(
         f"round {round_}: {len(previous):,} training images x {sampling.n} chains with {config.engine}",
         highlight=False,
@@ -217,7 +222,7 @@ def self_label_round(
         options = {"log_path": folder / "vllm.log", **options}
     started = time.perf_counter()
     frames = []
-    with open_engine(config.engine, request.model, adapter, **options) as engine:
+    with open_engine(config.engine, weights.model, weights.adapter, **options) as engine:
         for chunk in _image_chunks(subset):
             images = [previous[row_id] for row_id, _ in chunk]
             requests = [GenRequest(row_id, image, prompt) for row_id, image in chunk]
@@ -230,8 +235,8 @@ def self_label_round(
         "candidates_per_image": sampling.n,
         "temperature": sampling.temperature,
         "max_new_tokens": sampling.max_new_tokens,
-        "model": request.model,
-        "adapter": str(adapter),
+        "model": weights.model,
+        "adapter": str(weights.adapter) if weights.adapter else None,
         "seconds": round(seconds, 2),
         "images_per_s": round(frame.height / seconds, 3) if seconds else None,
     }
@@ -254,24 +259,24 @@ def train_round(
             "chain", [chains[row_id] for row_id in subset["id"]]
         )
         examples = build_examples(relabelled, config.method, classes)
-    init = (
-        round_dir(run_dir, round_ - 1) / "adapter"
+    start = (
+        stage_weights(round_dir(run_dir, round_ - 1), request.model)
         if round_ > 0 and config.sarr_init == "continue"
-        else None
+        else TrainedWeights(request.model)
     )
     card = model_card(request, prepared) + (
         f"\nSARR round {round_} of {config.sarr_rounds} "
         f"({'teacher chains' if round_ == 0 else 'self-labelled chains, see ../' + SELF_LABEL_STATS}).\n"
     )
     return train_stage(
-        request.model,
+        start.model,
         prepared.processor,
         examples,
         prepared.eval_examples,
         config,
         folder,
         card=card,
-        init_adapter=init,
+        init_adapter=start.adapter,
     )
 
 
@@ -288,7 +293,7 @@ def _release_memory() -> None:
 def train_sarr(
     request: TrainRequest, prepared: Prepared, extra_engine_options: Mapping[str, Any] | None = None
 ) -> StageResult:
-    """Run (or resume) every step of `plan`, then publish the last round's adapter as the run's."""
+    """Run (or resume) every step of `plan`, then publish the last round's weights as the run's."""
     config = request.config
     run_dir = prepared.run_dir
     options = engine_options(config) | dict(extra_engine_options or {})
@@ -313,20 +318,22 @@ def train_sarr(
         if state.is_main_process:
             save_state(run_dir, done)
     if state.is_main_process:
-        _finish(run_dir, config.sarr_rounds)
+        _finish(run_dir, config.sarr_rounds, request.model)
     state.wait_for_everyone()
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    return StageResult(run_dir=run_dir, adapter_dir=run_dir / "adapter", metrics=metrics)
+    return StageResult(run_dir, stage_weights(run_dir, request.model), metrics)
 
 
-def _finish(run_dir: Path, rounds: int) -> None:
-    """Copy the last adapter to `adapter/` (complete or absent), then metrics.json, which marks the run done."""
-    final = round_dir(run_dir, rounds) / "adapter"
-    staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run_dir))
+def _finish(run_dir: Path, rounds: int, model: str) -> None:
+    """Copy the last round's weights beside the run's files (complete or absent), then metrics.json,
+    which marks the run done."""
+    final = stage_weights(round_dir(run_dir, rounds), model).folder
+    target = run_dir / final.name
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
     try:
         shutil.copytree(final, staging, dirs_exist_ok=True)
-        shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-        os.replace(staging, run_dir / "adapter")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary = []
@@ -342,7 +349,7 @@ def _finish(run_dir: Path, rounds: int) -> None:
         {
             "method": "rd-mldg",
             "final_round": rounds,
-            "adapter": f"round-{rounds}/adapter",
+            "weights": f"round-{rounds}/{final.name}",
             "rounds": summary,
         },
     )
