@@ -9,6 +9,7 @@ set. Works on the export folder and on a Hub repo alike, since both go through
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import datasets
@@ -43,16 +44,30 @@ def load_domains(
 
 
 def _cache_dir(source: str, cache_dir: str | Path | None) -> str | None:
-    """A local export folder gets its own cache beside its files.
+    """A local export folder gets a cache of its own, keyed on where and what its files are.
 
-    `datasets` fingerprints local Parquet files by modification time alone, so two
-    export folders (a copy, a re-export elsewhere) could otherwise share one cache
-    entry and serve each other's rows.
+    `datasets` keys a local folder's cache on the folder's file patterns, not on the
+    files, so a copy, a re-export or a rewritten shard would otherwise be served the
+    rows of an earlier load. The key covers the folder's path and every file's name,
+    size and modification time; it lives in the folder's hidden `.cache/` (never
+    published).
     """
     if cache_dir is not None:
         return str(cache_dir)
     folder = Path(source)
-    return str(folder / ".cache" / "datasets") if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    folder = folder.resolve()
+    files = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and ".cache" not in path.relative_to(folder).parts
+    )
+    digest = hashlib.sha256(str(folder).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return str(folder / ".cache" / "datasets" / digest.hexdigest()[:16])
 
 
 def load_lodo(

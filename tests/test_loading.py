@@ -113,18 +113,26 @@ def test_too_small_exports_are_refused(tmp_path: Path, make_chain_run) -> None:
         load_lodo(out, "OfficeHome", "Art", cache_dir=tmp_path / "cache2")
 
 
-def test_two_export_folders_never_share_a_cache(folder: Path, tmp_path: Path) -> None:
-    """`datasets` keys local files on mtime alone; a copy with other rows must still load its own rows."""
-    copy = tmp_path / "copy" / "domainbed-reasoning"
-    shutil.copytree(folder, copy)  # copy2 keeps every mtime
-    shard = next((copy / "SynthDG").glob("sketch-*.parquet"))
+def _rewrite_chains(shard: Path, text: str, keep_mtime: bool) -> None:
     stat = shard.stat()
-    frame = pl.read_parquet(shard)
-    frame.with_columns(pl.lit("rewritten").alias("chain")).write_parquet(shard)
-    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    pl.read_parquet(shard).with_columns(pl.lit(text).alias("chain")).write_parquet(shard)
+    if keep_mtime:
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
+
+def test_a_copied_folder_never_serves_the_original_rows(folder: Path, tmp_path: Path) -> None:
+    """The cache lives in the folder, so a copy carries it along: the copy must not use it."""
     original = load_domains(folder, "SynthDG")["sketch"]
-    copied = load_domains(copy, "SynthDG")["sketch"]
-    assert set(copied["chain"]) == {"rewritten"}
+    copy = tmp_path / "copy" / "domainbed-reasoning"
+    shutil.copytree(folder, copy)  # copy2 keeps every mtime, and copies .cache/ too
+    _rewrite_chains(next((copy / "SynthDG").glob("sketch-*.parquet")), "rewritten", keep_mtime=True)
+
+    assert set(load_domains(copy, "SynthDG")["sketch"]["chain"]) == {"rewritten"}
     assert "rewritten" not in set(original["chain"])
-    assert (folder / ".cache" / "datasets").is_dir()
+    assert "rewritten" not in set(load_domains(folder, "SynthDG")["sketch"]["chain"])
+
+
+def test_a_rewritten_shard_is_read_again(folder: Path) -> None:
+    load_domains(folder, "SynthDG")
+    _rewrite_chains(next((folder / "SynthDG").glob("sketch-*.parquet")), "again", keep_mtime=False)
+    assert set(load_domains(folder, "SynthDG")["sketch"]["chain"]) == {"again"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -270,23 +269,8 @@ def test_gradient_accumulation_gives_the_same_update(tiny_llava: Path, tmp_path:
 # --- the stage --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """`load_dataset` caches an export folder under a key its contents do not change, so
-    the broken copies below (and other tests' exports) must not share a cache with this one."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-cache"))
-        yield
-
-
-def _rewrite(
-    export_dir: Path, tmp_path: Path, change: dict, monkeypatch: pytest.MonkeyPatch
-) -> Path:
-    """A copy of the export whose rows have some columns replaced (a broken dataset).
-
-    Loaded through a fresh `datasets` cache: the shared one serves the unchanged copy's rows.
-    """
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+def _rewrite(export_dir: Path, tmp_path: Path, change: dict) -> Path:
+    """A copy of the export whose rows have some columns replaced (a broken dataset)."""
     copy = tmp_path / "domainbed-reasoning"
     shutil.copytree(export_dir, copy)
     for shard in (copy / "SynthDG").glob("*.parquet"):
@@ -327,9 +311,8 @@ def test_dataset_without_chains_is_refused(
     export_dir: Path,
     tiny_llava: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    broken = _rewrite(export_dir, tmp_path, {"chain": pl.lit(None, dtype=pl.String)}, monkeypatch)
+    broken = _rewrite(export_dir, tmp_path, {"chain": pl.lit(None, dtype=pl.String)})
     with pytest.raises(
         UserError, match="in the train split has no reasoning chain: build chains first"
     ):
@@ -342,10 +325,9 @@ def test_missing_images_are_refused(
     export_dir: Path,
     tiny_llava: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gone = pl.struct(bytes=pl.lit(None, dtype=pl.Binary), path=pl.lit(str(tmp_path / "gone.png")))
-    broken = _rewrite(export_dir, tmp_path, {"image": gone}, monkeypatch)
+    broken = _rewrite(export_dir, tmp_path, {"image": gone})
     with pytest.raises(
         UserError, match="in the train split is missing \\(no bytes, no readable file\\)"
     ):
