@@ -75,6 +75,12 @@ def format_chain(stages: dict[str, str]) -> str:
 
 
 _TAG = re.compile(r"<\s*(/?)\s*(" + "|".join(STAGES) + r")\s*>", re.IGNORECASE)
+# A well-formed chain in one match: the builder judges every candidate, so the common case
+# must not pay for the tag-by-tag walk that explains what is wrong with a malformed one.
+_WELL_FORMED = re.compile(
+    r".*?".join(rf"<\s*{stage}\s*>(.*?)<\s*/\s*{stage}\s*>" for stage in STAGES),
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,10 @@ def parse_chain(text: str) -> Chain:
     """Parse a teacher or student answer into a `Chain`, or say precisely why it is malformed."""
     if not text or not text.strip():
         raise ChainFormatError(RejectReason.EMPTY_RESPONSE, "the answer is empty")
+    if len(_TAG.findall(text)) == 2 * len(STAGES) and (match := _WELL_FORMED.search(text)):
+        bodies = [body.strip() for body in match.groups()]
+        if all(bodies):
+            return Chain(*bodies)
     spans = _spans(text)
     order = [span.stage for span in spans]
     duplicated = sorted({stage for stage in order if order.count(stage) > 1}, key=STAGES.index)
