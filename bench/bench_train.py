@@ -108,7 +108,25 @@ def _run(
         "tokens_per_s": round(tokens / seconds, 1),
         "peak_memory_gib": round(peak, 2),
         "seconds": round(seconds, 2),
+        "mfu": _mfu(model, tokens / seconds),
     }
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+def _mfu(model: torch.nn.Module, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation, estimated: with LoRA the frozen weights still need the forward
+    pass and the activation gradients, about 4 FLOPs per parameter per token (6 for full training).
+    """
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    if peak is None:
+        return None
+    params = sum(parameter.numel() for parameter in model.parameters())
+    return round(4 * params * tokens_per_s / peak, 4)
 
 
 def main() -> None:
