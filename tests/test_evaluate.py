@@ -370,7 +370,7 @@ def trained_run(
 
 
 def fast(tmp_path: Path, **changes) -> EvalSettings:
-    """Short answers and a private `datasets` cache (a shared one can serve another export's rows)."""
+    """Short answers, and a `datasets` cache of the test's own under tmp_path."""
     values = {
         "direct_tokens": 4,
         "reasoning_tokens": 12,
