@@ -58,6 +58,16 @@ BACKGROUND_COLOURS: dict[str, RGB] = {
 }
 MIN_CONTRAST = 110.0
 
+# Pose nuisance, as fractions of the image side and degrees. A shape near the centre, tilted
+# at most a little, is what a small ViT trained from scratch on a few hundred images learns
+# and carries to an unseen style. Measured with the demo's vision tower and a linear head
+# (800 steps of 16, trained on photo/sketch/painting, 64 px): held-out `cartoon` accuracy was
+# 29% (chance 20%) with free position, any rotation and sizes 0.32-0.68 of the side, and
+# 88-89% with these ranges at 60 or 100 images per class.
+RADIUS = (0.26, 0.36)
+CENTRE_SHIFT = 0.06
+MAX_TILT = 15
+
 SIDECAR_SCHEMA = {
     "relpath": pl.String,
     "domain": pl.String,
@@ -159,10 +169,10 @@ def sample_attributes(
 
     Also returns the background colours the description names, for the renderer.
     """
-    radius = int(rng.integers(round(0.16 * size), round(0.34 * size) + 1))
-    margin = round(0.06 * size) + 1
-    x, y = (int(v) for v in rng.integers(radius + margin, size - radius - margin + 1, size=2))
-    rotation = int(rng.integers(360))
+    radius = int(rng.integers(round(RADIUS[0] * size), round(RADIUS[1] * size) + 1))
+    shift = round(CENTRE_SHIFT * size)
+    x, y = (size // 2 + int(v) for v in rng.integers(-shift, shift + 1, size=2))
+    rotation = int(rng.integers(-MAX_TILT, MAX_TILT + 1)) % 360
     palette = INK_COLOURS if domain == "sketch" else SHAPE_COLOURS
     colour = _pick(rng, sorted(palette))
     backgrounds = _contrasting_backgrounds(palette[colour])

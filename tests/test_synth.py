@@ -124,7 +124,7 @@ def test_domains_differ_visibly(synth_dir: Path) -> None:
             total += 1
     assert hits / total >= 0.95
     assert feats["sketch"][:, 0].mean() > 0.8 > feats["cartoon"][:, 0].max()
-    assert feats["painting"][:, 1].mean() > 2 * feats["cartoon"][:, 1].mean()
+    assert feats["painting"][:, 1].mean() > 1.5 * feats["cartoon"][:, 1].mean()
 
 
 def test_rerun_is_idempotent_and_a_smaller_rerun_drops_stale_files(tmp_path: Path) -> None:
