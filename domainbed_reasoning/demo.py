@@ -41,7 +41,7 @@ class DemoSize:
     chain_tokens: int = 320  # a SynthDG chain is about 200 tokens: room for a whole one
 
 
-FULL = DemoSize(images_per_class=30, epochs=6)
+FULL = DemoSize(images_per_class=60, epochs=8)
 SMALL = DemoSize(images_per_class=3, epochs=1, max_train_images=16, chain_tokens=32)
 
 
@@ -229,7 +229,10 @@ def demo_model(config: DemoConfig, steps: Steps) -> Path:
     return model
 
 
-def train_method(config: DemoConfig, model: Path, method: str, steps: Steps) -> Path:
+def train_method(
+    config: DemoConfig, model: Path, method: str, steps: Steps, mtct_run: Path | None = None
+) -> Path:
+    """`mtct_run`, when given to rd-mldg, is its round 0: the same training is not paid for twice."""
     from train.config import load_config
     from train.run import TrainRequest, train
 
@@ -241,6 +244,7 @@ def train_method(config: DemoConfig, model: Path, method: str, steps: Steps) -> 
             "max_train_images": config.size.max_train_images,
             "self_label_max_new_tokens": config.size.chain_tokens,
             "seed": config.seed,
+            "sarr_round0_from": str(mtct_run) if method == "rd-mldg" and mtct_run else None,
         },
     )
     result = train(
@@ -307,7 +311,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         result.model = demo_model(config, steps)
     for method in METHODS:
         with steps.step(f"train {method} (held-out domain: {config.target})"):
-            result.runs[method] = train_method(config, result.model, method, steps)
+            result.runs[method] = train_method(
+                config, result.model, method, steps, result.runs.get("mtct")
+            )
     for method in METHODS:
         with steps.step(f"evaluate {method} on {config.target} and validation"):
             evaluate(config, result.runs[method], steps)

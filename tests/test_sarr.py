@@ -402,3 +402,53 @@ def test_full_fine_tuning_rounds_continue_from_the_previous_model(
     stats = json.loads((run_dir / "round-1" / "self_label_stats.json").read_text())
     assert stats["model"] == str(run_dir / "round-0" / "model") and stats["adapter"] is None
     assert json.loads((run_dir / "metrics.json").read_text())["weights"] == "round-1/model"
+
+
+def test_round_zero_is_taken_from_a_matching_mtct_run_and_refused_from_another(
+    train_request,
+    export_dir: Path,
+    tiny_qwen2vl: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "runs"
+    mtct = train(train_request(export_dir, tiny_qwen2vl, out, **(SARR_FAST | {"method": "mtct"})))
+    real_train_stage = sarr.train_stage
+    trained = []
+
+    def recording(*args, **kwargs):
+        trained.append(args[5].name)
+        return real_train_stage(*args, **kwargs)
+
+    monkeypatch.setattr(sarr, "train_stage", recording)
+    for changed, named in (({"learning_rate": 0.5}, "learning_rate 0.01 vs 0.5"),
+                           ({"target": "photo"}, "target 'sketch' vs 'photo'")):  # fmt: skip
+        with pytest.raises(UserError, match=f"cannot be this run's round 0 \\(.*{named}"):
+            train(
+                train_request(
+                    export_dir, tiny_qwen2vl, tmp_path / "other", **SARR_FAST,
+                    sarr_round0_from=str(mtct.run_dir), **changed,
+                )
+            )  # fmt: skip
+    with pytest.raises(UserError, match="is not a finished mtct run"):
+        train(
+            train_request(
+                export_dir, tiny_qwen2vl, tmp_path / "third", **SARR_FAST,
+                sarr_round0_from=str(tmp_path / "nowhere"),
+            )
+        )  # fmt: skip
+    assert trained == []
+
+    result = train(
+        train_request(
+            export_dir, tiny_qwen2vl, out, **SARR_FAST, sarr_round0_from=str(mtct.run_dir)
+        )
+    )
+    assert trained == ["round-1"]  # round 0 was copied, not trained
+    round_0 = result.run_dir / "round-0"
+    assert (round_0 / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        mtct.run_dir / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert json.loads((round_0 / "metrics.json").read_text()) == mtct.metrics
+    stats = json.loads((result.run_dir / "round-1" / "self_label_stats.json").read_text())
+    assert stats["adapter"] == str(round_0 / "adapter")

@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     sarr_rounds: int = 3
     sarr_init: str = "base"
+    sarr_round0_from: str | None = None
     self_label_candidates: int = 4
     self_label_temperature: float = 1.0
     self_label_max_new_tokens: int = 1024

@@ -4,7 +4,8 @@ Round 0 is MTCT on the teacher's chains. Round r (1..N) lets the round r-1 model
 (base + its adapter, or its fully fine-tuned checkpoint) write K chains per training
 image with the reasoning prompt training uses, keeps them under the builder's filter
 (self_label.py), and trains MTCT again on the merged chains - from the base model, or
-from the previous round's weights with `sarr_init: continue`.
+from the previous round's weights with `sarr_init: continue`. Round 0 can be a finished
+MTCT run's, copied instead of retrained (`sarr_round0_from`, round_zero.py).
 
 The run folder `<out>/<DATASET>/<target>/rd-mldg/` holds round-<r>/ folders laid
 out as `train_stage` writes a stage (adapter/ or model/, metrics.json, checkpoints/, logs/),
@@ -21,9 +22,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ from domainbed_reasoning.vllm_server import resolve_vllm_python
 from .config import TrainConfig
 from .engines import GenRequest, SamplingSpec, open_engine
 from .mtct_data import build_examples, class_names, task_prompt
+from .round_zero import adopt_round_zero, copy_folder
 from .run import Prepared, StageResult, TrainRequest, model_card, train_stage, write_inputs
 from .self_label import Supervised, merge_self_labels, self_label_stats
 from .weights import TrainedWeights, find_weights, stage_weights
@@ -311,6 +310,10 @@ def train_sarr(
             if state.is_main_process:
                 self_label_round(request, run_dir, step.round, subset, classes, options)
             state.wait_for_everyone()
+        elif step.round == 0 and config.sarr_round0_from:
+            if state.is_main_process:
+                adopt_round_zero(Path(config.sarr_round0_from), run_dir, config, request.model)
+            state.wait_for_everyone()
         else:
             train_round(request, prepared, step.round, subset, classes)
         _release_memory()
@@ -328,14 +331,7 @@ def _finish(run_dir: Path, rounds: int, model: str) -> None:
     """Copy the last round's weights beside the run's files (complete or absent), then metrics.json,
     which marks the run done."""
     final = stage_weights(round_dir(run_dir, rounds), model).folder
-    target = run_dir / final.name
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
-    try:
-        shutil.copytree(final, staging, dirs_exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    copy_folder(final, run_dir / final.name)
     summary = []
     for round_ in range(rounds + 1):
         folder = round_dir(run_dir, round_)
