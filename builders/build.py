@@ -399,7 +399,9 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
     matcher = ClassMatcher(spec.classes)
     share = Share(
         config=config,
-        tasks=pending_tasks(selection, read_candidates(candidates_dir(folder)), config.plan),
+        tasks=pending_tasks(
+            selection, read_candidates(candidates_dir(folder)), config.plan, config.policy
+        ),
         prompt=template.render(classes=class_list(spec.classes)),
         judging=Judging(matcher, config.teacher.model, template.version),
         folder=candidates_dir(folder),

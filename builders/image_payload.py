@@ -32,6 +32,11 @@ class PayloadPolicy:
         if self.max_side < 16:
             raise UserError(f"--max-side {self.max_side}: must be at least 16 pixels")
 
+    def within_caps(self, width: int, height: int, nbytes: int) -> bool:
+        """Sent as read, by the scan's numbers: cheap enough to encode on the event loop,
+        where a hop to a worker thread would cost more than the encoding itself."""
+        return max(width, height) <= self.max_side and nbytes <= self.max_bytes
+
 
 def sniff_mime(data: bytes) -> str | None:
     """The mime type of a format every OpenAI-compatible server accepts as is, else None."""

@@ -70,6 +70,7 @@ class ImageTask:
     class_name: str
     path: str
     first_round: int
+    within_caps: bool = True  # per PayloadPolicy.within_caps: no downscaling, no worker thread
 
 
 def progress_by_image(candidates: pl.DataFrame) -> pl.DataFrame:
@@ -81,9 +82,13 @@ def progress_by_image(candidates: pl.DataFrame) -> pl.DataFrame:
 
 
 def pending_tasks(
-    selection: pl.DataFrame, candidates: pl.DataFrame, plan: SamplingPlan
+    selection: pl.DataFrame,
+    candidates: pl.DataFrame,
+    plan: SamplingPlan,
+    policy: PayloadPolicy | None = None,
 ) -> list[ImageTask]:
     """Images of `selection` neither accepted nor out of rounds, each at its next round."""
+    policy = policy or PayloadPolicy()
     done = progress_by_image(candidates)
     todo = (
         selection.join(done, on="id", how="left")
@@ -91,9 +96,9 @@ def pending_tasks(
         .filter(~pl.col("accepted") & (pl.col("rounds") < plan.max_rounds))
     )
     return [
-        ImageTask(id_, class_name, path, rounds + 1)
-        for id_, class_name, path, rounds in todo.select(
-            "id", "class_name", "path", "rounds"
+        ImageTask(id_, class_name, path, rounds + 1, policy.within_caps(width, height, nbytes))
+        for id_, class_name, path, rounds, width, height, nbytes in todo.select(
+            "id", "class_name", "path", "rounds", "width", "height", "bytes"
         ).iter_rows()
     ]
 
@@ -167,9 +172,13 @@ async def resolve_image(
 ) -> Outcome:
     """Sample rounds for one image until a candidate is accepted or the rounds run out.
 
-    The image and prompt are encoded once, off the event loop, and reused by every round.
+    The image and prompt are encoded once and reused by every round; an image that may need
+    downscaling is encoded off the event loop.
     """
-    messages = await asyncio.to_thread(image_messages, task.path, policy, prompt)
+    if task.within_caps:
+        messages = image_messages(task.path, policy, prompt)
+    else:
+        messages = await asyncio.to_thread(image_messages, task.path, policy, prompt)
     for round_ in range(task.first_round, plan.max_rounds + 1):
         temperature = plan.temperature(round_)
         reply = await ask(messages, plan.candidates, temperature)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import multiprocessing
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from builders import sim_teacher
@@ -27,6 +30,7 @@ from builders.build import (
     worker_count,
 )
 from builders.candidate_store import KEY, SHARD_GLOB
+from builders.image_payload import PayloadPolicy
 from builders.rejection_sampling import SamplingPlan, parse_temperatures
 from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
 from builders.teacher_client import (
@@ -148,6 +152,29 @@ def test_the_label_never_travels_in_a_request(
     )
     text = json.dumps(bodies[0])
     assert not re.search(r"SynthDG/|\.png|label", text)
+
+
+def test_images_over_the_caps_are_downscaled_within_the_build(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls: list[str] = []
+    complete = sim_teacher.SimTeacher.complete
+    monkeypatch.setattr(
+        sim_teacher.SimTeacher,
+        "complete",
+        lambda self, body: (
+            urls.append(body["messages"][0]["content"][0]["image_url"]["url"])
+            or complete(self, body)
+        ),
+    )
+    with run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as url:
+        build_chains(config(url, data_dir, tmp_path, policy=PayloadPolicy(max_side=24)))
+    assert_consistent(tmp_path, all_ids(data_dir))
+    assert len(urls) >= IMAGES
+    for data_url in urls:
+        assert data_url.startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))) as image:
+            assert max(image.size) == 24
 
 
 FAULTS = [

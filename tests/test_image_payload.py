@@ -65,3 +65,11 @@ def test_an_unreadable_image_is_a_one_line_user_error(tmp_path: Path) -> None:
 def test_a_tiny_max_side_is_refused() -> None:
     with pytest.raises(UserError, match=r"--max-side 4: must be at least 16 pixels"):
         PayloadPolicy(max_side=4)
+
+
+def test_only_images_over_a_cap_leave_the_event_loop(tmp_path: Path) -> None:
+    """The scan's width, height and bytes decide, so no file is opened to plan the work."""
+    policy = PayloadPolicy(max_side=512, max_bytes=10_000)
+    assert policy.within_caps(512, 300, 10_000)
+    assert not policy.within_caps(513, 300, 10)
+    assert not policy.within_caps(100, 100, 10_001)
