@@ -55,6 +55,7 @@ _ES_PLURALS = ("sses", "xes", "ches", "shes", "zzes")
 _NOT_PLURAL = ("ss", "us", "is")
 # Spans up to this many words past a class's own length, so split compounds ("post it notes") match.
 _EXTRA_WORDS = 2
+MEMO_LIMIT = 65_536
 
 
 class MatchError(ValueError):
@@ -97,6 +98,7 @@ class ClassMatcher:
         self.classes = tuple(classes)
         self._by_key: dict[str, str] = {}  # words run together, so "tooth brush" finds ToothBrush
         self._max_words = 0
+        self._memo: dict[str, str] = {}
         for name in self.classes:
             words = _words(name)
             if not words:
@@ -109,7 +111,19 @@ class ClassMatcher:
             self._max_words = max(self._max_words, len(words) + _EXTRA_WORDS)
 
     def match(self, conclusion: str) -> str:
-        """Return the one class `conclusion` names, or raise `MatchError`."""
+        """Return the one class `conclusion` names, or raise `MatchError`.
+
+        A teacher concludes with the same few strings over and over, so a successful match is
+        remembered by its exact text (up to MEMO_LIMIT of them) and costs one look-up next time.
+        """
+        if (known := self._memo.get(conclusion)) is not None:
+            return known
+        name = self._match(conclusion)
+        if len(self._memo) < MEMO_LIMIT:
+            self._memo[conclusion] = name
+        return name
+
+    def _match(self, conclusion: str) -> str:
         words = _words(conclusion)
         if exact := self._by_key.get("".join(words)):
             return exact

@@ -142,3 +142,13 @@ def test_class_without_letters_is_a_user_error() -> None:
 def test_matcher_is_cached_per_class_list() -> None:
     classes = get_spec("PACS").classes
     assert matcher_for(classes) is matcher_for(tuple(classes))
+
+
+def test_a_conclusion_seen_before_gets_the_same_answer() -> None:
+    """Successful matches are remembered by their text; rejections are decided afresh each time."""
+    matcher = ClassMatcher(["Alarm_Clock", "dog", "hot_dog"])
+    for _ in range(2):
+        assert matcher.match("Alarm clock.") == "Alarm_Clock"
+        assert matcher.match("a hot dog") == "hot_dog"
+        with pytest.raises(MatchError, match="ambiguous: 'a dog or an alarm clock' names"):
+            matcher.match("a dog or an alarm clock")
