@@ -10,7 +10,7 @@ the client alone at C loops with no builder work in one process, the ceiling the
 openai SDK's per-request CPU allows one event loop. The machine's load average is
 printed with the figures: on a shared machine they only compare at similar load.
 
-    .venv/bin/python bench/bench_builder.py [--images-per-class 100] [--concurrency 256]
+    .venv/bin/python bench/bench_builder.py [--images-per-class 500] [--concurrency 256]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--images-per-class", type=int, default=100, help="20 images per unit: 100 -> 2000 requests"
+        "--images-per-class", type=int, default=500, help="20 images per unit: 500 -> 10,000 requests"
     )
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--latency-ms", type=float, default=300.0)

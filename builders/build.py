@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import multiprocessing
 import os
 import re
@@ -26,7 +27,8 @@ import sys
 import time
 import traceback
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
@@ -70,6 +72,7 @@ SHARD_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 REPORT_SECONDS = 0.1
 STOP_SECONDS = 10.0
 PR_SET_PDEATHSIG = 1
+SAMPLING_GC_THRESHOLDS = (50_000, 50, 100)  # CPython's defaults are (700, 10, 10)
 
 
 @dataclass(frozen=True)
@@ -250,9 +253,36 @@ async def report_every(
         report(counters)
 
 
+@contextmanager
+def rare_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector rarely while sampling.
+
+    Each request allocates hundreds of short-lived objects (the HTTP client's request,
+    headers and options), which reference counting frees, but which also trip the
+    collector's generation-0 threshold every few requests; each pass then walks the
+    objects of every request in flight. Measured with 256 in flight on 2 cores: 4% of the
+    build's time went to collections, and the build ran 0.89-0.905 of ideal before, 0.916
+    after. Objects alive at start are frozen out of the passes, and the thresholds are
+    restored afterwards.
+    """
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(*SAMPLING_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
 async def sample_share(share: Share, report: Callable[[Counters], None], check: bool) -> Counters:
     """Sample one share in this process. Progress is reported every REPORT_SECONDS, not per
     image: at hundreds of images a second, per-image updates cost a visible share of the CPU."""
+    with rare_collections():
+        return await _sample_share(share, report, check)
+
+
+async def _sample_share(share: Share, report: Callable[[Counters], None], check: bool) -> Counters:
     counters = Counters()
     async with TeacherPool(share.config.teacher) as pool:
         if check:

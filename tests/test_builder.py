@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import multiprocessing
@@ -21,10 +22,12 @@ from typer.testing import CliRunner
 
 from builders import sim_teacher
 from builders.build import (
+    SAMPLING_GC_THRESHOLDS,
     BuildConfig,
     Shard,
     Share,
     build_chains,
+    rare_collections,
     select_images,
     split_shares,
     worker_count,
@@ -432,3 +435,13 @@ def test_a_model_the_teacher_does_not_serve_is_named(
 ) -> None:
     message = cli_error(["--teacher-model", "gpt-9"], data_dir, tmp_path, teacher)
     assert "does not serve model 'gpt-9' (it serves sim-teacher): pass --teacher-model" in message
+
+
+def test_sampling_collects_garbage_rarely_and_restores_the_collector_after() -> None:
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError), rare_collections():
+        assert gc.get_threshold() == SAMPLING_GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError("a build that fails still hands the collector back")
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
