@@ -132,16 +132,22 @@ def test_clean_teacher_gives_one_well_formed_chain_per_image(
     )
 
 
-def test_the_label_never_travels_in_a_request(
-    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bodies: list[dict] = []
+@pytest.fixture
+def bodies(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every request body the simulated teacher receives, in arrival order."""
+    received: list[dict] = []
     complete = sim_teacher.SimTeacher.complete
     monkeypatch.setattr(
         sim_teacher.SimTeacher,
         "complete",
-        lambda self, body: bodies.append(body) or complete(self, body),
+        lambda self, body: received.append(body) or complete(self, body),
     )
+    return received
+
+
+def test_the_label_never_travels_in_a_request(
+    data_dir: Path, tmp_path: Path, bodies: list[dict]
+) -> None:
     with run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as url:
         build_chains(config(url, data_dir, tmp_path))
     assert len(bodies) == IMAGES
@@ -158,23 +164,14 @@ def test_the_label_never_travels_in_a_request(
 
 
 def test_images_over_the_caps_are_downscaled_within_the_build(
-    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data_dir: Path, tmp_path: Path, bodies: list[dict]
 ) -> None:
-    urls: list[str] = []
-    complete = sim_teacher.SimTeacher.complete
-    monkeypatch.setattr(
-        sim_teacher.SimTeacher,
-        "complete",
-        lambda self, body: (
-            urls.append(body["messages"][0]["content"][0]["image_url"]["url"])
-            or complete(self, body)
-        ),
-    )
     with run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as url:
         build_chains(config(url, data_dir, tmp_path, policy=PayloadPolicy(max_side=24)))
     assert_consistent(tmp_path, all_ids(data_dir))
-    assert len(urls) >= IMAGES
-    for data_url in urls:
+    assert len(bodies) >= IMAGES
+    for body in bodies:
+        data_url = body["messages"][0]["content"][0]["image_url"]["url"]
         assert data_url.startswith("data:image/jpeg;base64,")
         with Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))) as image:
             assert max(image.size) == 24
