@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 import random
 import re
 import threading
@@ -343,8 +344,20 @@ class SimTeacher:
     def __init__(self, config: SimTeacherConfig, index: ImageIndex) -> None:
         self.config = config
         self.index = index
-        self.rng = random.Random(config.seed)
+        self.seen: Counter[str] = Counter()
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
+
+    def request_rng(self, raw: bytes) -> random.Random:
+        """The draws of one request, from the seed, the body and how often that body came before.
+
+        A build sends its requests in whatever order they finish, so one RNG shared by all
+        requests would give a re-run other faults and other wordings; keyed by the body
+        (the image, the round's temperature) and its repeat count (retries), a re-run of
+        the same build gets byte-identical answers.
+        """
+        digest = hashlib.sha256(raw).hexdigest()
+        self.seen[digest] += 1
+        return random.Random(f"{self.config.seed}:{digest}:{self.seen[digest]}")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -368,9 +381,11 @@ class SimTeacher:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
         config = self.config
+        raw = await request.read()
+        rng = self.request_rng(raw)
         if config.latency_ms or config.jitter_ms:
-            await asyncio.sleep((config.latency_ms + self.rng.uniform(0, config.jitter_ms)) / 1000)
-        fault = _draw(self.rng, config, TRANSPORT_FAULTS)
+            await asyncio.sleep((config.latency_ms + rng.uniform(0, config.jitter_ms)) / 1000)
+        fault = _draw(rng, config, TRANSPORT_FAULTS)
         if fault:
             self.stats[fault] += 1
         if fault == "429":
@@ -385,8 +400,7 @@ class SimTeacher:
         if fault == "stall":
             await asyncio.sleep(config.stall_s)
         try:
-            body = await request.json()
-            return web.json_response(self.complete(body))
+            return web.json_response(self.complete(json.loads(raw), rng))
         except BadRequest as err:
             self.stats["bad_request"] += 1
             return _error(err.status, str(err), err.kind)
@@ -394,7 +408,7 @@ class SimTeacher:
             self.stats["bad_request"] += 1
             return _error(400, f"the request body is not valid JSON: {err}", BadRequest.kind)
 
-    def complete(self, body: object) -> dict:
+    def complete(self, body: object, rng: random.Random) -> dict:
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         if body.get("model") != self.config.model:
@@ -414,12 +428,12 @@ class SimTeacher:
         greedy = body.get("temperature") == 0
         choices, completion_tokens = [], 0
         for position in range(n):
-            fault = _draw(self.rng, self.config, CONTENT_FAULTS)
+            fault = _draw(rng, self.config, CONTENT_FAULTS)
             if fault:
                 self.stats[fault] += 1
-            variant = 0 if greedy else self.rng.randrange(len(SUMMARIES) * len(REFLECTIONS))
+            variant = 0 if greedy else rng.randrange(len(SUMMARIES) * len(REFLECTIONS))
             content, finish, tokens = _truncate(
-                write_answer(image, fault, variant, self.rng), max_tokens
+                write_answer(image, fault, variant, rng), max_tokens
             )
             completion_tokens += tokens
             message = {"role": "assistant", "content": content}

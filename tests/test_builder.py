@@ -140,7 +140,7 @@ def bodies(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     monkeypatch.setattr(
         sim_teacher.SimTeacher,
         "complete",
-        lambda self, body: received.append(body) or complete(self, body),
+        lambda self, body, rng: received.append(body) or complete(self, body, rng),
     )
     return received
 

@@ -76,6 +76,21 @@ def test_rerun_resumes_instead_of_retraining(demo_run) -> None:
     assert again.report.markdown.read_text() == result.report.markdown.read_text()
 
 
+def test_a_second_run_elsewhere_reproduces_the_chains_and_the_table(
+    demo_run, tmp_path: Path
+) -> None:
+    """The teacher's faults and wordings do not depend on the order requests arrive in."""
+    config, result, _ = demo_run
+    again = DemoConfig(tmp_path / "data", tmp_path / "runs", SMALL)
+    rerun = run_demo(again, Console(record=True, width=200))
+
+    def chains(root: Path) -> pl.DataFrame:
+        return pl.read_parquet(root / "SynthDG" / "chains.parquet").drop("path").sort("id")
+
+    assert chains(again.chains_root).equals(chains(config.chains_root))
+    assert rerun.report.markdown.read_text() == result.report.markdown.read_text()
+
+
 def test_unknown_target_is_one_clear_line(tmp_path: Path) -> None:
     config = DemoConfig(tmp_path / "data", tmp_path / "runs", SMALL, target="clipart")
     with pytest.raises(UserError, match="unknown held-out domain 'clipart': choose one of cartoon"):
