@@ -70,7 +70,7 @@ class ImageTask:
     class_name: str
     path: str
     first_round: int
-    within_caps: bool = True  # per PayloadPolicy.within_caps: no downscaling, no worker thread
+    within_caps: bool  # per PayloadPolicy.within_caps: no downscaling, no worker thread
 
 
 def progress_by_image(candidates: pl.DataFrame) -> pl.DataFrame:
@@ -85,10 +85,9 @@ def pending_tasks(
     selection: pl.DataFrame,
     candidates: pl.DataFrame,
     plan: SamplingPlan,
-    policy: PayloadPolicy | None = None,
+    policy: PayloadPolicy,
 ) -> list[ImageTask]:
     """Images of `selection` neither accepted nor out of rounds, each at its next round."""
-    policy = policy or PayloadPolicy()
     done = progress_by_image(candidates)
     todo = (
         selection.join(done, on="id", how="left")
