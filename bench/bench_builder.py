@@ -28,14 +28,15 @@ from pathlib import Path
 
 import httpx
 
-from builders.build import BuildConfig, build_chains
+from builders.build import build_chains
+from builders.build_config import BuildConfig
 from builders.image_payload import PayloadPolicy, image_data_url
 from builders.rejection_sampling import SamplingPlan
 from builders.teacher_client import TeacherConfig, TeacherPool, encode_messages
-from domainbed_reasoning.prompts import class_list, load_prompt
-from domainbed_reasoning.registry import get_spec
-from domainbed_reasoning.scan import scan_dataset
-from domainbed_reasoning.synth import generate
+from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.data.scan import scan_dataset
+from domainbed_reasoning.offline.synth import generate
 
 SPEC = get_spec("SynthDG")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from domainbed_reasoning.registry import get_spec
-from domainbed_reasoning.scan import scan_dataset
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.data.scan import scan_dataset
 
 
 def build_tree(root: Path, files: int) -> None:

@@ -22,10 +22,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from domainbed_reasoning.prompts import class_list, load_prompt
-from domainbed_reasoning.synth import SPEC, generate, read_sidecar
-from train.engines import GenRequest, SamplingSpec, open_engine
-from train.tiny_models import build_tiny_qwen2vl, cached_tiny_model
+from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
+from domainbed_reasoning.offline.synth import SPEC, generate, read_sidecar
+from domainbed_reasoning.offline.tiny_models import build_tiny_qwen2vl, cached_tiny_model
+from train.engines.base import GenRequest, SamplingSpec
+from train.engines.factory import open_engine
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tiny-models"
 WARM_UP_IMAGES = 4

@@ -22,10 +22,10 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig, SFTTrainer
 
+from domainbed_reasoning.offline.tiny_models import build_tiny_llava
 from train.lora import lora_config
 from train.mtct_data import build_examples
 from train.mtct_trainer import MTCTTrainer
-from train.tiny_models import build_tiny_llava
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "white")

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import polars as pl
 
+from builders.rejection_sampling import ACCEPTED, progress_by_image
 from domainbed_reasoning import atomic
-from domainbed_reasoning.layout import chains_path, report_path, stats_path
-from domainbed_reasoning.matching import ClassMatcher
-from domainbed_reasoning.verdict import judge
-
-from .rejection_sampling import ACCEPTED, progress_by_image
+from domainbed_reasoning.artefacts import chains_path, report_path, stats_path
+from domainbed_reasoning.chains.matching import ClassMatcher
+from domainbed_reasoning.chains.verdict import judge
 
 STAGE_COLUMNS = ("summary", "caption", "reasoning", "reflection", "conclusion")
 CHAIN_COLUMNS = (

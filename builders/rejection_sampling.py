@@ -16,14 +16,13 @@ from enum import StrEnum
 
 import polars as pl
 
-from domainbed_reasoning.chain_format import RejectReason
+from builders.candidate_store import CandidateRecord
+from builders.image_payload import PayloadPolicy, image_data_url
+from builders.teacher_client import Reply, encode_messages
+from domainbed_reasoning.chains.chain_format import RejectReason
+from domainbed_reasoning.chains.matching import ClassMatcher
+from domainbed_reasoning.chains.verdict import judge
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.matching import ClassMatcher
-from domainbed_reasoning.verdict import judge
-
-from .candidate_store import CandidateRecord
-from .image_payload import PayloadPolicy, image_data_url
-from .teacher_client import Reply, encode_messages
 
 ACCEPTED = "accepted"
 

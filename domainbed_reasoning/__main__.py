@@ -1,3 +1,3 @@
-from .cli import main
+from domainbed_reasoning.cli import main
 
 main()

@@ -1,21 +1,21 @@
 """`dbr`: one command per stage of DESIGN.md's data flow.
 
-Commands stay thin: they parse options, call the stage's library function and
-print. Every `UserError` becomes one red line and exit code 2.
+Each command only turns its options into the stage's inputs and calls one function
+of that stage, which does the work and prints its own summary. Every `UserError`
+becomes one red line and exit code 2. Stages are imported inside their command, so
+`dbr datasets` does not pay for loading torch.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from .errors import UserError
-from .registry import SPECS, get_spec
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.terminal import err_console
 
 app = typer.Typer(
     name="dbr",
@@ -24,28 +24,18 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in value.split(",") if part.strip()) if value else None
 
 
 @app.command()
 def datasets(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
     """List the DomainBed datasets this toolkit knows: folders, domains, classes."""
-    if as_json:
-        typer.echo(json.dumps([spec.to_json() for spec in SPECS], indent=2))
-        return
-    table = Table(title="DomainBed datasets")
-    for column in ("name", "folder", "domains", "classes", "images"):
-        table.add_column(column)
-    for spec in SPECS:
-        table.add_row(
-            spec.name,
-            spec.dirname,
-            ", ".join(spec.domains),
-            f"{len(spec.classes)}: {', '.join(spec.classes[:5])}{', ...' if len(spec.classes) > 5 else ''}",
-            f"{spec.num_images:,}" if spec.num_images else "generated",
-        )
-    console.print(table)
+    from domainbed_reasoning.data.registry import print_datasets
+
+    print_datasets(as_json)
 
 
 @app.command()
@@ -54,11 +44,9 @@ def prompt(
     dataset: str = typer.Option("PACS", help="Dataset whose class names fill {classes}."),
 ) -> None:
     """Print a prompt exactly as the model receives it, with its version (the content hash)."""
-    from .prompts import class_list, load_prompt
+    from domainbed_reasoning.chains.prompt_templates import print_prompt
 
-    template = load_prompt(name)
-    err_console.print(f"prompt [bold]{template.name}[/] version {template.version}", highlight=False)
-    typer.echo(template.render(classes=class_list(get_spec(dataset).classes)))
+    print_prompt(name, get_spec(dataset).classes)
 
 
 @app.command()
@@ -68,19 +56,9 @@ def scan(
     out: Path = typer.Option(Path("manifest.parquet"), help="Where to write the Parquet manifest."),
 ) -> None:
     """Walk a DomainBed folder and write its manifest: one row per image."""
-    from .scan import scan_dataset, write_manifest
+    from domainbed_reasoning.data.scan import scan_to_manifest
 
-    result = scan_dataset(get_spec(dataset), data_dir)
-    write_manifest(result, out)
-    for domain, count in result.counts().items():
-        console.print(f"  {domain}: {count:,} images")
-    for bad in result.skipped[:20]:
-        err_console.print(f"[yellow]skipped[/] {bad.path}: {bad.reason}", highlight=False)
-    if len(result.skipped) > 20:
-        err_console.print(f"[yellow]... and {len(result.skipped) - 20} more skipped files[/]")
-    console.print(
-        f"[green]wrote[/] {out} ({result.frame.height:,} images, {len(result.skipped)} skipped)", highlight=False
-    )
+    scan_to_manifest(get_spec(dataset), data_dir, out)
 
 
 @app.command()
@@ -91,11 +69,9 @@ def synth(
     size: int = typer.Option(64, help="Image side in pixels."),
 ) -> None:
     """Draw the SynthDG dataset (4 styles x 5 shapes) and its attributes sidecar, offline."""
-    from .synth import generate, sidecar_path
+    from domainbed_reasoning.offline.synth import draw
 
-    root = generate(data_dir, images_per_class, seed, size)
-    total = images_per_class * len(get_spec("SynthDG").domains) * len(get_spec("SynthDG").classes)
-    console.print(f"[green]wrote[/] {root} ({total:,} images) and {sidecar_path(data_dir)}", highlight=False)
+    draw(data_dir, images_per_class, seed, size)
 
 
 @app.command("sim-teacher")
@@ -118,15 +94,14 @@ def sim_teacher(
     seed: int = typer.Option(0, help="Seed of the fault and wording draws."),
 ) -> None:
     """Serve an OpenAI-compatible simulated teacher for SynthDG, with optional fault injection."""
-    from builders.sim_teacher import SimTeacherConfig, serve
+    from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, serve
 
     config = SimTeacherConfig(
         model=model, latency_ms=latency_ms, jitter_ms=jitter_ms, p_wrong=p_wrong, p_malformed=p_malformed,
         p_empty=p_empty, p_429=p_429, retry_after=retry_after, p_500=p_500, p_drop=p_drop, p_stall=p_stall,
         stall_s=stall_s, seed=seed,
     )  # fmt: skip
-    ready = f"sim-teacher serving `{model}` at http://{host}:{port}/v1 (Ctrl-C stops)"
-    serve(config, data_dir, host, port, on_ready=lambda: console.print(ready, highlight=False))
+    serve(config, data_dir, host, port)
 
 
 @app.command()
@@ -141,11 +116,9 @@ def download(
     ),
 ) -> None:
     """Fetch a DomainBed dataset into DomainBed's layout: resumable, verified, safe to re-run."""
-    from .download import download_dataset
+    from domainbed_reasoning.data.download import download as download_into
 
-    result = download_dataset(get_spec(dataset), data_dir, from_archive=from_archive, from_hub=from_hub)
-    verb = "already complete" if result.skipped else f"downloaded ({result.origin})"
-    console.print(f"[green]{result.dataset}[/] {verb}: {result.root} ({result.files:,} files)", highlight=False)
+    download_into(get_spec(dataset), data_dir, from_archive, from_hub)
 
 
 @app.command(
@@ -170,25 +143,26 @@ def serve_teacher(
     log: Path = typer.Option(Path("runs/vllm/teacher.log"), help="vLLM's log file."),
 ) -> None:
     """Serve a teacher MLLM with vLLM's OpenAI API until Ctrl-C; extra args go to vLLM unchanged."""
-    from .vllm_server import ServerConfig, parse_lora_modules, serve
+    from domainbed_reasoning.serving.vllm_server import ServerConfig, parse_lora_modules, serve
 
-    config = ServerConfig(
-        model=model,
-        served_model_name=served_model_name,
-        host=host,
-        port=port,
-        tensor_parallel_size=tp,
-        max_model_len=max_model_len,
-        dtype=dtype,
-        limit_mm_per_prompt={"image": images_per_prompt},
-        cpu_kvcache_gib=kv_cache_gib,
-        lora_modules=parse_lora_modules(lora),
-        max_lora_rank=max_lora_rank,
-        extra_args=tuple(ctx.args),
-        vllm_python=vllm_python,
-        log_path=log,
+    serve(
+        ServerConfig(
+            model=model,
+            served_model_name=served_model_name,
+            host=host,
+            port=port,
+            tensor_parallel_size=tp,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            limit_mm_per_prompt={"image": images_per_prompt},
+            cpu_kvcache_gib=kv_cache_gib,
+            lora_modules=parse_lora_modules(lora),
+            max_lora_rank=max_lora_rank,
+            extra_args=tuple(ctx.args),
+            vllm_python=vllm_python,
+            log_path=log,
+        )
     )
-    serve(config)
 
 
 @app.command("build-chains")
@@ -217,38 +191,34 @@ def build_chains_command(
     workers: int = typer.Option(1, help="Client processes sharing --concurrency; more only pays on idle cores."),
 ) -> None:
     """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
-    from builders.build import BuildConfig, Shard, build_chains
+    from builders.build import build_and_summarise
+    from builders.build_config import BuildConfig, Shard
     from builders.image_payload import PayloadPolicy
     from builders.rejection_sampling import SamplingPlan, parse_temperatures
     from builders.teacher_client import TeacherConfig, resolve_api_key
 
-    config = BuildConfig(
-        dataset=dataset,
-        data_dir=data_dir,
-        out=out,
-        teacher=TeacherConfig(
-            urls=tuple(teacher_url),
-            model=teacher_model,
-            api_key=resolve_api_key(api_key_env),
-            timeout=timeout,
-            max_retries=max_retries,
-            concurrency=concurrency,
-            max_tokens=max_tokens,
-        ),
-        plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures)),
-        policy=PayloadPolicy(max_side=max_side),
-        shard=Shard.parse(shard),
-        limit=limit,
-        show_progress=progress,
-        workers=workers,
+    teacher = TeacherConfig(
+        urls=tuple(teacher_url),
+        model=teacher_model,
+        api_key=resolve_api_key(api_key_env),
+        timeout=timeout,
+        max_retries=max_retries,
+        concurrency=concurrency,
+        max_tokens=max_tokens,
     )
-    stats = build_chains(config, console=err_console)
-    images = stats["images"]
-    console.print(
-        f"[green]{dataset}[/]: {images.get('accepted', 0):,} of {images['attempted']:,} images accepted, "
-        f"{images.get('exhausted', 0):,} exhausted; {stats['run']['requests']:,} requests this run "
-        f"({stats['run']['requests_per_s']} req/s). Report: {out / get_spec(dataset).name / 'report.md'}",
-        highlight=False,
+    build_and_summarise(
+        BuildConfig(
+            dataset=dataset,
+            data_dir=data_dir,
+            out=out,
+            teacher=teacher,
+            plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures)),
+            policy=PayloadPolicy(max_side=max_side),
+            shard=Shard.parse(shard),
+            limit=limit,
+            show_progress=progress,
+            workers=workers,
+        )
     )
 
 
@@ -277,27 +247,14 @@ def train_command(
     evaluate: bool = typer.Option(True, help="Evaluate the final adapter on the held-out domain and validation."),
 ) -> None:
     """RD-MLDG training with LoRA via TRL, leave-one-domain-out: MTCT (or one path), or MTCT + SARR rounds."""
-    from accelerate import PartialState
-
     from train.config import load_config, parse_overrides
-    from train.evaluate import EvalSettings, evaluate_run
-    from train.run import TrainRequest, train
+    from train.run import train_and_evaluate
+    from train.stage import TrainRequest
 
     sarr = {"sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine}
     chosen = {key: value for key, value in sarr.items() if value is not None}
     settings = load_config(config, {**parse_overrides(set_), **chosen, "method": method})
-    result = train(TrainRequest(dataset, data, target, model, out, settings, resume))
-    console.print(f"[green]trained weights[/]: {result.weights.folder}  (logs: {result.run_dir / 'logs'})", highlight=False)
-    if not evaluate:
-        return
-    state = PartialState()
-    if state.num_processes > 1:
-        if state.is_main_process:
-            console.print(f"evaluate with one process: `dbr eval --run {result.run_dir}`", highlight=False)
-        return
-    metrics = evaluate_run(result.run_dir, EvalSettings(engine=settings.engine, progress=True))
-    _print_eval(metrics)
-    console.print(f"[green]evaluation[/]: {result.run_dir / 'eval' / 'metrics.json'}", highlight=False)
+    train_and_evaluate(TrainRequest(dataset, data, target, model, out, settings, resume), evaluate)
 
 
 @app.command()
@@ -310,15 +267,9 @@ def export(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Write DomainBed-Reasoning as Parquet with embedded images and regenerate its dataset card."""
-    import datasets as hf_datasets
+    from domainbed_reasoning.hub.export import export_and_report
 
-    from .hub_export import export as export_datasets
-
-    hf_datasets.disable_progress_bars()
-    written = export_datasets(chains_dir, data_dir, out, datasets, max_shard_mb * 1024**2, progress)
-    for folder in written:
-        console.print(f"[green]exported[/] {folder}", highlight=False)
-    console.print(f"card: {out / 'README.md'}; try `load_dataset({str(out)!r}, {written[0].name!r})`", highlight=False)
+    export_and_report(chains_dir, data_dir, out, datasets, max_shard_mb * 1024**2, progress)
 
 
 @app.command()
@@ -330,25 +281,9 @@ def publish(
     dry_run: bool = typer.Option(False, help="List the files and total size; upload nothing."),
 ) -> None:
     """Upload the export folder to a Hub dataset repo; token from HF_TOKEN or `hf auth login`."""
-    from .hub_publish import plan_publish
-    from .hub_publish import publish as publish_folder
+    from domainbed_reasoning.hub.publish import publish_or_plan
 
-    if dry_run:
-        plan = plan_publish(folder)
-        table = Table(title=f"{folder} -> {repo_id} (dry run)")
-        table.add_column("file")
-        table.add_column("bytes", justify="right")
-        for path, size in plan.files:
-            table.add_row(path, f"{size:,}")
-        console.print(table)
-        console.print(f"{len(plan.files)} files, {plan.total_bytes:,} bytes in total; nothing uploaded", highlight=False)
-        return
-    url = publish_folder(folder, repo_id, private=private, revision=revision)
-    console.print(f"[green]published[/] {folder} to {repo_id}: {url}", highlight=False)
-
-
-def _csv(value: str | None) -> tuple[str, ...] | None:
-    return tuple(part.strip() for part in value.split(",") if part.strip()) if value else None
+    publish_or_plan(folder, repo_id, private=private, revision=revision, dry_run=dry_run)
 
 
 @app.command("eval")
@@ -374,10 +309,13 @@ def eval_command(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Leave-one-domain-out accuracy (direct and reasoning modes) of a trained run or of any model."""
-    from train import evaluate
+    from train.evaluation import evaluate
 
-    if (run is None) == (model is None):
-        raise UserError("pass --run RUN_DIR (a trained run) or --model MODEL (any model, zero-shot), not both")
+    if model is not None and run is None and (dataset is None or target is None):
+        raise UserError("--model needs --dataset and --target (the LODO test split to evaluate on)")
+    zero_shot = (
+        evaluate.ZeroShotRequest(dataset, data, target, model, out, name, adapter) if model is not None else None
+    )
     settings = evaluate.EvalSettings(
         engine=engine,
         engine_options=evaluate.engine_options(engine, base_url, api_key_env, batch_size, vllm_python),
@@ -388,24 +326,7 @@ def eval_command(
         force=force,
         progress=progress,
     )
-    if run is not None:
-        metrics = evaluate.evaluate_run(run, settings)
-    elif dataset is None or target is None:
-        raise UserError("--model needs --dataset and --target (the LODO test split to evaluate on)")
-    else:
-        request = evaluate.ZeroShotRequest(dataset, data, target, model, out, name, adapter)
-        metrics = evaluate.evaluate_model(request, settings)
-    _print_eval(metrics)
-
-
-def _print_eval(metrics: dict) -> None:
-    table = Table(title=f"{metrics['dataset']} / held-out {metrics['target']} / {metrics['name']}")
-    for column in ("split", "mode", "images", "accuracy", "unparseable"):
-        table.add_column(column)
-    for split, by_mode in metrics["results"].items():
-        for mode, scores in by_mode.items():
-            table.add_row(split, mode, str(scores["n"]), f"{100 * scores['accuracy']:.2f}%", str(scores["unparseable"]))
-    console.print(table)
+    evaluate.evaluate_command(run, zero_shot, settings)
 
 
 @app.command()
@@ -414,11 +335,9 @@ def report(
     out: Path = typer.Option(Path("runs/report"), help="Writes results.md, results.png and results.json here."),
 ) -> None:
     """The results table in the paper's format (beside the paper's numbers), a bar plot and a JSON."""
-    from train.report import write_report
+    from train.evaluation.report import report_command
 
-    written = write_report(runs, out)
-    typer.echo(written.text)
-    console.print(f"[green]wrote[/] {written.markdown}, {written.plot}, {written.data}", highlight=False)
+    report_command(runs, out)
 
 
 @app.command()
@@ -429,9 +348,9 @@ def demo(
     target: str = typer.Option("cartoon", help="SynthDG domain held out for testing."),
 ) -> None:
     """The whole RD-MLDG pipeline on SynthDG, offline on a CPU: chains, export, 4 trainings, eval, report."""
-    from .demo import FULL, SMALL, DemoConfig, run_demo
+    from domainbed_reasoning.offline.demo import FULL, SMALL, DemoConfig, run_demo
 
-    run_demo(DemoConfig(data_dir, runs, SMALL if small else FULL, target), console)
+    run_demo(DemoConfig(data_dir, runs, SMALL if small else FULL, target))
 
 
 def main() -> None:

@@ -15,12 +15,17 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from domainbed_reasoning import layout, synth
-from domainbed_reasoning.chain_format import format_chain
-from domainbed_reasoning.prompts import load_prompt
-from domainbed_reasoning.registry import SPECS, get_spec
-from domainbed_reasoning.vllm_server import Endpoint, ServerConfig, VLLMServer, free_port
-from train.tiny_models import build_tiny_llava, build_tiny_qwen2vl, cached_tiny_model
+from domainbed_reasoning import artefacts
+from domainbed_reasoning.chains.chain_format import format_chain
+from domainbed_reasoning.chains.prompt_templates import load_prompt
+from domainbed_reasoning.data.registry import SPECS, get_spec
+from domainbed_reasoning.offline import synth
+from domainbed_reasoning.offline.tiny_models import (
+    build_tiny_llava,
+    build_tiny_qwen2vl,
+    cached_tiny_model,
+)
+from domainbed_reasoning.serving.vllm_server import Endpoint, ServerConfig, VLLMServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODELS = REPO / ".cache" / "tiny-models"
@@ -92,7 +97,7 @@ def _write_png(path: Path, colour: tuple[int, int, int]) -> None:
 def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_class: int, classes: int) -> Path:
     """Images under `data_dir` plus manifest/chains/stats as `dbr build-chains` writes them."""
     spec = get_spec(dataset)
-    root = layout.dataset_root(data_dir, spec)
+    root = artefacts.dataset_root(data_dir, spec)
     if spec.name == "SynthDG":
         synth.generate(data_dir, images_per_class, seed=0, size=synth.MIN_SIZE)
     manifest, chains = [], []
@@ -104,7 +109,7 @@ def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_
                 if spec.name != "SynthDG":
                     _write_png(path, (40 * d, 40 * c, 20 * index))
                 record = {
-                    "id": layout.image_id(spec, domain, class_name, filename),
+                    "id": artefacts.image_id(spec, domain, class_name, filename),
                     "dataset": spec.name,
                     "domain": domain,
                     "class_name": class_name,
@@ -126,12 +131,12 @@ def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_
                     | {"chain": format_chain(stages), **stages, "teacher": "tiny-teacher", "prompt_version": TEACHER_PROMPT.version}
                     | {"attempts": 1 + index, "round": 1}
                 )
-    folder = layout.chains_dir(chains_root, spec)
+    folder = artefacts.chains_dir(chains_root, spec)
     folder.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame(manifest).write_parquet(layout.manifest_path(folder))
-    pl.DataFrame(chains).write_parquet(layout.chains_path(folder))
+    pl.DataFrame(manifest).write_parquet(artefacts.manifest_path(folder))
+    pl.DataFrame(chains).write_parquet(artefacts.chains_path(folder))
     stats = {"run": {"candidates": 4, "max_rounds": 3, "shard": "0/1"}, "candidates": 4 * len(manifest)}
-    layout.stats_path(folder).write_text(json.dumps(stats))
+    artefacts.stats_path(folder).write_text(json.dumps(stats))
     return folder
 
 
@@ -167,7 +172,7 @@ FAST_TRAIN = {
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DomainBed-Reasoning SynthDG (4 domains x 5 classes x 2 images), exported for real."""
-    from domainbed_reasoning.hub_export import export
+    from domainbed_reasoning.hub.export import export
 
     root = tmp_path_factory.mktemp("export")
     write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
@@ -179,7 +184,7 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_request():
     """`train_request(export_dir, model, out, resume=False, target="sketch", **overrides)`: a fast LODO request."""
     from train.config import build_config
-    from train.run import TrainRequest
+    from train.stage import TrainRequest
 
     def make(
         export: Path, model: Path, out: Path, resume: bool = False, target: str = "sketch", **overrides

@@ -20,22 +20,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from builders import sim_teacher
-from builders.build import (
-    SAMPLING_GC_THRESHOLDS,
-    BuildConfig,
-    Shard,
-    Share,
-    build_chains,
-    rare_collections,
-    select_images,
-    split_shares,
-    worker_count,
-)
+from builders.build import build_chains, select_images
+from builders.build_config import BuildConfig, Shard
 from builders.candidate_store import KEY, SHARD_GLOB
 from builders.image_payload import PayloadPolicy
 from builders.rejection_sampling import SamplingPlan, parse_temperatures
-from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
+from builders.sampling import SAMPLING_GC_THRESHOLDS, Share, rare_collections
 from builders.teacher_client import (
     Sample,
     TeacherConfig,
@@ -45,12 +35,15 @@ from builders.teacher_client import (
     request_messages,
     resolve_api_key,
 )
-from domainbed_reasoning import layout
+from builders.workers import split_shares, worker_count
+from domainbed_reasoning import artefacts
 from domainbed_reasoning.cli import app
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.data.scan import scan_dataset
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.registry import get_spec
-from domainbed_reasoning.scan import scan_dataset
-from domainbed_reasoning.synth import generate
+from domainbed_reasoning.offline import sim_teacher
+from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
+from domainbed_reasoning.offline.synth import generate
 
 SPEC = get_spec("SynthDG")
 IMAGES = 20  # 1 per (domain, class)
@@ -88,10 +81,10 @@ def teacher(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def outputs(out: Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    folder = layout.chains_dir(out, SPEC)
-    raw = pl.read_parquet(layout.candidates_dir(folder) / SHARD_GLOB)
-    chains = pl.read_parquet(layout.chains_path(folder))
-    return raw, chains, json.loads(layout.stats_path(folder).read_text())
+    folder = artefacts.chains_dir(out, SPEC)
+    raw = pl.read_parquet(artefacts.candidates_dir(folder) / SHARD_GLOB)
+    chains = pl.read_parquet(artefacts.chains_path(folder))
+    return raw, chains, json.loads(artefacts.stats_path(folder).read_text())
 
 
 def assert_consistent(out: Path, expected_ids: set[str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:

@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 
 from builders.candidate_store import KEY, SHARD_GLOB
-from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
-from domainbed_reasoning.synth import generate
+from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
+from domainbed_reasoning.offline.synth import generate
 
 IMAGES = 60  # 3 per (domain, class)
 

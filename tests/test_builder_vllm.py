@@ -12,15 +12,16 @@ from pathlib import Path
 
 import polars as pl
 
-from builders.build import BuildConfig, build_chains
+from builders.build import build_chains
+from builders.build_config import BuildConfig
 from builders.candidate_store import read_candidates
 from builders.rejection_sampling import SamplingPlan
 from builders.teacher_client import TeacherConfig
-from domainbed_reasoning import layout
-from domainbed_reasoning.chain_format import RejectReason
-from domainbed_reasoning.registry import get_spec
-from domainbed_reasoning.synth import generate
-from domainbed_reasoning.vllm_server import Endpoint
+from domainbed_reasoning import artefacts
+from domainbed_reasoning.chains.chain_format import RejectReason
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.offline.synth import generate
+from domainbed_reasoning.serving.vllm_server import Endpoint
 
 TRANSPORT_REASONS = {RejectReason.REQUEST_ERROR.value}
 
@@ -41,8 +42,8 @@ def test_build_chains_against_real_vllm(vllm_teacher: Endpoint, tmp_path: Path) 
 
     spec = get_spec("SynthDG")
     images = len(spec.domains) * len(spec.classes)
-    folder = layout.chains_dir(tmp_path / "chains", spec)
-    candidates = read_candidates(layout.candidates_dir(folder))
+    folder = artefacts.chains_dir(tmp_path / "chains", spec)
+    candidates = read_candidates(artefacts.candidates_dir(folder))
     assert stats["images"] == {"attempted": images, "exhausted": images}
     assert candidates.height == images * plan.max_rounds * plan.candidates
     reasons = set(candidates["reason"].unique())
@@ -51,7 +52,7 @@ def test_build_chains_against_real_vllm(vllm_teacher: Endpoint, tmp_path: Path) 
     by_round = candidates.group_by("round").agg(pl.col("temperature").unique())
     assert dict(by_round.iter_rows()) == {1: [0.8], 2: [1.0]}
     assert candidates["completion_tokens"].min() > 0
-    assert pl.read_parquet(layout.chains_path(folder)).height == 0
-    assert json.loads(layout.stats_path(folder).read_text())["exhausted"].keys() == set(
+    assert pl.read_parquet(artefacts.chains_path(folder)).height == 0
+    assert json.loads(artefacts.stats_path(folder).read_text())["exhausted"].keys() == set(
         candidates["id"].unique()
     )

@@ -1,6 +1,6 @@
 import pytest
 
-from domainbed_reasoning.chain_format import (
+from domainbed_reasoning.chains.chain_format import (
     STAGES,
     Chain,
     ChainFormatError,

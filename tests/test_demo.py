@@ -11,8 +11,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from domainbed_reasoning.cli import app
-from domainbed_reasoning.demo import METHODS, SMALL, DemoConfig, run_demo
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.offline.demo import METHODS, SMALL, DemoConfig, run_demo
 
 ROW_LABELS = ("CLS only", "Reasoning only", "MTCT", "RD-MLDG")
 

@@ -22,19 +22,19 @@ import pytest
 from PIL import Image
 from rich.progress import Progress
 
-from domainbed_reasoning.archive import extract
-from domainbed_reasoning.download import MARKER, STAGING, download_dataset, staging_dir
-from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.fetch import confirm_url, part_path
-from domainbed_reasoning.registry import get_spec
-from domainbed_reasoning.scan import scan_dataset
-from domainbed_reasoning.sources import (
-    SOURCES,
+from domainbed_reasoning.data.archive import extract
+from domainbed_reasoning.data.download import MARKER, STAGING, download_dataset, staging_dir
+from domainbed_reasoning.data.fetch import confirm_url, part_path
+from domainbed_reasoning.data.recipes import (
+    RECIPES,
     TERRA_ANNOTATIONS,
     TERRA_IMAGES,
     RemoteFile,
-    get_source,
+    get_recipe,
 )
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.data.scan import scan_dataset
+from domainbed_reasoning.errors import UserError
 
 PACS = get_spec("PACS")
 
@@ -147,12 +147,12 @@ def base_url(httpd: ThreadingHTTPServer) -> str:
 
 def pacs_source(url: str, data: bytes, **overrides: object) -> object:
     remote = replace(
-        SOURCES["PACS"].files[0],
+        RECIPES["PACS"].files[0],
         url=url,
         checksum=f"sha256:{hashlib.sha256(data).hexdigest()}",
         **overrides,
     )
-    return replace(SOURCES["PACS"], files=(remote,))
+    return replace(RECIPES["PACS"], files=(remote,))
 
 
 def assert_pacs_layout(data_dir: Path) -> None:
@@ -523,11 +523,11 @@ def test_existing_folder_without_marker_is_not_overwritten(tmp_path):
 
 def test_synthdg_has_no_download_source():
     with pytest.raises(UserError, match=r"SynthDG is not downloaded: generate it with `dbr synth`"):
-        get_source("SynthDG")
+        get_recipe("SynthDG")
 
 
 def test_every_source_file_is_declared_once():
-    for source in SOURCES.values():
+    for source in RECIPES.values():
         names = [remote.filename for remote in source.files]
         assert len(names) == len(set(names))
         for remote in source.files:

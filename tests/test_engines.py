@@ -18,16 +18,17 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForImageTextToText
 
-from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
+from domainbed_reasoning.chains.matching import matcher_for
+from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
+from domainbed_reasoning.chains.verdict import judge
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.matching import matcher_for
-from domainbed_reasoning.prompts import class_list, load_prompt
-from domainbed_reasoning.synth import SPEC, generate, read_sidecar
-from domainbed_reasoning.verdict import judge
-from domainbed_reasoning.vllm_server import free_port
-from train.engine_transformers import TransformersEngine
-from train.engine_vllm import LORA_NAME, VLLMEngine, serving_plan, touches_vision
-from train.engines import GenerationEngine, GenRequest, SamplingSpec, open_engine
+from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
+from domainbed_reasoning.offline.synth import SPEC, generate, read_sidecar
+from domainbed_reasoning.serving.vllm_server import free_port
+from train.engines.base import GenerationEngine, GenRequest, SamplingSpec
+from train.engines.factory import open_engine
+from train.engines.transformers_engine import TransformersEngine
+from train.engines.vllm_engine import LORA_NAME, VLLMEngine, serving_plan, touches_vision
 from train.lora import lora_config
 
 GREEDY = SamplingSpec(max_new_tokens=12)

@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
-from domainbed_reasoning.chain_format import format_chain
+from domainbed_reasoning.chains.chain_format import format_chain
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from train.engines import Generation, GenRequest, SamplingSpec
-from train.evaluate import (
+from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
+from train.engines.base import Generation, GenRequest, SamplingSpec
+from train.evaluation.evaluate import (
     EvalJob,
     EvalSettings,
     ZeroShotRequest,

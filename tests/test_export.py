@@ -16,13 +16,13 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from domainbed_reasoning import layout
+from domainbed_reasoning import artefacts
+from domainbed_reasoning.chains.prompt_templates import load_prompt
 from domainbed_reasoning.cli import app
-from domainbed_reasoning.dataset_card import render_card
+from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.hub_export import export
-from domainbed_reasoning.prompts import load_prompt
-from domainbed_reasoning.registry import get_spec
+from domainbed_reasoning.hub.card import render_card
+from domainbed_reasoning.hub.export import export
 
 SYNTH = get_spec("SynthDG")
 OFFICE = get_spec("OfficeHome")
@@ -71,7 +71,7 @@ def test_load_dataset_reads_the_local_folder_from_the_current_directory(
         "reasoning", "reflection", "conclusion", "teacher", "prompt_version", "attempts",
     }  # fmt: skip
 
-    chains = pl.read_parquet(layout.chains_path(layout.chains_dir(chains_root, SYNTH)))
+    chains = pl.read_parquet(artefacts.chains_path(artefacts.chains_dir(chains_root, SYNTH)))
     row = ds["sketch"].filter(lambda r: r["id"] == "SynthDG/sketch/star/sketch_star_00001.png")[0]
     source = data_dir / "SynthDG" / "sketch" / "star" / "sketch_star_00001.png"
     expected = chains.filter(pl.col("id") == row["id"]).row(0, named=True)
@@ -182,7 +182,7 @@ def test_card_says_when_the_prompt_text_is_not_in_this_checkout(
     chain_runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     chains_root, data_dir = chain_runs
-    chains_file = layout.chains_path(layout.chains_dir(chains_root, SYNTH))
+    chains_file = artefacts.chains_path(artefacts.chains_dir(chains_root, SYNTH))
     pl.read_parquet(chains_file).with_columns(
         pl.lit("old-version").alias("prompt_version")
     ).write_parquet(chains_file)
@@ -237,7 +237,7 @@ def test_no_accepted_chains_is_a_one_line_error(
     chain_runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     chains_root, data_dir = chain_runs
-    chains_file = layout.chains_path(layout.chains_dir(chains_root, SYNTH))
+    chains_file = artefacts.chains_path(artefacts.chains_dir(chains_root, SYNTH))
     pl.read_parquet(chains_file).clear().write_parquet(chains_file)
 
     with pytest.raises(
@@ -252,7 +252,7 @@ def test_chains_folder_without_chains_is_a_one_line_error(
     chain_runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     chains_root, data_dir = chain_runs
-    layout.chains_path(layout.chains_dir(chains_root, SYNTH)).unlink()
+    artefacts.chains_path(artefacts.chains_dir(chains_root, SYNTH)).unlink()
 
     with pytest.raises(UserError, match=r"chains\.parquet does not exist: build them first"):
         export(chains_root, data_dir, tmp_path / "out", ["SynthDG"])
@@ -289,7 +289,7 @@ def test_malformed_chains_are_one_line_errors(
     chain_runs: tuple[Path, Path], tmp_path: Path, mutate, message: str
 ) -> None:
     chains_root, data_dir = chain_runs
-    chains_file = layout.chains_path(layout.chains_dir(chains_root, SYNTH))
+    chains_file = artefacts.chains_path(artefacts.chains_dir(chains_root, SYNTH))
     mutate(pl.read_parquet(chains_file)).write_parquet(chains_file)
 
     with pytest.raises(UserError, match=message):

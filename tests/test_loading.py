@@ -11,11 +11,11 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from domainbed_reasoning import layout
+from domainbed_reasoning import artefacts
+from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.hub_export import export
-from domainbed_reasoning.loading import load_domains, load_lodo
-from domainbed_reasoning.registry import get_spec
+from domainbed_reasoning.hub.export import export
+from domainbed_reasoning.hub.loading import load_domains, load_lodo
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_too_small_exports_are_refused(tmp_path: Path, make_chain_run) -> None:
     ):
         load_lodo(out, "OfficeHome", "Product", cache_dir=tmp_path / "cache")
 
-    chains_file = layout.chains_path(layout.chains_dir(chains_root, get_spec("OfficeHome")))
+    chains_file = artefacts.chains_path(artefacts.chains_dir(chains_root, get_spec("OfficeHome")))
     pl.read_parquet(chains_file).filter(pl.col("domain") == "Art").write_parquet(chains_file)
     export(chains_root, data_dir, out, ["OfficeHome"])
     with pytest.raises(

@@ -1,17 +1,17 @@
 
 import pytest
 
-from domainbed_reasoning.chain_format import RejectReason
-from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.matching import (
+from domainbed_reasoning.chains.chain_format import RejectReason
+from domainbed_reasoning.chains.matching import (
     ClassMatcher,
     MatchError,
     match_class,
     matcher_for,
     normalise,
 )
-from domainbed_reasoning.prompts import humanise
-from domainbed_reasoning.registry import SPECS, get_spec
+from domainbed_reasoning.chains.prompt_templates import humanise
+from domainbed_reasoning.data.registry import SPECS, get_spec
+from domainbed_reasoning.errors import UserError
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,11 @@ import datasets
 import pytest
 from PIL import Image
 
-from domainbed_reasoning.chain_format import format_chain
+from domainbed_reasoning.chains.chain_format import format_chain
+from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
+from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.hub_export import features
-from domainbed_reasoning.prompts import class_list, load_prompt
-from domainbed_reasoning.registry import get_spec
+from domainbed_reasoning.hub.export import features
 from train.mtct_data import build_examples, check_split, class_names
 from train.mtct_trainer import GroupShuffleSampler, TaskCollator
 

@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.loading import load_domains
+from domainbed_reasoning.hub.loading import load_domains
 from train.config import DEFAULT_CONFIG, TrainConfig, build_config, load_config, parse_overrides
-from train.evaluate import EvalSettings, evaluate_run
+from train.evaluation.evaluate import EvalSettings, evaluate_run
 from train.lora import lora_config, target_modules_regex
 from train.mtct_data import build_examples
 from train.mtct_trainer import MTCTTrainer

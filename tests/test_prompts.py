@@ -6,16 +6,16 @@ from importlib import resources
 
 import pytest
 
-from domainbed_reasoning.chain_format import STAGES
-from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.prompts import (
+from domainbed_reasoning.chains.chain_format import STAGES
+from domainbed_reasoning.chains.prompt_templates import (
     PromptTemplate,
     available_prompts,
     class_list,
     humanise,
     load_prompt,
 )
-from domainbed_reasoning.registry import SPECS, get_spec
+from domainbed_reasoning.data.registry import SPECS, get_spec
+from domainbed_reasoning.errors import UserError
 
 
 def test_shipped_prompts() -> None:

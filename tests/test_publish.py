@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.hub_export import export
-from domainbed_reasoning.hub_publish import plan_publish, publish
+from domainbed_reasoning.hub.export import export
+from domainbed_reasoning.hub.publish import plan_publish, publish
 
 TOKEN = "hf_testtoken_5f3a9c1e7b2d4a6f8e0c"
 REPO_API = re.compile(

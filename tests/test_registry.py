@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from domainbed_reasoning.data.registry import REGISTRY, get_spec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.registry import REGISTRY, get_spec
 
 
 def test_domainnet_has_345_unique_folder_names() -> None:

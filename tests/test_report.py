@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from train.paper_results import PAPER_ROWS, paper_rows_for
-from train.report import write_report
+from train.evaluation.paper_results import PAPER_ROWS, paper_rows_for
+from train.evaluation.report import write_report
 
 
 def scores(accuracy: float, n: int = 100, unparseable: int = 0) -> dict:

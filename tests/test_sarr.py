@@ -14,16 +14,17 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from domainbed_reasoning.chain_format import format_chain
+from domainbed_reasoning.chains.chain_format import format_chain
+from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.matching import matcher_for
 from train import sarr
 from train.config import build_config
-from train.engines import Generation
+from train.engines.base import Generation
 from train.mtct_data import task_prompt
-from train.run import prepare, train
+from train.run import train
 from train.self_label import Supervised, merge_self_labels, self_label_stats
+from train.stage import prepare
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 

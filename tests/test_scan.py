@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.data.scan import read_manifest, scan_dataset, write_manifest
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.registry import get_spec
-from domainbed_reasoning.scan import read_manifest, scan_dataset, write_manifest
 
 PACS = get_spec("PACS")
 

@@ -21,10 +21,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from builders.sim_teacher import SimTeacherConfig, run_sim_teacher
-from domainbed_reasoning.chain_format import ChainFormatError, RejectReason, parse_chain
+from domainbed_reasoning.chains.chain_format import ChainFormatError, RejectReason, parse_chain
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.synth import generate, read_sidecar
+from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
+from domainbed_reasoning.offline.synth import generate, read_sidecar
 
 MODEL = "sim-teacher"
 

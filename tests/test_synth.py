@@ -12,10 +12,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.data.scan import scan_dataset
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.registry import get_spec
-from domainbed_reasoning.scan import scan_dataset
-from domainbed_reasoning.synth import (
+from domainbed_reasoning.offline.synth import (
     SHAPE_COLOURS,
     SPEC,
     generate,

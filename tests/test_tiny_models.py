@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig, SFTTrainer
 
-from train.tiny_models import (
+from domainbed_reasoning.offline.tiny_models import (
     QWEN2VL_SPECIAL_TOKENS,
     STAGE_TAGS,
     build_tiny_qwen2vl,

@@ -1,10 +1,10 @@
 import pytest
 
-from domainbed_reasoning.chain_format import Chain, RejectReason
+from domainbed_reasoning.chains.chain_format import Chain, RejectReason
+from domainbed_reasoning.chains.matching import ClassMatcher
+from domainbed_reasoning.chains.verdict import Verdict, judge
+from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.matching import ClassMatcher
-from domainbed_reasoning.registry import get_spec
-from domainbed_reasoning.verdict import Verdict, judge
 
 SUMMARY = "I will examine the subject's shape and parts, then compare them with the categories."
 CAPTION = "A four-legged animal standing on grass, with a long snout and a curled tail."

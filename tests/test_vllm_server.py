@@ -16,7 +16,7 @@ from openai import OpenAI
 from PIL import Image
 
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.vllm_server import (
+from domainbed_reasoning.serving.vllm_server import (
     Endpoint,
     ServerConfig,
     VLLMServer,

@@ -22,7 +22,8 @@ METHODS = ("mtct", "cls", "reasoning", "rd-mldg")
 ENGINES = ("transformers", "vllm")
 SARR_INITS = ("base", "continue")
 FINETUNES = ("lora", "full")
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "mtct.yaml"
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "mtct.yaml"
 
 
 @dataclass(frozen=True)

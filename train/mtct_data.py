@@ -18,11 +18,10 @@ import datasets
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from domainbed_reasoning.chains.prompt_templates import class_list, humanise, load_prompt
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.prompts import class_list, humanise, load_prompt
-
-from .config import METHODS
-from .mtct_loss import TASKS
+from train.config import METHODS
+from train.mtct_loss import TASKS
 
 TASKS_OF_METHOD: dict[str, tuple[str, ...]] = {
     "cls": ("cls",),

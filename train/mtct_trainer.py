@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Sampler
 from trl import SFTTrainer
 
-from .mtct_loss import mtct_loss, task_counts, task_ids
+from train.mtct_loss import mtct_loss, task_counts, task_ids
 
 ROW_KEYS = ("task", "id")
 

@@ -20,9 +20,8 @@ from pathlib import Path
 import polars as pl
 
 from domainbed_reasoning.errors import UserError
-
-from .config import TrainConfig, load_config
-from .weights import stage_weights
+from train.config import TrainConfig, load_config
+from train.weights import stage_weights
 
 # Settings that shape only the SARR rounds or the bookkeeping, never round 0's weights.
 NOT_ROUND_ZERO = frozenset(

@@ -36,17 +36,17 @@ from datasets import Dataset
 from rich.console import Console
 
 from domainbed_reasoning import atomic
+from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.matching import matcher_for
-from domainbed_reasoning.vllm_server import resolve_vllm_python
-
-from .config import TrainConfig
-from .engines import GenRequest, SamplingSpec, open_engine
-from .mtct_data import build_examples, class_names, task_prompt
-from .round_zero import adopt_round_zero, copy_folder
-from .run import Prepared, StageResult, TrainRequest, model_card, train_stage, write_inputs
-from .self_label import Supervised, merge_self_labels, self_label_stats
-from .weights import TrainedWeights, find_weights, stage_weights
+from domainbed_reasoning.serving.vllm_server import resolve_vllm_python
+from train.config import TrainConfig
+from train.engines.base import GenRequest, SamplingSpec
+from train.engines.factory import open_engine
+from train.mtct_data import build_examples, class_names, task_prompt
+from train.round_zero import adopt_round_zero, copy_folder
+from train.self_label import Supervised, merge_self_labels, self_label_stats
+from train.stage import Prepared, StageResult, TrainRequest, model_card, train_stage, write_inputs
+from train.weights import TrainedWeights, find_weights, stage_weights
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"

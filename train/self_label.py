@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from domainbed_reasoning.chain_format import RejectReason
-from domainbed_reasoning.matching import ClassMatcher
-from domainbed_reasoning.verdict import judge
-
-from .engines import Generation
+from domainbed_reasoning.chains.chain_format import RejectReason
+from domainbed_reasoning.chains.matching import ClassMatcher
+from domainbed_reasoning.chains.verdict import judge
+from train.engines.base import Generation
 
 ACCEPTED = "accepted"
 SELF, PREVIOUS = "self", "previous"

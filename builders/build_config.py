@@ -1,0 +1,64 @@
+"""What one `dbr build-chains` is asked to do: its dataset, teacher, sampling plan and shard."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builders.image_payload import PayloadPolicy
+from builders.rejection_sampling import SamplingPlan
+from builders.teacher_client import TeacherConfig, url_host
+from domainbed_reasoning.errors import UserError
+
+SHARD_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Machine `index` of `count` (0-based) takes the ids whose stable hash falls on it."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = SHARD_SPEC.match(text)
+        if not match or not int(match[1]) < int(match[2]):
+            raise UserError(
+                f"--shard {text!r}: write i/n with 0 <= i < n, e.g. 0/4 for the first of four machines"
+            )
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    dataset: str
+    data_dir: Path
+    out: Path
+    teacher: TeacherConfig
+    plan: SamplingPlan = field(default_factory=SamplingPlan)
+    policy: PayloadPolicy = field(default_factory=PayloadPolicy)
+    shard: Shard = field(default_factory=Shard)
+    limit: int | None = None
+    flush_rows: int = 2048
+    flush_seconds: float = 2.0
+    show_progress: bool = True
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise UserError(f"--workers {self.workers}: must be at least 1 (1 is one process)")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(
+                f"--limit {self.limit}: must be at least 1 (leave it out for every image)"
+            )
+        if not self.teacher.urls:
+            raise UserError(
+                "no --teacher-url given: pass e.g. --teacher-url http://127.0.0.1:8000/v1"
+            )
+        for url in self.teacher.urls:
+            url_host(url)

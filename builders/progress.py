@@ -1,0 +1,35 @@
+"""The build's progress bar: images done, images/s and the share accepted so far."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        accepted = task.fields.get("accepted", 0)
+        share = f"{100 * accepted / task.completed:.1f}%" if task.completed else "-"
+        return Text(f"{speed or 0:.1f} img/s, accepted {share}")
+
+
+def progress_bar(console: Console | None, show: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show,
+    )

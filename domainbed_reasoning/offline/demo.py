@@ -1,0 +1,328 @@
+"""`dbr demo`: the whole RD-MLDG pipeline on SynthDG, offline, on a laptop-class CPU.
+
+Each step calls the library function of its stage, exactly as the commands do, so the
+demo exercises the code a user runs and cannot drift from it: SynthDG drawn -> the
+simulated teacher served with faults -> `build_chains` (the faults visibly rejected) ->
+`export` -> `load_dataset` -> four trainings (cls, reasoning, MTCT, RD-MLDG = MTCT + one
+SARR round) of a small Qwen2-VL built from a config -> evaluation on the held-out domain
+-> the report. Every step is resumable because every stage is: a re-run skips what is done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+from domainbed_reasoning import artefacts
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.errors import UserError
+from train.config import CONFIG_DIR
+
+DATASET = "SynthDG"
+TARGET = "cartoon"
+METHODS = ("cls", "reasoning", "mtct", "rd-mldg")
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much data and training; `small` keeps the test of the demo under a few minutes."""
+
+    images_per_class: int
+    epochs: float
+    max_train_images: int | None = None
+    chain_tokens: int = 320  # a SynthDG chain is about 200 tokens: room for a whole one
+
+
+FULL = DemoSize(images_per_class=60, epochs=8)
+SMALL = DemoSize(images_per_class=3, epochs=1, max_train_images=16, chain_tokens=32)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    data_dir: Path
+    runs: Path
+    size: DemoSize = FULL
+    target: str = TARGET
+    config: Path = DEMO_CONFIG
+    image_size: int = 64
+    seed: int = 0
+
+    @property
+    def chains_root(self) -> Path:
+        return self.runs / "chains"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.runs / "domainbed-reasoning"
+
+    @property
+    def train_root(self) -> Path:
+        return self.runs / "train"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.runs / "report"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.runs / ".cache"
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced, for the caller (and the test) to check."""
+
+    build_stats: dict[str, Any] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    model: Path | None = None
+    runs: dict[str, Path] = field(default_factory=dict)
+    report: Any = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def teacher_faults(seed: int):
+    """The simulated teacher errs like a real one: wrong classes, broken chains, empty answers, 429/500."""
+    from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig
+
+    return SimTeacherConfig(
+        model="sim-teacher", p_wrong=0.15, p_malformed=0.10, p_empty=0.05,
+        p_429=0.05, retry_after=0.05, p_500=0.05, seed=seed,
+    )  # fmt: skip
+
+
+class Steps:
+    """A rich header per step, its wall-clock time recorded, its artefacts printed."""
+
+    def __init__(self, console: Console, total: int, result: DemoResult) -> None:
+        self.console, self.total, self.result, self.index = console, total, result, 0
+
+    @contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        self.index += 1
+        self.console.rule(f"[bold cyan]step {self.index}/{self.total}: {title}")
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.result.seconds[title] = round(seconds, 1)
+        self.console.print(f"[dim]{title}: {seconds:.1f} s[/]", highlight=False)
+
+    def artefact(self, what: str, path: Path) -> None:
+        self.console.print(f"  [green]{what}[/]: {path}", highlight=False)
+
+
+def _quiet(call: Callable[[], T]) -> T:
+    """`datasets` draws its own bars for every Parquet write; the demo's headers say enough."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return call()
+    finally:
+        datasets.enable_progress_bars()
+
+
+def synthesise(config: DemoConfig, steps: Steps) -> None:
+    from domainbed_reasoning.offline.synth import generate, sidecar_path
+
+    root = generate(config.data_dir, config.size.images_per_class, config.seed, config.image_size)
+    steps.artefact("images", root)
+    steps.artefact("attributes sidecar", sidecar_path(config.data_dir))
+
+
+def build(config: DemoConfig, steps: Steps) -> dict[str, Any]:
+    from builders.build import build_chains
+    from builders.build_config import BuildConfig
+    from builders.rejection_sampling import SamplingPlan
+    from builders.teacher_client import TeacherConfig
+    from domainbed_reasoning.offline.sim_teacher import run_sim_teacher
+
+    faults = teacher_faults(config.seed)
+    with run_sim_teacher(faults, config.data_dir) as url:
+        steps.console.print(
+            f"  simulated teacher at {url}: p_wrong {faults.p_wrong}, p_malformed {faults.p_malformed}, "
+            f"p_empty {faults.p_empty}, p_429 {faults.p_429}, p_500 {faults.p_500}",
+            highlight=False,
+        )
+        stats = build_chains(
+            BuildConfig(
+                dataset=DATASET,
+                data_dir=config.data_dir,
+                out=config.chains_root,
+                teacher=TeacherConfig(urls=(url,), model=faults.model, concurrency=32, timeout=30),
+                plan=SamplingPlan(candidates=2, max_rounds=3),
+            ),
+            console=steps.console,
+        )
+    table = Table(title="teacher answers, by verdict")
+    table.add_column("verdict")
+    table.add_column("answers", justify="right")
+    for reason, count in sorted(stats["reasons"].items(), key=lambda item: -item[1]):
+        table.add_row(reason if reason == "accepted" else f"[red]rejected: {reason}[/]", str(count))
+    steps.console.print(table)
+    images = stats["images"]
+    steps.console.print(
+        f"  {images.get('accepted', 0)} of {images['attempted']} images got a label-consistent chain",
+        highlight=False,
+    )
+    folder = artefacts.chains_dir(config.chains_root, get_spec(DATASET))
+    steps.artefact("chains", artefacts.chains_path(folder))
+    steps.artefact("build report", artefacts.report_path(folder))
+    return stats
+
+
+def export(config: DemoConfig, steps: Steps) -> None:
+    from domainbed_reasoning.hub.export import export as export_datasets
+
+    written = _quiet(
+        lambda: export_datasets(config.chains_root, config.data_dir, config.export_dir, [DATASET])
+    )
+    steps.artefact("DomainBed-Reasoning", written[0])
+    steps.artefact("dataset card", config.export_dir / "README.md")
+
+
+def load(config: DemoConfig, steps: Steps) -> dict[str, int]:
+    import datasets
+
+    loaded = _quiet(
+        lambda: datasets.load_dataset(
+            str(config.export_dir), DATASET, cache_dir=str(config.cache_dir / "datasets")
+        )
+    )
+    splits = {name: split.num_rows for name, split in loaded.items()}
+    steps.console.print(
+        f"  load_dataset({str(config.export_dir)!r}, {DATASET!r}) -> "
+        + ", ".join(f"{name}: {rows}" for name, rows in splits.items()),
+        highlight=False,
+    )
+    return splits
+
+
+def demo_model(config: DemoConfig, steps: Steps) -> Path:
+    import polars as pl
+
+    from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
+    from domainbed_reasoning.offline.tiny_models import build_demo_qwen2vl, cached_tiny_model
+
+    spec = get_spec(DATASET)
+    chains = pl.read_parquet(artefacts.chains_path(artefacts.chains_dir(config.chains_root, spec))).sort(
+        "id"
+    )
+    corpus = [
+        *chains["chain"].head(200).to_list(),
+        *(
+            load_prompt(name).render(classes=class_list(spec.classes))
+            for name in ("classify", "reason")
+        ),
+    ]
+    model = cached_tiny_model(
+        build_demo_qwen2vl, config.runs / "models", corpus=corpus, seed=config.seed
+    )
+    steps.artefact("base model (random weights, built from a config)", model)
+    return model
+
+
+def train_method(
+    config: DemoConfig, model: Path, method: str, steps: Steps, mtct_run: Path | None = None
+) -> Path:
+    """`mtct_run`, when given to rd-mldg, is its round 0: the same training is not paid for twice."""
+    from train.config import load_config
+    from train.run import train
+    from train.stage import TrainRequest
+
+    settings = load_config(
+        config.config,
+        {
+            "method": method,
+            "epochs": config.size.epochs,
+            "max_train_images": config.size.max_train_images,
+            "self_label_max_new_tokens": config.size.chain_tokens,
+            "seed": config.seed,
+            "sarr_round0_from": str(mtct_run) if method == "rd-mldg" and mtct_run else None,
+        },
+    )
+    result = train(
+        TrainRequest(
+            DATASET, str(config.export_dir), config.target, str(model),
+            config.train_root, settings, resume=True,
+        )
+    )  # fmt: skip
+    steps.artefact(f"{method} trained weights", result.weights.folder)
+    if method == "rd-mldg":
+        steps.artefact(
+            "SARR self-labels (round 1)", result.run_dir / "round-1" / "self_labels.parquet"
+        )
+    return result.run_dir
+
+
+def evaluate(config: DemoConfig, run_dir: Path, steps: Steps) -> None:
+    from train.evaluation.evaluate import EvalSettings, evaluate_run
+
+    if (run_dir / "eval" / "metrics.json").is_file():
+        steps.artefact("evaluation (already done)", run_dir / "eval")
+        return
+    evaluate_run(
+        run_dir,
+        EvalSettings(
+            engine="transformers",
+            engine_options={"batch_size": 32},
+            reasoning_tokens=config.size.chain_tokens,
+            cache_dir=config.cache_dir / "datasets",
+        ),
+    )
+    steps.artefact("predictions and metrics", run_dir / "eval")
+
+
+def report(config: DemoConfig, steps: Steps):
+    from train.evaluation.report import write_report
+
+    written = write_report(config.train_root, config.report_dir)
+    steps.console.print(written.text)
+    steps.artefact("table", written.markdown)
+    steps.artefact("plot", written.plot)
+    steps.artefact("numbers", written.data)
+    return written
+
+
+def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
+    """Every stage in order; returns where everything went and how long each step took."""
+    console = console or Console()
+    if config.target not in get_spec(DATASET).domains:
+        raise UserError(
+            f"unknown held-out domain {config.target!r}: choose one of {', '.join(get_spec(DATASET).domains)}"
+        )
+    result = DemoResult()
+    steps = Steps(console, total=6 + 2 * len(METHODS), result=result)
+    with steps.step("SynthDG: draw the images"):
+        synthesise(config, steps)
+    with steps.step("build-chains: sample the simulated teacher, keep label-consistent chains"):
+        result.build_stats = build(config, steps)
+    with steps.step("export: DomainBed-Reasoning as Parquet + dataset card"):
+        export(config, steps)
+    with steps.step("load_dataset"):
+        result.splits = load(config, steps)
+    with steps.step("model: a small Qwen2-VL from a config, random weights"):
+        result.model = demo_model(config, steps)
+    for method in METHODS:
+        with steps.step(f"train {method} (held-out domain: {config.target})"):
+            result.runs[method] = train_method(
+                config, result.model, method, steps, result.runs.get("mtct")
+            )
+    for method in METHODS:
+        with steps.step(f"evaluate {method} on {config.target} and validation"):
+            evaluate(config, result.runs[method], steps)
+    with steps.step("report"):
+        result.report = report(config, steps)
+    console.rule("[bold green]demo finished")
+    for title, seconds in result.seconds.items():
+        console.print(f"  {seconds:7.1f} s  {title}", highlight=False)
+    console.print(f"  {sum(result.seconds.values()):7.1f} s  total", highlight=False)
+    return result

@@ -1,0 +1,151 @@
+"""In-process batched generation with `transformers`: the engine for machines without vLLM.
+
+The prompt is built by the very functions the training collator uses (TRL's
+`apply_chat_template` over `mtct_data.user_message`, left padding, no extra
+special tokens), so the model is asked exactly what it was trained on. Decoding is
+plain greedy or pure temperature sampling: a checkpoint's own top-k/top-p/repetition
+defaults are ignored, as the vLLM engine ignores them, so the two engines agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from PIL import Image
+from rich.progress import track
+from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
+from trl.data_utils import apply_chat_template
+
+from domainbed_reasoning.errors import UserError
+from train.engines.base import (
+    ClosingEngine,
+    Generation,
+    GenRequest,
+    SamplingSpec,
+    adapter_config,
+    check_model,
+    decode_image,
+)
+from train.mtct_data import user_message
+from train.processor import load_processor
+
+Decoded = tuple[int, GenRequest, Image.Image]
+
+
+def load_merged(model: str, adapter: Path | None, dtype: torch.dtype | str) -> PreTrainedModel:
+    """The base model with the LoRA adapter folded in: generation then costs what the base costs."""
+    base = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+    if adapter is None:
+        return base
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+
+
+def default_dtype(device: str) -> torch.dtype:
+    on_gpu = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if on_gpu else torch.float32
+
+
+def generation_config(
+    sampling: SamplingSpec, eos_token_id: int | list[int], pad_token_id: int | None
+) -> GenerationConfig:
+    sampled = {"temperature": sampling.temperature, "top_k": 0, "top_p": 1.0}
+    return GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        num_return_sequences=sampling.n,
+        do_sample=not sampling.greedy,
+        **(sampled if not sampling.greedy else {}),
+        repetition_penalty=1.0,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+class TransformersEngine(ClosingEngine):
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str,
+        adapter: Path | None = None,
+        *,
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"--batch-size {batch_size}: must be at least 1")
+        check_model(model)
+        if adapter is not None:
+            adapter_config(adapter)
+        self.batch_size = batch_size
+        self.processor = load_processor(model)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_merged(model, adapter, dtype or default_dtype(device)).to(device).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.processor.tokenizer.pad_token_id
+        self._prompt_texts: dict[str, str] = {}
+
+    def prompt_text(self, prompt: str) -> str:
+        """The chat-templated prompt, rendered once per distinct prompt."""
+        if prompt not in self._prompt_texts:
+            example = {"prompt": user_message(prompt)}
+            self._prompt_texts[prompt] = apply_chat_template(example, self.processor)["prompt"]
+        return self._prompt_texts[prompt]
+
+    def generate(
+        self, requests: Sequence[GenRequest], sampling: SamplingSpec, progress: bool = True
+    ) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(requests)
+        decoded: list[Decoded] = []
+        for index, request in enumerate(requests):
+            try:
+                decoded.append((index, request, decode_image(request.image)))
+            except UserError as err:
+                results[index] = Generation.failed(f"image {request.id}: {err}")
+        torch.manual_seed(sampling.seed)
+        batches = [
+            decoded[start : start + self.batch_size]
+            for start in range(0, len(decoded), self.batch_size)
+        ]
+        for batch in track(batches, description="generating (transformers)", disable=not progress):
+            for (index, _, _), generation in zip(
+                batch, self._generate_batch(batch, sampling), strict=True
+            ):
+                results[index] = generation
+        return results
+
+    @torch.inference_mode()
+    def _generate_batch(self, batch: list[Decoded], sampling: SamplingSpec) -> list[Generation]:
+        inputs = self.processor(
+            images=[[image] for _, _, image in batch],
+            text=[self.prompt_text(request.prompt) for _, request, _ in batch],
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+            return_tensors="pt",
+        ).to(self.model.device, dtype=self.model.dtype)
+        output = self.model.generate(
+            **inputs,
+            generation_config=generation_config(sampling, list(self.eos_ids), self.pad_id),
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        finished = [bool(self.eos_ids & set(row.tolist())) for row in new_tokens]
+        n = sampling.n
+        return [
+            Generation(
+                tuple(texts[start : start + n]),
+                tuple("stop" if done else "length" for done in finished[start : start + n]),
+            )
+            for start in range(0, len(texts), n)
+        ]
+
+    def close(self) -> None:
+        """Drop the weights now, so a following engine (or training round) gets the memory."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,163 @@
+"""The current model (base + adapter) served by a vLLM server of our own, queried like the teacher.
+
+vLLM applies LoRA to the language model only. An adapter that stays there is served
+as is (`--enable-lora`, requested by its LoRA name), which costs nothing; an adapter
+that also adapts the vision encoder - RD-MLDG's default - is merged into a temporary
+checkpoint that vLLM serves instead, removed again on close. Decoding ignores the
+checkpoint's sampling defaults (`--generation-config vllm`), as the transformers
+engine does, so both engines draw from the same distribution.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.serving.vllm_server import (
+    ServerConfig,
+    VLLMServer,
+    free_port,
+    resolve_vllm_python,
+)
+from train.engines.base import (
+    ClosingEngine,
+    Generation,
+    GenRequest,
+    SamplingSpec,
+    adapter_config,
+    check_model,
+)
+from train.engines.remote_engine import RemoteEngine
+from train.engines.transformers_engine import load_merged
+from train.lora import VISION_PARTS, linear_layer_names
+
+SERVED_NAME = "model"
+LORA_NAME = "adapter"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
+NEUTRAL_DECODING = ("--generation-config", "vllm")
+
+
+def vision_layer_names(model: str) -> list[str]:
+    """Linear layers of the vision encoder, from a weightless (meta-device) copy of the model."""
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model))
+    return [
+        name
+        for name in linear_layer_names(skeleton)
+        if not set(name.split(".")).isdisjoint(VISION_PARTS)
+    ]
+
+
+def touches_vision(model: str, adapter: Path) -> bool:
+    """Whether PEFT would put this adapter's LoRA on any vision-encoder layer of `model`."""
+    config = LoraConfig.from_pretrained(str(adapter))
+    return any(check_target_module_exists(config, name) for name in vision_layer_names(model))
+
+
+def max_lora_rank(adapter: Path) -> int:
+    """The smallest rank vLLM accepts that holds every rank in the adapter."""
+    config = adapter_config(adapter)
+    rank = max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()])
+    fitting = [choice for choice in VLLM_LORA_RANKS if choice >= rank]
+    if not fitting:
+        raise UserError(
+            f"adapter {adapter} has LoRA rank {rank}, above vLLM's maximum {VLLM_LORA_RANKS[-1]}: "
+            "use the transformers engine"
+        )
+    return fitting[0]
+
+
+def merge_adapter(model: str, adapter: Path, out: Path) -> Path:
+    """A full checkpoint (weights in the base's dtype, processor) with the adapter folded in."""
+    load_merged(model, adapter, dtype="auto").save_pretrained(out)
+    AutoProcessor.from_pretrained(model).save_pretrained(out)
+    return out
+
+
+def serving_plan(
+    model: str, adapter: Path | None, work_dir: Path
+) -> tuple[str, dict[str, Path], str]:
+    """(the checkpoint vLLM loads, its LoRA modules, the model name requests ask for)."""
+    if adapter is None:
+        return model, {}, SERVED_NAME
+    if touches_vision(model, adapter):
+        return str(merge_adapter(model, adapter, work_dir / "merged")), {}, SERVED_NAME
+    return model, {LORA_NAME: Path(adapter)}, LORA_NAME
+
+
+class VLLMEngine(ClosingEngine):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        adapter: Path | None = None,
+        *,
+        vllm_python: Path | None = None,
+        port: int | None = None,
+        dtype: str | None = None,
+        max_model_len: int = 4096,
+        tensor_parallel_size: int = 1,
+        concurrency: int = 64,
+        timeout: float = 600.0,
+        max_retries: int = 1,
+        log_path: Path = Path("runs/vllm/engine.log"),
+        work_dir: Path | None = None,
+        startup_timeout_s: float = 900.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        check_model(model)
+        python = resolve_vllm_python(vllm_python)
+        rank = max_lora_rank(adapter) if adapter is not None else 8
+        self.server: VLLMServer | None = None
+        self.work_dir = Path(tempfile.mkdtemp(prefix="dbr-vllm-engine-", dir=work_dir))
+        try:
+            served, lora_modules, request_model = serving_plan(model, adapter, self.work_dir)
+            config = ServerConfig(
+                model=served,
+                served_model_name=SERVED_NAME,
+                port=port or free_port(),
+                tensor_parallel_size=tensor_parallel_size,
+                max_model_len=max_model_len,
+                # The CPU build would cast an fp32 checkpoint to 16 bits under "auto".
+                dtype=dtype or ("auto" if torch.cuda.is_available() else "float32"),
+                lora_modules=lora_modules,
+                max_lora_rank=rank,
+                extra_args=(*NEUTRAL_DECODING, *extra_args),
+                vllm_python=python,
+                log_path=log_path,
+                startup_timeout_s=startup_timeout_s,
+            )
+            self.server = VLLMServer(config).start()
+            self.client = RemoteEngine(
+                request_model,
+                base_url=config.base_url,
+                concurrency=concurrency,
+                timeout=timeout,
+                max_retries=max_retries,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def generate(
+        self, requests: Sequence[GenRequest], sampling: SamplingSpec, progress: bool = True
+    ) -> list[Generation]:
+        """Per-request failures come back as values; a server that died meanwhile is a UserError."""
+        generations = self.client.generate(requests, sampling, progress)
+        self.server.check_alive()
+        return generations
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        shutil.rmtree(self.work_dir, ignore_errors=True)

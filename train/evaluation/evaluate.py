@@ -1,0 +1,562 @@
+"""Leave-one-domain-out evaluation of a trained run, or of any model as is (zero-shot).
+
+Two modes ask the two questions training taught, with the very prompts it used:
+`direct` (the classification prompt, the answer must name one class) and
+`reasoning` (the reasoning prompt, the chain's conclusion must name one class,
+judged by `verdict.judge`, the builder's own filter). An answer that names no
+class, several, or is not a well-formed chain is *unparseable*: wrong, and
+counted apart so a format failure is never mistaken for a visual one.
+
+Results live in `<run_dir>/eval/`: one predictions Parquet per (split, mode),
+written as each finishes (a killed evaluation resumes from them), then
+metrics.json, written last, which marks the evaluation finished.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import polars as pl
+from datasets import Dataset, DatasetDict
+from rich.table import Table
+
+from domainbed_reasoning import atomic
+from domainbed_reasoning.chains.chain_format import RejectReason
+from domainbed_reasoning.chains.matching import ClassMatcher, MatchError, matcher_for
+from domainbed_reasoning.chains.prompt_templates import load_prompt
+from domainbed_reasoning.chains.verdict import judge
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.hub.loading import load_lodo
+from domainbed_reasoning.terminal import console
+from train.config import load_config
+from train.engines.base import GenerationEngine, GenRequest, SamplingSpec
+from train.engines.factory import open_engine
+from train.mtct_data import PROMPT_OF_TASK, class_names, task_prompt
+from train.weights import stage_weights
+
+EVAL_FORMAT = 1
+# mode -> the training path whose prompt it asks with
+MODES = {"direct": "cls", "reasoning": "reasoning"}
+SPLITS = ("test", "validation")
+UNPARSEABLE = "unparseable"
+ZEROSHOT = "zeroshot"
+DEFAULT_MODES = {"cls": ("direct",), "reasoning": ("reasoning",)}
+RUN_KEYS = ("dataset", "data", "target", "model")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    predictions: pl.DataFrame
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How to evaluate; `modes`/`splits` left None take the run's defaults."""
+
+    engine: str = "transformers"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    modes: tuple[str, ...] | None = None
+    splits: tuple[str, ...] | None = None
+    direct_tokens: int = 32
+    reasoning_tokens: int = 1024
+    force: bool = False
+    cache_dir: Path | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One model on one LODO split, resolved and checked before any weights load."""
+
+    run_dir: Path
+    dataset: str
+    data: str
+    target: str
+    method: str
+    model: str
+    adapter: Path | None
+    name: str
+    holdout_fraction: float = 0.2
+    seed: int = 0
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.run_dir / "eval"
+
+
+@dataclass(frozen=True)
+class ZeroShotRequest:
+    dataset: str
+    data: str
+    target: str
+    model: str
+    out: Path
+    name: str | None = None
+    adapter: Path | None = None
+
+
+# --- reading one answer -------------------------------------------------------------------------
+
+
+def read_answer(
+    mode: str, text: str | None, finish_reason: str | None, matcher: ClassMatcher, label: str
+) -> tuple[str | None, str | None]:
+    """(predicted class, failure reason); a failure means unparseable.
+
+    Direct answers are read for the class they name even when cut at the token
+    limit; a reasoning answer must be a whole chain, exactly as SARR keeps them.
+    """
+    if mode == "reasoning":
+        verdict = judge(text, matcher, label, finish_reason)
+        if verdict.accepted or verdict.reason == RejectReason.WRONG_CLASS:
+            return verdict.predicted, None
+        return None, str(verdict.reason)
+    if not text or not text.strip():
+        return None, str(RejectReason.EMPTY_RESPONSE)
+    try:
+        return matcher.match(text), None
+    except MatchError as err:
+        return None, str(err.reason)
+
+
+# --- one split, one mode -------------------------------------------------------------------------
+
+
+def evaluate_split(
+    engine: GenerationEngine,
+    split: Dataset,
+    classes: Sequence[str],
+    mode: str,
+    max_new_tokens: int,
+    progress: bool = True,
+) -> EvalResult:
+    """Greedy answers for every image of `split`, read and scored."""
+    _check_modes((mode,))
+    _check_columns(split)
+    prompt = task_prompt(MODES[mode], classes)
+    rows = split.select_columns(["id", "domain", "label", "image"]).cast_column(
+        "image", datasets.Image(decode=False)
+    )
+    records = rows.to_list()
+    requests = [GenRequest(row["id"], _image_bytes(row), prompt) for row in records]
+    generations = engine.generate(
+        requests, SamplingSpec(n=1, temperature=0.0, max_new_tokens=max_new_tokens), progress
+    )
+    matcher = matcher_for(tuple(classes))
+    table = []
+    for row, generation in zip(records, generations, strict=True):
+        class_name = classes[row["label"]]
+        text = generation.texts[0] if generation.texts else None
+        finish = generation.finish_reasons[0] if generation.finish_reasons else None
+        if generation.error is not None:
+            predicted, failure = None, str(RejectReason.REQUEST_ERROR)
+        else:
+            predicted, failure = read_answer(mode, text, finish, matcher, class_name)
+        table.append(
+            {
+                "id": row["id"],
+                "domain": row["domain"],
+                "class_name": class_name,
+                "label": row["label"],
+                "mode": mode,
+                "answer": text,
+                "finish_reason": finish,
+                "predicted": predicted,
+                "correct": predicted == class_name,
+                "failure": failure,
+                "error": generation.error,
+            }
+        )
+    predictions = pl.DataFrame(table, schema=PREDICTION_SCHEMA)
+    return EvalResult(predictions, score(predictions, classes))
+
+
+PREDICTION_SCHEMA = {
+    "id": pl.String,
+    "domain": pl.String,
+    "class_name": pl.String,
+    "label": pl.Int64,
+    "mode": pl.String,
+    "answer": pl.String,
+    "finish_reason": pl.String,
+    "predicted": pl.String,
+    "correct": pl.Boolean,
+    "failure": pl.String,
+    "error": pl.String,
+}
+
+
+def _check_columns(split: Dataset) -> None:
+    missing = [
+        name for name in ("id", "domain", "label", "image") if name not in split.column_names
+    ]
+    if missing:
+        raise UserError(
+            f"the split to evaluate has no {', '.join(missing)} column(s): pass DomainBed-Reasoning "
+            "as exported (`dbr export`) or its Hub repo"
+        )
+
+
+def _image_bytes(row: dict[str, Any]) -> bytes:
+    image = row["image"] or {}
+    if image.get("bytes"):
+        return image["bytes"]
+    if image.get("path") and Path(image["path"]).is_file():
+        return Path(image["path"]).read_bytes()
+    raise UserError(
+        f"image {row['id']} is missing (no bytes, no readable file): re-export the dataset with embedded images"
+    )
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def _accuracy(correct: int, n: int) -> float | None:
+    return correct / n if n else None
+
+
+def _counts(predictions: pl.DataFrame, key: str) -> dict[str, dict[str, Any]]:
+    grouped = predictions.group_by(key).agg(
+        pl.len().alias("n"), pl.col("correct").sum().alias("correct")
+    )
+    return {
+        row[key]: {
+            "n": row["n"],
+            "correct": row["correct"],
+            "accuracy": _accuracy(row["correct"], row["n"]),
+        }
+        for row in grouped.sort(key).iter_rows(named=True)
+    }
+
+
+def score(predictions: pl.DataFrame, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy overall, per domain and per class, the confusion matrix and the unparseable count."""
+    n = predictions.height
+    correct = int(predictions["correct"].sum())
+    failures = predictions.filter(pl.col("failure").is_not_null())
+    reasons = failures.group_by("failure").len().sort("failure")
+    per_class = _counts(predictions, "class_name")
+    empty = {"n": 0, "correct": 0, "accuracy": None}
+    columns = [*classes, UNPARSEABLE]
+    matrix = [[0] * len(columns) for _ in classes]
+    for label, predicted in predictions.select("label", "predicted").iter_rows():
+        matrix[label][classes.index(predicted) if predicted is not None else len(classes)] += 1
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": _accuracy(correct, n),
+        "unparseable": failures.height,
+        "unparseable_reasons": dict(reasons.iter_rows()),
+        "per_domain": _counts(predictions, "domain"),
+        "per_class": {name: per_class.get(name, empty) for name in classes},
+        "confusion": {"rows": list(classes), "columns": columns, "counts": matrix},
+    }
+
+
+# --- run folders ----------------------------------------------------------------------------------
+
+
+def job_for_run(run_dir: Path) -> EvalJob:
+    """A finished `dbr train` run folder, checked: finished, has trained weights, current layout."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(
+            f"run folder {run_dir} not found: pass a folder `dbr train` wrote "
+            "(runs/train/<DATASET>/<target>/<method>)"
+        )
+    info = _read_json(run_dir / "run.json")
+    if info.get("method") == ZEROSHOT:
+        raise UserError(
+            f"{run_dir} is a zero-shot evaluation of {info.get('model')}, a model without adapter: "
+            f"evaluate it with `dbr eval --model {info.get('model')} ...` (add --force to redo it)"
+        )
+    if not (run_dir / "metrics.json").is_file():
+        raise UserError(
+            f"{run_dir} has no metrics.json, its training never finished: run `dbr train` first "
+            "(or `dbr train --resume` to finish it)"
+        )
+    missing = [
+        name
+        for name in ("run.json", "config.yaml", "split.parquet")
+        if not (run_dir / name).is_file()
+    ]
+    missing += [f"run.json key {key!r}" for key in RUN_KEYS if info and key not in info]
+    if missing:
+        raise UserError(
+            f"{run_dir} was written by an older version of dbr (no {', '.join(missing)}): "
+            "re-run `dbr train` into a new --out"
+        )
+    config = load_config(run_dir / "config.yaml")
+    weights = stage_weights(run_dir, info["model"])
+    return EvalJob(
+        run_dir=run_dir,
+        dataset=info["dataset"],
+        data=info["data"],
+        target=info["target"],
+        method=config.method,
+        model=weights.model,
+        adapter=weights.adapter,
+        name=config.method,
+        holdout_fraction=config.holdout_fraction,
+        seed=config.seed,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON: delete the run folder and run again") from None
+
+
+def zeroshot_name(model: str) -> str:
+    """`OpenGVLab/InternVL3-8B-hf` -> `InternVL3-8B-hf`, safe as a folder name."""
+    return re.sub(r"[^\w.-]+", "-", Path(model.rstrip("/")).name).strip("-") or "model"
+
+
+def zeroshot_info(job: EvalJob) -> dict[str, Any]:
+    """The run.json of a zero-shot folder: which model on which data, so two never share one."""
+    return {
+        "dataset": job.dataset,
+        "data": job.data,
+        "target": job.target,
+        "model": job.model,
+        "adapter": str(job.adapter) if job.adapter else None,
+        "method": ZEROSHOT,
+        "name": job.name,
+    }
+
+
+def job_for_model(request: ZeroShotRequest) -> EvalJob:
+    """Any model, as is (or with an adapter), in `<out>/<DATASET>/<target>/zeroshot-<name>/`."""
+    spec = get_spec(request.dataset)
+    name = zeroshot_name(request.name or request.model)
+    run_dir = Path(request.out) / spec.name / request.target / f"{ZEROSHOT}-{name}"
+    job = EvalJob(
+        run_dir, spec.name, request.data, request.target, ZEROSHOT, request.model,
+        Path(request.adapter) if request.adapter else None, name,
+    )  # fmt: skip
+    saved = _read_json(run_dir / "run.json")
+    if saved and saved != zeroshot_info(job):
+        raise UserError(
+            f"{run_dir} holds the evaluation of another model or dataset ({saved.get('model')} on "
+            f"{saved.get('data')}): pass another --name"
+        )
+    return job
+
+
+def engine_options(
+    engine: str,
+    base_url: str | None = None,
+    api_key_env: str | None = None,
+    batch_size: int | None = None,
+    vllm_python: Path | None = None,
+) -> dict[str, Any]:
+    """The command line's engine flags as the chosen engine's options; a flag it cannot use is an error."""
+    given = {
+        "base_url": (base_url, "remote"),
+        "api_key_env": (api_key_env, "remote"),
+        "batch_size": (batch_size, "transformers"),
+        "vllm_python": (vllm_python, "vllm"),
+    }
+    wrong = [
+        f"--{key.replace('_', '-')}"
+        for key, (value, kind) in given.items()
+        if value is not None and kind != engine
+    ]
+    if wrong:
+        raise UserError(
+            f"{', '.join(wrong)} do(es) not apply to the {engine} engine: drop it or pick its engine"
+        )
+    if engine == "remote" and base_url is None:
+        raise UserError(
+            "the remote engine needs --base-url (an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1)"
+        )
+    return {key: value for key, (value, _) in given.items() if value is not None}
+
+
+# --- running a job -------------------------------------------------------------------------------
+
+
+def job_modes(job: EvalJob, settings: EvalSettings) -> tuple[str, ...]:
+    modes = settings.modes or DEFAULT_MODES.get(job.method, tuple(MODES))
+    _check_modes(modes)
+    return tuple(modes)
+
+
+def job_splits(job: EvalJob, settings: EvalSettings) -> tuple[str, ...]:
+    splits = settings.splits or (("test",) if job.method == ZEROSHOT else SPLITS)
+    unknown = [name for name in splits if name not in SPLITS]
+    if unknown:
+        raise UserError(f"unknown split(s) {', '.join(unknown)}: choose from {', '.join(SPLITS)}")
+    if job.method == ZEROSHOT and "validation" in splits:
+        raise UserError(
+            "a zero-shot evaluation has no training to select a model for: evaluate --splits test"
+        )
+    return tuple(splits)
+
+
+def _check_modes(modes: Sequence[str]) -> None:
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise UserError(
+            f"unknown mode(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(MODES)}"
+        )
+
+
+def _settings_record(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
+    """What the predictions depend on; a resumed evaluation must not mix two of these."""
+    options = {
+        key: value
+        for key, value in settings.engine_options.items()
+        if isinstance(value, str | int | float | bool)
+    }
+    return {
+        "engine": settings.engine,
+        "engine_options": options,
+        "model": job.model,
+        "adapter": str(job.adapter) if job.adapter else None,
+        "max_new_tokens": {
+            "direct": settings.direct_tokens,
+            "reasoning": settings.reasoning_tokens,
+        },
+        "prompts": {mode: load_prompt(PROMPT_OF_TASK[MODES[mode]]).version for mode in MODES},
+    }
+
+
+def check_eval_dir(job: EvalJob, settings: EvalSettings) -> None:
+    """Refuse to overwrite a finished evaluation, or to resume one made with other settings."""
+    if settings.force:
+        return
+    if (job.eval_dir / "metrics.json").is_file():
+        raise UserError(
+            f"{job.eval_dir} already holds a finished evaluation: pass --force to evaluate again"
+        )
+    record = _settings_record(job, settings)
+    saved = _read_json(job.eval_dir / "settings.json")
+    if saved and saved != record:
+        changed = ", ".join(sorted(key for key in record if saved.get(key) != record[key]))
+        raise UserError(
+            f"{job.eval_dir} holds an unfinished evaluation with other settings ({changed}): "
+            "pass --force to start over"
+        )
+
+
+def start_eval_dir(job: EvalJob, settings: EvalSettings) -> None:
+    """--force starts over; the settings are recorded before the first prediction."""
+    if settings.force:
+        shutil.rmtree(job.eval_dir, ignore_errors=True)
+    if job.method == ZEROSHOT:
+        atomic.write_json(job.run_dir / "run.json", zeroshot_info(job))
+    atomic.write_json(job.eval_dir / "settings.json", _settings_record(job, settings))
+
+
+def load_job_splits(job: EvalJob, splits: Sequence[str], cache_dir: Path | None) -> DatasetDict:
+    """The run's own LODO split; a dataset that changed since training is refused."""
+    loaded = load_lodo(job.data, job.dataset, job.target, job.holdout_fraction, job.seed, cache_dir)
+    saved = job.run_dir / "split.parquet"
+    if job.method != ZEROSHOT:
+        assigned = pl.read_parquet(saved)
+        for name in splits:
+            expected = set(assigned.filter(pl.col("split") == name)["id"])
+            if set(loaded[name]["id"]) != expected:
+                raise UserError(
+                    f"{job.data} no longer gives the {name} split recorded in {saved}: evaluate with the "
+                    "dataset version the run was trained on"
+                )
+    return DatasetDict({name: loaded[name] for name in splits})
+
+
+def predictions_path(eval_dir: Path, split: str, mode: str) -> Path:
+    return eval_dir / f"predictions-{split}-{mode}.parquet"
+
+
+def run_job(
+    job: EvalJob, engine: GenerationEngine, splits: DatasetDict, settings: EvalSettings
+) -> dict[str, Any]:
+    """Evaluate every (split, mode) not already on disk, then write metrics.json."""
+    classes = class_names(splits["test"])
+    tokens = {"direct": settings.direct_tokens, "reasoning": settings.reasoning_tokens}
+    results: dict[str, dict[str, Any]] = {}
+    for split_name, split in splits.items():
+        for mode in job_modes(job, settings):
+            path = predictions_path(job.eval_dir, split_name, mode)
+            if path.is_file():
+                metrics = score(pl.read_parquet(path), classes)
+            else:
+                result = evaluate_split(
+                    engine, split, classes, mode, tokens[mode], settings.progress
+                )
+                atomic.write_parquet(path, result.predictions)
+                metrics = result.metrics
+            results.setdefault(split_name, {})[mode] = metrics
+    metrics = {
+        "format": EVAL_FORMAT,
+        "dataset": job.dataset,
+        "target": job.target,
+        "method": job.method,
+        "name": job.name,
+        "model": job.model,
+        "adapter": str(job.adapter) if job.adapter else None,
+        "classes": classes,
+        "settings": _settings_record(job, settings),
+        "results": results,
+    }
+    atomic.write_json(job.eval_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
+    """Every input checked and the data loaded before anything is written or a model loads."""
+    job_modes(job, settings)
+    check_eval_dir(job, settings)
+    splits = load_job_splits(job, job_splits(job, settings), settings.cache_dir)
+    start_eval_dir(job, settings)
+    with open_engine(settings.engine, job.model, job.adapter, **settings.engine_options) as engine:
+        return run_job(job, engine, splits, settings)
+
+
+def evaluate_run(run_dir: Path, settings: EvalSettings | None = None) -> dict[str, Any]:
+    """Evaluate a finished training run's weights on its held-out domain (and validation split)."""
+    return _evaluate(job_for_run(run_dir), settings or EvalSettings())
+
+
+def evaluate_model(
+    request: ZeroShotRequest, settings: EvalSettings | None = None
+) -> dict[str, Any]:
+    """Evaluate any model (a checkpoint, a Hub id, a remote API's model) on the LODO test split."""
+    return _evaluate(job_for_model(request), settings or EvalSettings())
+
+
+def evaluate_command(
+    run: Path | None, zero_shot: ZeroShotRequest | None, settings: EvalSettings
+) -> dict[str, Any]:
+    """`dbr eval`: a trained run, or any model zero-shot (exactly one of the two), then its table."""
+    if (run is None) == (zero_shot is None):
+        raise UserError("pass --run RUN_DIR (a trained run) or --model MODEL (any model, zero-shot), not both")
+    metrics = evaluate_run(run, settings) if run is not None else evaluate_model(zero_shot, settings)
+    print_metrics(metrics)
+    return metrics
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    table = Table(title=f"{metrics['dataset']} / held-out {metrics['target']} / {metrics['name']}")
+    for column in ("split", "mode", "images", "accuracy", "unparseable"):
+        table.add_column(column)
+    for split, by_mode in metrics["results"].items():
+        for mode, scores in by_mode.items():
+            table.add_row(
+                split, mode, str(scores["n"]), f"{100 * scores['accuracy']:.2f}%", str(scores["unparseable"])
+            )
+    console.print(table)

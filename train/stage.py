@@ -1,0 +1,284 @@
+"""One training stage of RD-MLDG: MTCT (or a single path) with LoRA or full fine-tuning on one LODO split.
+
+`run.train` runs one stage for cls/reasoning/mtct; SARR (sarr.py) runs one per round.
+
+Everything a user can get wrong is checked before a model is loaded - an 8B
+checkpoint takes minutes to load, a typo should take a second to report. The
+run folder `<out>/<DATASET>/<target>/<method>/` then holds, each written
+atomically: split.parquet (which image went where), config.yaml (the resolved
+settings, reusable with --config), run.json, checkpoints/ (for --resume),
+logs/ (TensorBoard), adapter/ (LoRA weights, processor, model card) - or model/
+(the whole checkpoint, with `finetune: full`) - and metrics.json, written last,
+which marks the run finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import yaml
+from accelerate import PartialState
+from datasets import Dataset, DatasetDict
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, ProcessorMixin
+from transformers.integrations import TensorBoardCallback
+from trl import SFTConfig
+
+from domainbed_reasoning import atomic
+from domainbed_reasoning.data.registry import DatasetSpec, get_spec
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.hub.loading import load_lodo
+from train.config import TrainConfig, load_config, save_config
+from train.lora import lora_config
+from train.mtct_data import build_examples, check_split, class_names
+from train.mtct_trainer import MTCTTrainer
+from train.processor import load_processor
+from train.weights import TrainedWeights, stage_weights, weights_dirname
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    dataset: str
+    data: str
+    target: str
+    model: str
+    out: Path
+    config: TrainConfig
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class StageResult:
+    run_dir: Path
+    weights: TrainedWeights
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `train` has checked and built before touching the model."""
+
+    spec: DatasetSpec
+    run_dir: Path
+    processor: ProcessorMixin
+    splits: DatasetDict
+    train_examples: Dataset
+    eval_examples: Dataset
+
+
+def run_dir_for(out: Path, dataset: str, target: str, method: str) -> Path:
+    return Path(out) / dataset / target / method
+
+
+def prepare(request: TrainRequest) -> Prepared:
+    """Validate every input and build the examples; loads no model."""
+    spec = get_spec(request.dataset)
+    if request.target not in spec.domains:
+        raise UserError(
+            f"unknown target domain {request.target!r} for {spec.name}: choose one of {', '.join(spec.domains)}"
+        )
+    config = request.config
+    run_dir = run_dir_for(request.out, spec.name, request.target, config.method)
+    _check_run_dir(run_dir, config, request.resume)
+    processor = load_processor(request.model)
+    splits = load_lodo(
+        request.data, spec.name, request.target, config.holdout_fraction, config.seed
+    )
+    for name in ("train", "validation"):
+        check_split(splits[name], config.method, name)
+    classes = class_names(splits["train"])
+    train_examples = build_examples(
+        splits["train"], config.method, classes, config.max_train_images, config.seed
+    )
+    eval_examples = build_examples(splits["validation"], config.method, classes)
+    return Prepared(spec, run_dir, processor, splits, train_examples, eval_examples)
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
+    if resume:
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and load_config(saved) != config:
+            raise UserError(
+                f"--resume with settings that differ from {saved}: resume with --config {saved}, or use another --out"
+            )
+        return
+    if (run_dir / "metrics.json").is_file():
+        raise UserError(
+            f"{run_dir} already holds a finished run: pass --resume to reuse it, or use another --out"
+        )
+    if last_checkpoint(run_dir) is not None:
+        raise UserError(
+            f"{run_dir} holds checkpoints of an unfinished run: pass --resume to continue it, or delete the folder"
+        )
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted(
+        (run_dir / "checkpoints").glob("checkpoint-*"),
+        key=lambda path: int(path.name.rsplit("-", 1)[-1]),
+    )
+    return checkpoints[-1] if checkpoints else None
+
+
+def write_inputs(request: TrainRequest, prepared: Prepared) -> None:
+    split_ids = pl.concat(
+        pl.DataFrame({"id": prepared.splits[name]["id"], "split": name}) for name in prepared.splits
+    )
+    atomic.write_parquet(prepared.run_dir / "split.parquet", split_ids)
+    save_config(request.config, prepared.run_dir / "config.yaml")
+    atomic.write_json(
+        prepared.run_dir / "run.json",
+        {
+            "dataset": prepared.spec.name,
+            "data": request.data,
+            "target": request.target,
+            "model": request.model,
+            "train_images": len(prepared.splits["train"]),
+            "train_examples": len(prepared.train_examples),
+            "validation_examples": len(prepared.eval_examples),
+        },
+    )
+
+
+def use_bf16(setting: str) -> bool:
+    if setting == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return setting == "true"
+
+
+def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
+    """The paper's settings, expressed as TRL/transformers arguments."""
+    bf16 = use_bf16(config.bf16)
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch_size,
+        per_device_eval_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps(
+            PartialState().num_processes
+        ),
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler,
+        optim=config.optimizer,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=config.gradient_checkpointing,
+        max_length=config.max_length,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="epoch" if has_eval else "no",
+        seed=config.seed,
+        report_to="none",
+        model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
+    )
+
+
+def train_stage(
+    model: str,
+    processor: ProcessorMixin,
+    train_examples: Dataset,
+    eval_examples: Dataset | None,
+    config: TrainConfig,
+    run_dir: Path,
+    card: str = "",
+    init_adapter: Path | None = None,
+) -> StageResult:
+    """Train `model` with the MTCT loss; reusable by later stages (SARR rounds) with their own examples.
+
+    `finetune: lora` trains a fresh LoRA (or continues `init_adapter`, SARR's `sarr_init:
+    continue`), saved as one adapter over the base `model`; `finetune: full` trains every
+    weight of `model` - a random-initialised model has nothing worth freezing - and saves
+    the whole checkpoint. The returned weights say which.
+    """
+    args = sft_config(
+        config, run_dir, has_eval=eval_examples is not None and len(eval_examples) > 0
+    )
+    base = AutoModelForImageTextToText.from_pretrained(model, **args.model_init_kwargs)
+    args.model_init_kwargs = None
+    if init_adapter is not None:
+        base = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+    fresh_lora = config.finetune == "lora" and init_adapter is None
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(run_dir / "logs")
+    trainer = MTCTTrainer(
+        model=base,
+        args=args,
+        train_dataset=train_examples,
+        eval_dataset=eval_examples if args.eval_strategy != "no" else None,
+        processing_class=processor,
+        peft_config=lora_config(
+            base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.train_vision
+        )
+        if fresh_lora
+        else None,
+        callbacks=[tensorboard],
+        reasoning_weight=config.reasoning_weight,
+    )
+    checkpoint = last_checkpoint(run_dir)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if trainer.accelerator.is_main_process:
+        _save_weights(trainer, processor, run_dir / weights_dirname(config.finetune), card)
+        metrics = {**output.metrics, "log_history": trainer.state.log_history}
+        atomic.write_json(run_dir / "metrics.json", metrics)
+    trainer.accelerator.wait_for_everyone()
+    return stage_result(run_dir, model)
+
+
+def _save_weights(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path, card: str) -> None:
+    """Saved beside the target and renamed into place: a weights folder is complete or absent."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        trainer.model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def stage_result(run_dir: Path, model: str) -> StageResult:
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return StageResult(run_dir, stage_weights(run_dir, model), metrics)
+
+
+def model_card(request: TrainRequest, prepared: Prepared) -> str:
+    config = request.config
+    lora = config.finetune == "lora"
+    front = {
+        "base_model": request.model,
+        "library_name": "peft" if lora else "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "tags": ["domainbed-reasoning", "rd-mldg", config.method, config.finetune, "trl"],
+        "datasets": [request.data],
+    }
+    what = f"LoRA adapter for `{request.model}`" if lora else f"`{request.model}` fully fine-tuned"
+    load = (
+        "PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter)"
+        if lora
+        else "AutoModelForImageTextToText.from_pretrained(folder)"
+    )
+    settings = "\n".join(f"| {key} | {value} |" for key, value in config.to_dict().items())
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+        f"# {prepared.spec.name} / held-out {request.target} / {config.method}\n\n"
+        f"{what}, trained with RD-MLDG stage 1 ({config.method}) on "
+        f"DomainBed-Reasoning {prepared.spec.name}, every domain except **{request.target}** "
+        f"({len(prepared.splits['train'])} training images, {len(prepared.train_examples)} examples). "
+        f"The held-out domain is the test split; `split.parquet` beside this folder lists every image's split.\n\n"
+        f"Load with `{load}`.\n\n"
+        f"| setting | value |\n|---|---|\n{settings}\n"
+    )
