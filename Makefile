@@ -50,8 +50,10 @@ vllm-env: $(VLLM_VENV)/.stamp
 test: setup vllm-env
 	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
+# ruff, then the structure: no import circles, no stage importing a later one (tests/test_architecture.py).
 lint: setup
 	$(VENV)/bin/ruff check domainbed_reasoning builders train tests bench
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/test_architecture.py
 
 datasets: setup
 	$(DBR) datasets
