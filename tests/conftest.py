@@ -87,6 +87,8 @@ def vllm_teacher(
 
 CHAIN_DROPPED_INDEX = 1  # images with this index in class 0 get no accepted chain: acceptance < 100%
 TEACHER_PROMPT = load_prompt("teacher")
+TEMPERATURES = (0.7, 0.9, 1.0)
+MAX_ROUNDS = 3
 
 
 def _write_png(path: Path, colour: tuple[int, int, int]) -> None:
@@ -94,13 +96,43 @@ def _write_png(path: Path, colour: tuple[int, int, int]) -> None:
     Image.new("RGB", (8, 6), colour).save(path)
 
 
+def _candidate(id_: str, round_: int, index: int, reason: str, text: str, predicted: str | None) -> dict:
+    return {
+        "id": id_, "round": round_, "candidate_index": index, "temperature": TEMPERATURES[round_ - 1],
+        "text": text, "finish_reason": "stop", "reason": reason, "predicted": predicted,
+        "detail": None if reason == "accepted" else f"{reason} in the fixture",
+        "prompt_tokens": 100, "completion_tokens": 40, "latency_s": 0.1,
+        "teacher": "tiny-teacher", "teacher_url": "127.0.0.1", "prompt_version": TEACHER_PROMPT.version,
+    }  # fmt: skip
+
+
+def _answers(id_: str, chain: str, wrong: str, accepted: bool, odd: bool) -> list[dict]:
+    """What the teacher said about one image: accepted images need one round (even index) or two
+    (odd index: round 1 was all wrong), with 2 candidates per request; the others use up every round."""
+    rounds = (2 if odd else 1) if accepted else MAX_ROUNDS
+    out = []
+    for round_ in range(1, rounds + 1):
+        last = accepted and round_ == rounds
+        out.append(_candidate(id_, round_, 0, "wrong_class", chain.replace(">", ">?", 0), wrong))
+        out.append(
+            _candidate(id_, round_, 1, "accepted", chain, None)
+            if last
+            else _candidate(id_, round_, 1, "missing_stage", "<SUMMARY>cut short", None)
+        )
+    return out
+
+
 def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_class: int, classes: int) -> Path:
-    """Images under `data_dir` plus manifest/chains/stats as `dbr build-chains` writes them."""
+    """Images under `data_dir` plus manifest/candidates/chains/stats as `dbr build-chains` writes them.
+
+    In class 0 the image with index CHAIN_DROPPED_INDEX has no chain: in the first domain it is
+    pending (never sent, plus one transport failure), elsewhere exhausted after every round.
+    """
     spec = get_spec(dataset)
     root = artefacts.dataset_root(data_dir, spec)
     if spec.name == "SynthDG":
         synth.generate(data_dir, images_per_class, seed=0, size=synth.MIN_SIZE)
-    manifest, chains = [], []
+    manifest, chains, candidates, exhausted = [], [], [], {}
     for d, domain in enumerate(spec.domains):
         for c, class_name in enumerate(spec.classes[:classes]):
             for index in range(images_per_class):
@@ -117,8 +149,6 @@ def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_
                     "path": str(path.resolve()),
                 }
                 manifest.append(record | {"width": 8, "height": 6, "bytes": path.stat().st_size})
-                if c == 0 and index == CHAIN_DROPPED_INDEX:
-                    continue
                 stages = {
                     "summary": f"I will decide which class the {domain} image shows.",
                     "caption": f"A {domain} rendering of a single object.",
@@ -126,16 +156,32 @@ def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_
                     "reflection": "No other class fits the outline as well.",
                     "conclusion": class_name,
                 }
+                chain = format_chain(stages)
+                wrong = spec.classes[(c + 1) % len(spec.classes)]
+                if c == 0 and index == CHAIN_DROPPED_INDEX:
+                    if d == 0:
+                        candidates.append(_candidate(record["id"], 1, 0, "request_error", "", None))
+                    else:
+                        candidates += _answers(record["id"], chain, wrong, accepted=False, odd=False)
+                        exhausted[record["id"]] = {"missing_stage": MAX_ROUNDS, "wrong_class": MAX_ROUNDS}
+                    continue
+                answers = _answers(record["id"], chain, wrong, accepted=True, odd=index % 2 == 1)
+                candidates += answers
                 chains.append(
                     record
-                    | {"chain": format_chain(stages), **stages, "teacher": "tiny-teacher", "prompt_version": TEACHER_PROMPT.version}
-                    | {"attempts": 1 + index, "round": 1}
+                    | {"chain": chain, **stages, "teacher": "tiny-teacher", "prompt_version": TEACHER_PROMPT.version}
+                    | {"attempts": len(answers), "round": answers[-1]["round"]}
                 )
     folder = artefacts.chains_dir(chains_root, spec)
-    folder.mkdir(parents=True, exist_ok=True)
+    artefacts.candidates_dir(folder).mkdir(parents=True, exist_ok=True)
     pl.DataFrame(manifest).write_parquet(artefacts.manifest_path(folder))
+    pl.DataFrame(candidates).write_parquet(artefacts.candidates_dir(folder) / "part-fixture.parquet")
     pl.DataFrame(chains).write_parquet(artefacts.chains_path(folder))
-    stats = {"run": {"candidates": 4, "max_rounds": 3, "shard": "0/1"}, "candidates": 4 * len(manifest)}
+    stats = {
+        "run": {"candidates": 2, "max_rounds": MAX_ROUNDS, "shard": "0/1"},
+        "candidates": len(candidates),
+        "exhausted": exhausted,
+    }
     artefacts.stats_path(folder).write_text(json.dumps(stats))
     return folder
 
