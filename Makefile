@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 EXPORT_DIR ?= domainbed-reasoning
 REPO ?=
 
-.PHONY: setup vllm-env test demo datasets download build-chains export publish serve-teacher sim-teacher bench lint clean train
+.PHONY: setup vllm-env chromium test demo datasets download build-chains browse export publish serve-teacher sim-teacher bench lint clean train
 
 # The stamp is keyed on pyproject.toml, so re-running `make setup` is instant when nothing changed.
 $(VENV)/.stamp: pyproject.toml
@@ -47,7 +47,12 @@ $(VLLM_VENV)/.stamp:
 
 vllm-env: $(VLLM_VENV)/.stamp
 
-test: setup vllm-env
+# The browser tests/test_browse.py renders `dbr browse`'s page in: Debian's chromium package,
+# never a downloaded browser build. Skipped when it is already there.
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: setup vllm-env chromium
 	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 # ruff, then the structure: no import circles, no stage importing a later one (tests/test_architecture.py).
@@ -64,6 +69,9 @@ download: setup
 build-chains: setup
 	$(DBR) build-chains $(DATASET) --data-dir $(DATA_DIR) --out $(RUNS)/chains \
 		--teacher-url $(TEACHER_URL) --teacher-model $(TEACHER_MODEL)
+
+browse: setup
+	$(DBR) browse $(RUNS)/chains/$(DATASET)
 
 export: setup
 	$(DBR) export $(DATASET) --chains-dir $(RUNS)/chains --data-dir $(DATA_DIR) --out $(EXPORT_DIR)

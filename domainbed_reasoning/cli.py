@@ -286,6 +286,20 @@ def publish(
     publish_or_plan(folder, repo_id, private=private, revision=revision, dry_run=dry_run)
 
 
+@app.command()
+def browse(
+    folder: Path = typer.Argument(..., help="A build folder `dbr build-chains` wrote, e.g. runs/chains/PACS."),
+    out: Path | None = typer.Option(None, help="HTML file to write; default <folder>/browse.html."),
+    per_class: int = typer.Option(6, help="Answered images shown per domain and class."),
+    seed: int = typer.Option(0, help="Which images are sampled: same seed, same images."),
+    thumb_size: int = typer.Option(192, help="Longest side of the inline thumbnails, in pixels."),
+) -> None:
+    """Write one self-contained HTML page to look at the chains: acceptance, accepted and rejected answers."""
+    from domainbed_reasoning.hub.browse import BrowseOptions, write_browser_page
+
+    write_browser_page(folder, out, BrowseOptions(per_class, seed, thumb_size))
+
+
 @app.command("eval")
 def eval_command(
     run: Path | None = typer.Option(None, help="A finished `dbr train` run folder: evaluates its adapter."),
