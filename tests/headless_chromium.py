@@ -36,16 +36,11 @@ class Chromium:
     def __init__(self, profile: Path, width: int = 1280, height: int = 1000) -> None:
         to_browser, self._commands = os.pipe()
         self._answers, from_browser = os.pipe()
-
-        def as_fds_3_and_4() -> None:  # in the child, before exec
-            read_end, write_end = os.dup(to_browser), os.dup(from_browser)
-            os.dup2(read_end, 3)
-            os.dup2(write_end, 4)
-
+        # The shell puts the pipe ends on descriptors 3 and 4, then becomes Chromium.
+        redirect = f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser} {to_browser}<&- {from_browser}>&-'
         self.process = subprocess.Popen(
-            [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            preexec_fn=as_fds_3_and_4,
-            close_fds=False,
+            ["/bin/sh", "-c", redirect, str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(to_browser, from_browser),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
