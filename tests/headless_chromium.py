@@ -9,6 +9,7 @@ browser). The flags are the ones that keep Chromium from reaching the network on
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -34,12 +35,18 @@ class Chromium:
     """One browser and one page; `call` sends a command to the page and returns its result."""
 
     def __init__(self, profile: Path, width: int = 1280, height: int = 1000) -> None:
-        to_browser, self._commands = os.pipe()
-        self._answers, from_browser = os.pipe()
-        # The shell puts the pipe ends on descriptors 3 and 4, then becomes Chromium.
-        redirect = f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser} {to_browser}<&- {from_browser}>&-'
+        read_end, self._commands = os.pipe()
+        self._answers, write_end = os.pipe()
+        # Copies numbered 10 and up cannot be 3 or 4, so bash can put them there in any order
+        # before it becomes Chromium (dash takes one-digit descriptors only).
+        to_browser = fcntl.fcntl(read_end, fcntl.F_DUPFD, 10)
+        from_browser = fcntl.fcntl(write_end, fcntl.F_DUPFD, 10)
+        os.close(read_end)
+        os.close(write_end)
+        redirect = f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}'
+        command = [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"]
         self.process = subprocess.Popen(
-            ["/bin/sh", "-c", redirect, str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            ["/bin/bash", "-c", redirect, *command],
             pass_fds=(to_browser, from_browser),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
