@@ -126,6 +126,9 @@ RECIPES: dict[str, DatasetRecipe] = {
                 for domain, url in DOMAINNET_DOMAINS.items()
             )
             + (
+                # Pinned to a commit, so its content is fixed; no checksum is published for it and
+                # none could be computed here (the file could not be fetched), so prepare.py checks
+                # every entry against the registry instead before removing anything.
                 RemoteFile(
                     url=f"{DOMAINBED_RAW}/domainbed/misc/{DOMAINNET_DUPLICATES}",
                     filename=DOMAINNET_DUPLICATES,
