@@ -438,11 +438,17 @@ def terra_files(folder: Path) -> None:
     )
 
 
-def test_terra_incognita_is_built_from_coco_annotations(tmp_path):
-    sources = tmp_path / "lila"
-    sources.mkdir()
-    terra_files(sources)
-    result = download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[sources])
+@pytest.fixture
+def lila(tmp_path: Path) -> Path:
+    """A folder to put LILA's files in, as a user would before `--from-archive`."""
+    folder = tmp_path / "lila"
+    folder.mkdir()
+    return folder
+
+
+def test_terra_incognita_is_built_from_coco_annotations(tmp_path, lila):
+    terra_files(lila)
+    result = download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
     root = tmp_path / "data" / "terra_incognita"
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
     assert files == [
@@ -453,15 +459,13 @@ def test_terra_incognita_is_built_from_coco_annotations(tmp_path):
     assert result.files == 3
 
 
-def test_terra_incognita_missing_image_is_named(tmp_path):
-    sources = tmp_path / "lila"
-    sources.mkdir()
-    terra_files(sources)
-    (sources / TERRA_IMAGES).write_bytes(tar_gz_bytes({"eccv_18_all_images_sm/b.jpg": jpeg(1)}))
+def test_terra_incognita_missing_image_is_named(tmp_path, lila):
+    terra_files(lila)
+    (lila / TERRA_IMAGES).write_bytes(tar_gz_bytes({"eccv_18_all_images_sm/b.jpg": jpeg(1)}))
     with pytest.raises(
         UserError, match=r"image 'a.jpg' listed in caltech_images_20210113.json is missing"
     ):
-        download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[sources])
+        download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
 
 
 def test_domainnet_duplicates_are_removed(tmp_path):
@@ -657,11 +661,9 @@ def cct20_files(folder: Path, images: dict[str, bytes] | None = None) -> dict:
     return members
 
 
-def test_terra_incognita_follows_domainbeds_current_recipe(tmp_path, capfd):
-    sources = tmp_path / "lila"
-    sources.mkdir()
-    cct20_files(sources)
-    result = download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[sources])
+def test_terra_incognita_follows_domainbeds_current_recipe(tmp_path, lila, capfd):
+    cct20_files(lila)
+    result = download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
 
     root = tmp_path / "data" / "terra_incognita"
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg")) == [
@@ -690,25 +692,21 @@ def test_terra_incognita_recipe_is_the_one_domainbed_uses_since_june_2024():
     assert len(DOMAINBED_COMMIT) == 40, "a full commit id, not a branch that can move"
 
 
-def test_terra_incognita_from_the_older_single_json(tmp_path):
-    sources = tmp_path / "lila"
-    sources.mkdir()
-    terra_files(sources)
-    (sources / TERRA_ANNOTATIONS).rename(sources / "caltech_camera_traps.json.zip")
-    download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[sources])
+def test_terra_incognita_from_the_older_single_json(tmp_path, lila):
+    terra_files(lila)
+    (lila / TERRA_ANNOTATIONS).rename(lila / "caltech_camera_traps.json.zip")
+    download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
     assert (tmp_path / "data" / "terra_incognita" / "location_38" / "bird" / "a.jpg").is_file()
 
 
-def test_terra_incognita_incomplete_annotations_are_named(tmp_path):
-    sources = tmp_path / "lila"
-    sources.mkdir()
-    members = cct20_files(sources)
+def test_terra_incognita_incomplete_annotations_are_named(tmp_path, lila):
+    members = cct20_files(lila)
     del members["eccv_18_annotation_files/cis_val_annotations.json"]
-    (sources / TERRA_ANNOTATIONS).write_bytes(tar_gz_bytes(members))
+    (lila / TERRA_ANNOTATIONS).write_bytes(tar_gz_bytes(members))
     with pytest.raises(
         UserError, match=r"eccv_18_annotations.tar.gz: cis_val_annotations.json missing: the archive"
     ):
-        download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[sources])
+        download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
 
 
 def test_a_duplicates_list_that_is_not_domainbeds_is_refused(tmp_path):
@@ -763,14 +761,12 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_full_disk_is_one_line_naming_the_folder(tmp_path, small_disk):
+def test_full_disk_is_one_line_naming_the_folder(lila, small_disk):
     """The images fit once (extraction passes its check) but not twice (the copies into the layout)."""
-    sources = tmp_path / "lila"
-    sources.mkdir()
     noise = {f"eccv_18_all_images_sm/{name}.jpg": os.urandom(120_000) for name in "abcdef"}
-    cct20_files(sources, noise)
+    cct20_files(lila, noise)
     with pytest.raises(UserError) as err:
-        download_dataset(get_spec("TerraIncognita"), small_disk / "data", from_archive=[sources])
+        download_dataset(get_spec("TerraIncognita"), small_disk / "data", from_archive=[lila])
     message = str(err.value)
     assert message.startswith(f"no space left on the disk holding {small_disk / 'data' / STAGING / 'terra_incognita'}: ")
     assert "\n" not in message and "run the same command again" in message
