@@ -44,6 +44,9 @@ def _row(
         "teacher": "t",
         "prompt_version": "v",
         "attempts": 1,
+        "chain_status": "accepted" if chain else "exhausted",
+        "round": 1 if chain else None,
+        "temperature": 0.7 if chain else None,
     }
 
 

@@ -33,6 +33,7 @@ from domainbed_reasoning.hub.chain_run import (
     ChainRun,
     image_outcomes,
     read_chain_run,
+    status_counts,
 )
 from domainbed_reasoning.terminal import console
 
@@ -72,18 +73,10 @@ def thumbnail(path: str, size: int) -> str | None:
 def rates(outcomes: pl.DataFrame, by: str) -> list[dict]:
     """Per group: every image, what became of it, and acceptance over the answered images."""
     return (
-        outcomes.group_by(by)
-        .agg(
-            images=pl.len(),
-            answered=(pl.col("attempts") > 0).sum(),
-            accepted=(pl.col("chain_status") == ACCEPTED).sum(),
-            exhausted=(pl.col("chain_status") == EXHAUSTED).sum(),
-            pending=(pl.col("chain_status") == PENDING).sum(),
-        )
+        status_counts(outcomes, by)
         .with_columns(
             rate=pl.when(pl.col("answered") > 0).then(pl.col("accepted") / pl.col("answered"))
         )
-        .sort(by)
         .rename({by: "group"})
         .to_dicts()
     )

@@ -130,3 +130,20 @@ def image_outcomes(run: ChainRun) -> pl.DataFrame:
         .select(list(OUTCOME_SCHEMA))
         .cast(OUTCOME_SCHEMA)
     )
+
+
+def status_counts(outcomes: pl.DataFrame, by: str) -> pl.DataFrame:
+    """Per group of `image_outcomes` rows: every image, how many the teacher answered at least
+    once (the base of an acceptance rate, so a `--limit` trial is not read as a low rate), and
+    how many are accepted, exhausted and pending."""
+    return (
+        outcomes.group_by(by)
+        .agg(
+            images=pl.len(),
+            answered=(pl.col("attempts") > 0).sum(),
+            accepted=(pl.col("chain_status") == ACCEPTED).sum(),
+            exhausted=(pl.col("chain_status") == EXHAUSTED).sum(),
+            pending=(pl.col("chain_status") == PENDING).sum(),
+        )
+        .sort(by)
+    )

@@ -32,14 +32,12 @@ from domainbed_reasoning.data.registry import DatasetSpec, get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.card import write_card
 from domainbed_reasoning.hub.chain_run import (
-    ACCEPTED,
     CHAIN_FIELDS,
-    EXHAUSTED,
     MANIFEST_COLUMNS,
-    PENDING,
     ChainRun,
     image_outcomes,
     read_chain_run,
+    status_counts,
 )
 from domainbed_reasoning.terminal import console
 
@@ -186,23 +184,6 @@ def _plan_shards(
     return tuple(shards)
 
 
-def _acceptance(records: pl.DataFrame) -> list[dict]:
-    """Per domain: every image, and what became of it; `answered` is how many the teacher answered
-    at least once, the base of the acceptance rate (a `--limit` trial leaves the rest pending)."""
-    return (
-        records.group_by("domain")
-        .agg(
-            images=pl.len(),
-            accepted=(pl.col("chain_status") == ACCEPTED).sum(),
-            exhausted=(pl.col("chain_status") == EXHAUSTED).sum(),
-            pending=(pl.col("chain_status") == PENDING).sum(),
-            answered=(pl.col("attempts") > 0).sum(),
-        )
-        .sort("domain")
-        .to_dicts()
-    )
-
-
 def _example(records: pl.DataFrame) -> dict:
     """The first record with a chain, shown in the card (kept here so a card can be rendered
     without this dataset's files, e.g. when another dataset is published to the same repo)."""
@@ -232,7 +213,7 @@ def _build_facts(run: ChainRun, records: pl.DataFrame) -> dict:
         "prompt": {"version": prompt.version, "text": prompt.text}
         if prompt.version in versions
         else None,
-        "acceptance": _acceptance(records),
+        "acceptance": status_counts(records, "domain").to_dicts(),
         "example": _example(records),
         "builder": {
             label: value
