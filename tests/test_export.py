@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -398,3 +399,19 @@ def test_cli_error_is_one_red_line_and_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "manifest.parquet does not exist: build them first" in result.stderr
+
+
+def test_a_dataset_exported_by_an_older_version_keeps_its_place_in_the_card(exported: Path) -> None:
+    """Its build.json predates the status counts and the stored example: the card says so
+    instead of inventing numbers, and rendering the other datasets still works."""
+    facts = artefacts.build_facts_path(exported / "OfficeHome")
+    build = json.loads(facts.read_text())
+    build["acceptance"] = [{"domain": row["domain"], "images": 6, "accepted": 5} for row in build["acceptance"]]
+    del build["example"]
+    facts.write_text(json.dumps(build))
+
+    body = render_card(exported)
+
+    assert "| OfficeHome | Art (`Art`) | 6 | 5 | - | - | - | - |" in body
+    assert "**OfficeHome**: re-export it to show an example here." in body
+    assert "| **SynthDG** | all | 40 | 36 | 3 | 1 | 39 | 92.3% |" in body
