@@ -1,0 +1,158 @@
+"""The judge's word knowledge (lexicon.yaml) and the one normalisation both sides of a match use.
+
+Class names, synonyms and conclusions all go through `tokenise`, so a table entry,
+a folder name and a teacher's wording meet in one form: case, quotes, hyphens and
+plurals folded, punctuation kept only as clause and sentence marks (the rules need
+to know where a clause ends).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import yaml
+
+LEXICON_FILE = "lexicon.yaml"
+CLAUSE, SENTENCE = ",", "."
+MARKS = frozenset({CLAUSE, SENTENCE})
+ARTICLES = frozenset({"a", "an", "the"})
+
+_APOSTROPHES = re.compile(r"['\u2018\u2019\u02bc`\u00b4]")
+_TOKEN = re.compile(r"[0-9a-z]+|[.!?]|[,;:()\[\]{}/&+|\n\u2013\u2014]")
+_ES_PLURALS = ("sses", "xes", "ches", "shes", "zzes")
+_NOT_PLURAL = ("ss", "us", "is")
+
+
+@dataclass(frozen=True)
+class Singular:
+    """Map singular and plural to one key; both sides go through it, so the key need not be English."""
+
+    irregular: dict[str, str]
+    pluralia: frozenset[str]
+
+    def __call__(self, word: str) -> str:
+        if word in self.irregular:
+            return self.irregular[word]
+        if word in self.pluralia:
+            return word
+        if len(word) > 3 and word.endswith("s") and not word.endswith(_NOT_PLURAL):
+            word = word[:-2] if word.endswith(_ES_PLURALS) else word[:-1]
+        if len(word) >= 4 and word.endswith("ie"):
+            word = word[:-2] + "y"
+        return word
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """lexicon.yaml, with every word list in the form the rules compare against."""
+
+    singular: Singular
+    synonyms: tuple[tuple[str, ...], ...]
+    compounds: tuple[str, ...]
+    modifier_heads: frozenset[str]
+    depictions: frozenset[str]
+    medium_cues: tuple[tuple[str, ...], ...]
+    negation_cues: dict[str, tuple[tuple[str, ...], ...]]  # first word -> whole cues, longest first
+    scope_ends: frozenset[str]
+    hedges: re.Pattern[str]
+    answer_phrase: re.Pattern[str]
+    determiners: frozenset[str]
+    version: str
+
+
+def lexicon_bytes() -> bytes:
+    return resources.files(__package__).joinpath(LEXICON_FILE).read_bytes()
+
+
+def _phrases(words: list[str]) -> re.Pattern[str]:
+    """Any of `words` (single words or phrases) as whole words of a tokenised text."""
+    alternatives = sorted((re.escape(word) for word in words), key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(alternatives) + r")\b")
+
+
+def texts(table: dict, key: str) -> list[str]:
+    """A word list of lexicon.yaml; an unquoted `no` would silently become False, so refuse it."""
+    entries = table[key]
+    flat = [word for entry in entries for word in (entry if isinstance(entry, list) else [entry])]
+    if bad := [word for word in flat if not isinstance(word, str)]:
+        raise ValueError(f"{LEXICON_FILE}: {key} has entries that are not text {bad}: quote them")
+    return entries
+
+
+def _cues(phrases: list[str]) -> dict[str, tuple[tuple[str, ...], ...]]:
+    cues: dict[str, list[tuple[str, ...]]] = {}
+    for phrase in sorted(phrases, key=lambda text: -len(text.split())):
+        cues.setdefault(phrase.split()[0], []).append(tuple(phrase.split()))
+    return {first: tuple(found) for first, found in cues.items()}
+
+
+@cache
+def lexicon() -> Lexicon:
+    raw = lexicon_bytes()
+    table = yaml.safe_load(raw)
+    singular = Singular(
+        {str(k): str(v) for k, v in table["irregular_plurals"].items()},
+        frozenset(texts(table, "pluralia_tantum")),
+    )
+    return Lexicon(
+        singular=singular,
+        synonyms=tuple(tuple(group) for group in texts(table, "synonyms")),
+        compounds=tuple(texts(table, "compounds")),
+        modifier_heads=frozenset(singular(word) for word in texts(table, "modifier_heads")),
+        depictions=frozenset(singular(word) for word in texts(table, "depictions")),
+        medium_cues=tuple(tuple(cue.split()) for cue in texts(table, "medium_cues")),
+        negation_cues=_cues(texts(table, "negation_cues")),
+        scope_ends=frozenset(texts(table, "scope_ends")),
+        hedges=_phrases(texts(table, "hedges")),
+        answer_phrase=re.compile("|".join(f"(?:{p})" for p in texts(table, "answer_phrases"))),
+        determiners=frozenset(texts(table, "determiners")),
+        version=hashlib.sha256(raw).hexdigest()[:12],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """A text as lower-case words and CLAUSE/SENTENCE marks; `keys` are the words singularised."""
+
+    raw: tuple[str, ...]
+    keys: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """The raw tokens joined by single spaces: what hedges and answer phrases are matched in."""
+        return " ".join(self.raw)
+
+
+def _mark(token: str) -> str:
+    if token.isalnum():
+        return token
+    return SENTENCE if token in ".!?" else CLAUSE
+
+
+def tokenise(text: str) -> Tokens:
+    folded = _APOSTROPHES.sub("", unicodedata.normalize("NFKC", text).casefold())
+    raw = tuple(_mark(token) for token in _TOKEN.findall(folded))
+    singular = lexicon().singular
+    return Tokens(raw, tuple(token if token in MARKS else singular(token) for token in raw))
+
+
+def content_words(tokens: Tokens) -> list[str]:
+    """The keys without marks or leading articles: the form a class name is indexed by."""
+    keys = [key for key in tokens.keys if key not in MARKS]
+    while keys and keys[0] in ARTICLES:
+        keys.pop(0)
+    return keys
+
+
+def words(text: str) -> list[str]:
+    return content_words(tokenise(text))
+
+
+def normalise(text: str) -> str:
+    """Fold case, separators (`_`, `-`, spaces), punctuation, quotes, leading articles and plurals."""
+    return " ".join(words(text))
