@@ -21,9 +21,11 @@ LEXICON_FILE = "lexicon.yaml"
 CLAUSE, SENTENCE = ",", "."
 MARKS = frozenset({CLAUSE, SENTENCE})
 ARTICLES = frozenset({"a", "an", "the"})
+KEYS_LIMIT = 1_000_000  # words remembered with their key (about 100 MB at most)
 
 _APOSTROPHES = re.compile(r"['\u2018\u2019\u02bc`\u00b4]")
 _TOKEN = re.compile(r"[0-9a-z]+|[.!?]|[,;:()\[\]{}/&+|\n\u2013\u2014]")
+_SENTENCE_ENDS = dict.fromkeys(".!?", SENTENCE)
 _ES_PLURALS = ("sses", "xes", "ches", "shes", "zzes")
 _NOT_PLURAL = ("ss", "us", "is")
 
@@ -47,16 +49,32 @@ class Singular:
         return word
 
 
+class Keys(dict[str, str]):
+    """Word -> key, filled as words are met: a teacher's vocabulary is small and repeats."""
+
+    def __init__(self, singular: Singular) -> None:
+        super().__init__({CLAUSE: CLAUSE, SENTENCE: SENTENCE})
+        self.singular = singular
+
+    def add(self, word: str) -> str:
+        key = self.singular(word)
+        if len(self) < KEYS_LIMIT:
+            self[word] = key
+        return key
+
+
 @dataclass(frozen=True)
 class Lexicon:
     """lexicon.yaml, with every word list in the form the rules compare against."""
 
     singular: Singular
+    keys: Keys
     synonyms: tuple[tuple[str, ...], ...]
     compounds: tuple[str, ...]
     modifier_heads: frozenset[str]
     depictions: frozenset[str]
     medium_cues: tuple[tuple[str, ...], ...]
+    medium_cue_ends: frozenset[str]  # last words of the medium cues, to skip most mentions fast
     negation_cues: dict[str, tuple[tuple[str, ...], ...]]  # first word -> whole cues, longest first
     scope_ends: frozenset[str]
     hedges: re.Pattern[str]
@@ -101,11 +119,13 @@ def lexicon() -> Lexicon:
     )
     return Lexicon(
         singular=singular,
+        keys=Keys(singular),
         synonyms=tuple(tuple(group) for group in texts(table, "synonyms")),
         compounds=tuple(texts(table, "compounds")),
         modifier_heads=frozenset(singular(word) for word in texts(table, "modifier_heads")),
         depictions=frozenset(singular(word) for word in texts(table, "depictions")),
         medium_cues=tuple(tuple(cue.split()) for cue in texts(table, "medium_cues")),
+        medium_cue_ends=frozenset(cue.split()[-1] for cue in texts(table, "medium_cues")),
         negation_cues=_cues(texts(table, "negation_cues")),
         scope_ends=frozenset(texts(table, "scope_ends")),
         hedges=_phrases(texts(table, "hedges")),
@@ -128,17 +148,14 @@ class Tokens:
         return " ".join(self.raw)
 
 
-def _mark(token: str) -> str:
-    if token.isalnum():
-        return token
-    return SENTENCE if token in ".!?" else CLAUSE
-
-
 def tokenise(text: str) -> Tokens:
     folded = _APOSTROPHES.sub("", unicodedata.normalize("NFKC", text).casefold())
-    raw = tuple(_mark(token) for token in _TOKEN.findall(folded))
-    singular = lexicon().singular
-    return Tokens(raw, tuple(token if token in MARKS else singular(token) for token in raw))
+    raw = tuple(
+        token if token.isalnum() else _SENTENCE_ENDS.get(token, CLAUSE)
+        for token in _TOKEN.findall(folded)
+    )
+    keys = lexicon().keys
+    return Tokens(raw, tuple(keys.get(token) or keys.add(token) for token in raw))
 
 
 def content_words(tokens: Tokens) -> list[str]:

@@ -119,6 +119,8 @@ class ClassMatcher:
             self._index.setdefault("".join(words(compound)), COMPOUND)
         named = (*self.classes, *self.lexicon.compounds, *sum(self.lexicon.synonyms, ()))
         self._max_words = max(len(words(text)) for text in named) + _EXTRA_WORDS
+        # Every leading part of an indexed key: a span stops growing as soon as it is none.
+        self._prefixes = {key[:end] for key in self._index for end in range(1, len(key) + 1)}
 
     def read(self, conclusion: str) -> Reading:
         """The reading of `conclusion`, remembered by its exact text (up to MEMO_LIMIT of them):
@@ -207,9 +209,9 @@ class ClassMatcher:
         for start in range(lo, hi):
             joined = ""
             for end in range(start + 1, min(hi, start + self._max_words) + 1):
-                if keys[end - 1] in MARKS:
-                    break
                 joined += keys[end - 1]
+                if joined not in self._prefixes:
+                    break
                 if (name := self._index.get(joined)) is not None:
                     spans.append(Mention(start, end, name))
         mentions, aside = [], []
@@ -234,8 +236,10 @@ class ClassMatcher:
         """Rule negated: for each token, the denial whose scope it lies in (None outside any)."""
         cues, ends = self.lexicon.negation_cues, self.lexicon.scope_ends
         raw = tokens.raw
-        active: str | None = None
         scope: list[str | None] = [None] * len(raw)
+        if cues.keys().isdisjoint(raw[lo:hi]):
+            return scope
+        active: str | None = None
         index = lo
         while index < hi:
             scope[index] = active
@@ -277,6 +281,8 @@ class ClassMatcher:
         before = mention.start
         if before > lo and tokens.raw[before - 1] in ARTICLES:
             before -= 1
+        if before == lo or tokens.raw[before - 1] not in self.lexicon.medium_cue_ends:
+            return None
         for cue in self.lexicon.medium_cues:
             if before - len(cue) >= lo and tokens.raw[before - len(cue) : before] == cue:
                 word = " ".join(tokens.raw[mention.start : mention.end])
