@@ -8,8 +8,9 @@ generated answers: five-stage chains of about 1,000 characters whose conclusions
   matcher's memo answers most of them);
 - sentence: "The image shows a <class> in <style>." (some hundreds of distinct texts);
 - distinct: every conclusion different, the memo never helps (the worst case).
-The figure is the best of the repeats, in microseconds per candidate; a fresh matcher
-per repeat, as one build starts with one.
+The figure is the best of the repeats, in microseconds of process CPU time per
+candidate (CPU time, so other processes on a shared machine inflate it less than wall
+time); a fresh matcher per repeat, as one build starts with one.
 
     .venv/bin/python bench/bench_judge.py [--baseline main] [--dataset DomainNet] [--candidates 20000]
 """
@@ -74,10 +75,10 @@ def worker(dataset: str, count: int, repeats: int) -> None:
         best = float("inf")
         for _ in range(repeats):
             matcher = ClassMatcher(classes)
-            start = time.perf_counter()
+            start = time.process_time()
             for text, label in batch:
                 judge(text, matcher, label, "stop")
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.process_time() - start)
         timings[kind] = 1e6 * best / count
     print(json.dumps(timings))
 

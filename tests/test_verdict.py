@@ -6,6 +6,8 @@ from domainbed_reasoning.chains.rules import RULES, ReadBy, RejectReason
 from domainbed_reasoning.chains.verdict import Verdict, judge
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
+from train.engines.base import Generation
+from train.self_label import Supervised, merge_self_labels
 
 SUMMARY = "I will examine the subject's shape and parts, then compare them with the categories."
 CAPTION = "A four-legged animal standing on grass, with a long snout and a curled tail."
@@ -246,3 +248,22 @@ def test_accepted_chain_is_canonical() -> None:
     verdict = judge("noise " + teacher(" dog "), ClassMatcher(get_spec("PACS").classes), "dog")
     assert verdict.chain == Chain(SUMMARY, CAPTION, REASONING, REFLECTION, "dog")
     assert verdict.chain.text.startswith(f"<SUMMARY>{SUMMARY}</SUMMARY>\n<CAPTION>")
+
+
+def test_sarr_self_labels_are_judged_by_the_same_rules() -> None:
+    """A student chain is kept or refused exactly as a teacher chain would be, with the same rule."""
+    answers = (
+        teacher("dog") + "\nActually, a horse.",
+        teacher("It is not a dog."),
+        teacher("a hot dog"),
+        teacher("The answer is dog, not horse."),
+    )
+    frame = merge_self_labels(
+        [Supervised("PACS/photo/dog/1.jpg", "dog", "teacher chain")],
+        [Generation(answers, ("stop",) * len(answers))],
+        ClassMatcher(get_spec("PACS").classes),
+    )
+    expected = [judge(text, ClassMatcher(get_spec("PACS").classes), "dog") for text in answers]
+    assert frame["reasons"].to_list() == [["trailing_text", "negated", "modifier", "accepted"]]
+    assert [verdict.rule for verdict in expected[:3]] == frame["reasons"][0].to_list()[:3]
+    assert frame["chain"].to_list() == [expected[3].chain.text]

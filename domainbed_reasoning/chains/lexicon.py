@@ -149,13 +149,17 @@ class Tokens:
 
 
 def tokenise(text: str) -> Tokens:
-    folded = _APOSTROPHES.sub("", unicodedata.normalize("NFKC", text).casefold())
+    folded = text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
+    folded = _APOSTROPHES.sub("", folded)
     raw = tuple(
         token if token.isalnum() else _SENTENCE_ENDS.get(token, CLAUSE)
         for token in _TOKEN.findall(folded)
     )
     keys = lexicon().keys
-    return Tokens(raw, tuple(keys.get(token) or keys.add(token) for token in raw))
+    known = tuple(map(keys.get, raw))
+    if None in known:
+        known = tuple(key or keys.add(token) for token, key in zip(raw, known, strict=True))
+    return Tokens(raw, known)
 
 
 def content_words(tokens: Tokens) -> list[str]:

@@ -101,6 +101,7 @@ class ClassMatcher:
     def __init__(self, classes: Sequence[str]) -> None:
         self.classes = tuple(classes)
         self.class_set = frozenset(self.classes)
+        self._position = {name: index for index, name in enumerate(self.classes)}
         self.lexicon = lexicon()
         self._index: dict[str, str] = {}  # words run together, so "tooth brush" finds ToothBrush
         self._memo: dict[str, Reading] = {}
@@ -193,7 +194,7 @@ class ClassMatcher:
                 kept.append(mention)
             else:
                 aside.append(why)
-        names = sorted({mention.name for mention in kept}, key=self.classes.index)
+        names = sorted({mention.name for mention in kept}, key=self._position.__getitem__)
         if len(names) == 1:
             return Reading(names[0], read_by, f" names {names[0]!r}")
         if names:
@@ -206,11 +207,14 @@ class ClassMatcher:
         class word inside a compound that names something else is set aside as a modifier."""
         keys = tokens.keys
         spans = []
+        prefixes = self._prefixes
         for start in range(lo, hi):
+            if keys[start] not in prefixes:
+                continue
             joined = ""
             for end in range(start + 1, min(hi, start + self._max_words) + 1):
                 joined += keys[end - 1]
-                if joined not in self._prefixes:
+                if joined not in prefixes:
                     break
                 if (name := self._index.get(joined)) is not None:
                     spans.append(Mention(start, end, name))
