@@ -132,6 +132,8 @@ CASES = [
     ("DomainNet", "cacti", "cactus"),
     ("DomainNet", "octopuses", "octopus"),
     ("DomainNet", "two school buses", "school_bus"),
+    ("DomainNet", "two wine glasses", "wine_glass"),
+    ("DomainNet", "a pair of sunglasses", "eyeglasses"),
     ("PACS", "The image shows a person riding a horse. The answer is horse.", "horse"),
     ("PACS", "A horse and its rider; answer: person", "person"),
     ("PACS", "Final answer - guitar (the person only holds it)", "guitar"),
@@ -150,6 +152,11 @@ CASES = [
     ("DomainNet", "I saw a cat", "cat"),
     ("DomainNet", "a crayon drawing of a house", "house"),
     ("PACS", "The image most likely shows a dog.", "dog"),
+    ("PACS", "Elephant - the trunk and tusks are clear.", "elephant"),
+    ("OfficeHome", "marker pen", "Marker"),
+    ("OfficeHome", "a can of soda", "Soda"),
+    ("PACS", "A house with no people", "house"),
+    ("TerraIncognita", "There are no animals in the frame.", "empty"),
 ]
 
 
@@ -205,6 +212,9 @@ REJECTS = [
     ("PACS", "a hot dog", RejectReason.MODIFIER, "'dog' is part of 'hot dog'"),
     ("PACS", "a house plant", RejectReason.MODIFIER, "'house' is part of 'house plant'"),
     ("DomainNet", "It matches the picture", RejectReason.NO_CLASS, "'matches' is a verb"),
+    # a class word before a lost full stop stays a noun: no verb reading picks the other class
+    ("PACS", "**Horse** The rider is a person", RejectReason.AMBIGUOUS, "names horse, person"),
+    ("OfficeHome", "a mouse pad", RejectReason.MODIFIER, "'mouse' modifies 'pad'"),
 ]
 
 

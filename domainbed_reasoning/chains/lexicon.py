@@ -2,13 +2,12 @@
 
 Class names, synonyms and conclusions all go through `tokenise`, so a table entry,
 a folder name and a teacher's wording meet in one form: case, quotes, hyphens and
-plurals folded, punctuation kept only as clause and sentence marks (the rules need
-to know where a clause ends).
+plurals folded, punctuation kept only as one clause mark (the rules need to know
+where a clause ends).
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -18,14 +17,14 @@ from importlib import resources
 import yaml
 
 LEXICON_FILE = "lexicon.yaml"
-CLAUSE, SENTENCE = ",", "."
-MARKS = frozenset({CLAUSE, SENTENCE})
+MARK = ","  # the token every clause-ending punctuation becomes
 ARTICLES = frozenset({"a", "an", "the"})
-KEYS_LIMIT = 1_000_000  # words remembered with their key (about 100 MB at most)
+KEYS_LIMIT = 200_000  # words remembered with their key (some tens of MB at most)
 
 _APOSTROPHES = re.compile(r"['\u2018\u2019\u02bc`\u00b4]")
-_TOKEN = re.compile(r"[0-9a-z]+|[.!?]|[,;:()\[\]{}/&+|\n\u2013\u2014]")
-_SENTENCE_ENDS = dict.fromkeys(".!?", SENTENCE)
+# A dash between spaces ends a clause ("Elephant - the trunk ..."); one inside a word joins it.
+_SPACED_DASH = re.compile(r"\s-+\s")
+_TOKEN = re.compile(r"[0-9a-z]+|[.!?,;:()\[\]{}/&+|\n\u2013\u2014]")
 _ES_PLURALS = ("sses", "xes", "ches", "shes", "zzes")
 _NOT_PLURAL = ("ss", "us", "is")
 
@@ -53,7 +52,7 @@ class Keys(dict[str, str]):
     """Word -> key, filled as words are met: a teacher's vocabulary is small and repeats."""
 
     def __init__(self, singular: Singular) -> None:
-        super().__init__({CLAUSE: CLAUSE, SENTENCE: SENTENCE})
+        super().__init__({MARK: MARK})
         self.singular = singular
 
     def add(self, word: str) -> str:
@@ -79,12 +78,8 @@ class Lexicon:
     scope_ends: frozenset[str]
     hedges: re.Pattern[str]
     answer_phrase: re.Pattern[str]
+    verbs: frozenset[str]
     determiners: frozenset[str]
-    version: str
-
-
-def lexicon_bytes() -> bytes:
-    return resources.files(__package__).joinpath(LEXICON_FILE).read_bytes()
 
 
 def _phrases(words: list[str]) -> re.Pattern[str]:
@@ -111,8 +106,7 @@ def _cues(phrases: list[str]) -> dict[str, tuple[tuple[str, ...], ...]]:
 
 @cache
 def lexicon() -> Lexicon:
-    raw = lexicon_bytes()
-    table = yaml.safe_load(raw)
+    table = yaml.safe_load(resources.files(__package__).joinpath(LEXICON_FILE).read_text())
     singular = Singular(
         {str(k): str(v) for k, v in table["irregular_plurals"].items()},
         frozenset(texts(table, "pluralia_tantum")),
@@ -130,14 +124,14 @@ def lexicon() -> Lexicon:
         scope_ends=frozenset(texts(table, "scope_ends")),
         hedges=_phrases(texts(table, "hedges")),
         answer_phrase=re.compile("|".join(f"(?:{p})" for p in texts(table, "answer_phrases"))),
+        verbs=frozenset(singular(word) for word in texts(table, "verbs")),
         determiners=frozenset(texts(table, "determiners")),
-        version=hashlib.sha256(raw).hexdigest()[:12],
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Tokens:
-    """A text as lower-case words and CLAUSE/SENTENCE marks; `keys` are the words singularised."""
+    """A text as lower-case words and clause MARKs; `keys` are the words singularised."""
 
     raw: tuple[str, ...]
     keys: tuple[str, ...]
@@ -150,11 +144,8 @@ class Tokens:
 
 def tokenise(text: str) -> Tokens:
     folded = text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
-    folded = _APOSTROPHES.sub("", folded)
-    raw = tuple(
-        token if token.isalnum() else _SENTENCE_ENDS.get(token, CLAUSE)
-        for token in _TOKEN.findall(folded)
-    )
+    folded = _SPACED_DASH.sub(" ; ", _APOSTROPHES.sub("", folded))
+    raw = tuple(token if token.isalnum() else MARK for token in _TOKEN.findall(folded))
     keys = lexicon().keys
     known = tuple(map(keys.get, raw))
     if None in known:
@@ -164,7 +155,7 @@ def tokenise(text: str) -> Tokens:
 
 def content_words(tokens: Tokens) -> list[str]:
     """The keys without marks or leading articles: the form a class name is indexed by."""
-    keys = [key for key in tokens.keys if key not in MARKS]
+    keys = [key for key in tokens.keys if key != MARK]
     while keys and keys[0] in ARTICLES:
         keys.pop(0)
     return keys

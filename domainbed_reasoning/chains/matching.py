@@ -9,7 +9,7 @@ The rules, in order; the first that decides is recorded with the reading:
    rejects the conclusion: it does not commit to a class.
 2. exact: the whole conclusion is one class name or synonym -> that class.
 3. answer_phrase: after the last answer phrase ("The answer is", "Answer:", "the
-   category"), the class named in the rest of its sentence is the answer, whatever
+   category"), the class named in the rest of its clause is the answer, whatever
    else the conclusion mentions.
 4. one_class: otherwise every class named by whole words is collected (word runs
    written together or apart: "tooth brush" / "toothbrush"; a name inside a longer
@@ -18,7 +18,8 @@ The rules, in order; the first that decides is recorded with the reading:
    - modifier: it modifies the noun after it ("a fish tank", "a computer mouse" is a
      mouse, "a pencil sketch of a house"), lies inside a compound that names
      something else ("a line drawing"), or names a picture's medium ("drawn in pencil");
-   - it is followed by a determiner, as a verb is ("it matches the ..."): no class.
+   - a class word that is also a verb is followed by a determiner ("it matches the
+     ...", "I saw a ..."): it is the verb, no class.
    One class left -> that class; several -> ambiguous; none -> the rule that set the
    last mention aside (negated, modifier), or no_class when nothing was mentioned.
 The word lists each rule uses are the tables of lexicon.yaml.
@@ -32,7 +33,7 @@ from functools import lru_cache
 
 from domainbed_reasoning.chains.lexicon import (
     ARTICLES,
-    MARKS,
+    MARK,
     Lexicon,
     Tokens,
     content_words,
@@ -170,9 +171,9 @@ class ClassMatcher:
         if not ends:
             return None
         start = text.count(" ", 0, ends[-1]) + 1
-        while start < len(tokens.raw) and tokens.raw[start] in MARKS:
+        while start < len(tokens.raw) and tokens.raw[start] == MARK:
             start += 1
-        end = next((i for i in range(start, len(tokens.raw)) if tokens.raw[i] in MARKS), None)
+        end = next((i for i in range(start, len(tokens.raw)) if tokens.raw[i] == MARK), None)
         return start, len(tokens.raw) if end is None else end
 
     def _read_span(self, tokens: Tokens, lo: int, hi: int, read_by: ReadBy) -> Reading | None:
@@ -255,7 +256,7 @@ class ClassMatcher:
                 active = " ".join(cue)
                 index += len(cue)
                 continue
-            if word in MARKS or word in ends:
+            if word == MARK or word in ends:
                 active = None
             index += 1
         return scope
@@ -265,7 +266,7 @@ class ClassMatcher:
     ) -> SetAside | None:
         """Rule modifier: the mention is the first noun of a compound whose head comes next."""
         after = mention.end
-        if after >= hi or tokens.keys[after] in MARKS:
+        if after >= hi or tokens.keys[after] == MARK:
             return None
         word = " ".join(tokens.raw[mention.start : mention.end])
         if following is not None and following.start == after:
@@ -296,9 +297,11 @@ class ClassMatcher:
         return None
 
     def _verb(self, tokens: Tokens, mention: Mention, hi: int) -> SetAside | None:
-        """A class word right before a determiner is a verb ("it matches the ...", "I saw a ...")."""
+        """A class word that is also a verb, right before a determiner, is a verb ("it matches the ...",
+        "I saw a ...")."""
         after = mention.end
-        if after < hi and tokens.raw[after] in self.lexicon.determiners:
+        verb = mention.end - mention.start == 1 and tokens.keys[mention.start] in self.lexicon.verbs
+        if verb and after < hi and tokens.raw[after] in self.lexicon.determiners:
             word = " ".join(tokens.raw[mention.start : mention.end])
             return SetAside(
                 RejectReason.NO_CLASS, f"{word!r} is a verb before {tokens.raw[after]!r}"
