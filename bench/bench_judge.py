@@ -12,7 +12,7 @@ The figure is the best of the repeats, in microseconds of process CPU time per
 candidate (CPU time, so other processes on a shared machine inflate it less than wall
 time); a fresh matcher per repeat, as one build starts with one.
 
-    .venv/bin/python bench/bench_judge.py [--baseline main] [--dataset DomainNet] [--candidates 20000]
+    .venv/bin/python bench/bench_judge.py [--baseline REV] [--dataset DomainNet] [--candidates 20000]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from io import BytesIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+JUDGE_BEFORE_ISSUE_18 = "f7b1d28"  # the last commit with the judge that read any class mention
 STYLES = ("a sketch", "a painting", "clip art", "a photo", "an infographic", "a doodle")
 FILLER = (
     "The object has a distinct outline, proportions and surface texture that survive the change"
@@ -38,7 +39,9 @@ FILLER = (
 )
 
 
-def answers(classes: tuple[str, ...], kind: str, count: int, seed: int = 0) -> list[tuple[str, str]]:
+def answers(
+    classes: tuple[str, ...], kind: str, count: int, seed: int = 0
+) -> list[tuple[str, str]]:
     """(answer, label) pairs; one in five concludes another class, as a teacher sometimes does."""
     rng = random.Random(seed)
     out = []
@@ -105,7 +108,11 @@ def run_side(root: Path, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default="main", help="git revision to compare against")
+    parser.add_argument(
+        "--baseline",
+        default=JUDGE_BEFORE_ISSUE_18,
+        help="git revision whose judge to compare against",
+    )
     parser.add_argument("--dataset", default="DomainNet")
     parser.add_argument("--candidates", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
