@@ -3,7 +3,7 @@
 The candidate shards keep each answer's full text, so a changed judge (its rules or
 lexicon.yaml) can be applied to a finished or half-done build for free. Each shard
 is rewritten whole by an atomic rename with only its verdict columns changed;
-request failures stay as they are (they have no text to judge). A crash part-way
+request failures stay as they are (they have no answer to judge). A crash part-way
 leaves every shard judged by one judge or the other, and running `--rejudge` again
 finishes the job. chains.parquet, stats.json and report.md are then derived again,
 and rejudge.json/rejudge.md say what changed. An image that lost its chain and has
@@ -43,6 +43,10 @@ from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.terminal import console
 
 VERDICT_COLUMNS = ("reason", "predicted", "detail")
+# Stored reasons a judge gave; any other (a failed request) has no answer to judge and stays.
+JUDGED = frozenset(
+    {ACCEPTED} | {r.value for r in RejectReason if r is not RejectReason.REQUEST_ERROR}
+)
 LISTED = 50
 
 
@@ -57,9 +61,8 @@ class Changes:
     changed: int
     shards_rewritten: int
     transitions: dict[str, int]  # "old -> new": candidates
-    newly_rejected_by_rule: dict[
-        str, int
-    ]  # candidates accepted before, by the rule that rejects now
+    # candidates accepted before, counted by the rule that rejects them now
+    newly_rejected_by_rule: dict[str, int]
     images_newly_accepted: list[str]
     images_newly_pending: list[str]  # lost their chain, rounds left: the next build samples them
     images_newly_exhausted: list[str]  # lost their chain, no rounds left
@@ -87,13 +90,14 @@ def require_current_judge(folder: Path, dataset: str) -> None:
 def _rejudge_frame(
     frame: pl.DataFrame, labels: dict[str, str], matcher: ClassMatcher
 ) -> pl.DataFrame:
-    """The shard with its verdict columns recomputed; rows without a label or text stay as they are."""
+    """The shard with its verdict columns recomputed; rows no judge decided, or whose image left
+    the manifest, stay as they are."""
     verdicts = []
     for id_, text, finish_reason, reason, predicted, detail in frame.select(
         "id", "text", "finish_reason", *VERDICT_COLUMNS
     ).iter_rows():
         label = labels.get(id_)
-        if label is None or reason == RejectReason.REQUEST_ERROR:
+        if label is None or reason not in JUDGED:
             verdicts.append((reason, predicted, detail))
             continue
         verdict = judge(text, matcher, label, finish_reason)
@@ -166,7 +170,7 @@ def rejudge(config: BuildConfig) -> Changes:
     manifest = pl.read_parquet(manifest_path(folder))
     labels = dict(manifest.select("id", "class_name").iter_rows())
     matcher = ClassMatcher(spec.classes)
-    before = read_candidates(candidates_dir(folder))
+    before = read_candidates(candidates_dir(folder)).select(*KEY, "reason")  # no texts kept twice
     rewritten = rejudge_shards(folder, labels, matcher)
     after = read_candidates(candidates_dir(folder))
     rounds = config.plan.max_rounds
