@@ -221,19 +221,21 @@ def build_chains_command(
         concurrency=concurrency,
         max_tokens=max_tokens,
     )
-    config = BuildConfig(
-        dataset=dataset,
-        data_dir=data_dir,
-        out=out,
-        teacher=teacher,
-        plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures)),
-        policy=PayloadPolicy(max_side=max_side),
-        shard=Shard.parse(shard),
-        limit=limit,
-        show_progress=progress,
-        workers=workers,
+    build_and_summarise(
+        BuildConfig(
+            dataset=dataset,
+            data_dir=data_dir,
+            out=out,
+            teacher=teacher,
+            plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures)),
+            policy=PayloadPolicy(max_side=max_side),
+            shard=Shard.parse(shard),
+            limit=limit,
+            show_progress=progress,
+            workers=workers,
+        ),
+        rejudge=rejudge,
     )
-    build_and_summarise(config, rejudge=rejudge)
 
 
 @app.command("train")
