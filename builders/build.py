@@ -22,6 +22,7 @@ from builders.build_report import RunInfo, write_outputs
 from builders.candidate_store import read_candidates
 from builders.progress import progress_bar
 from builders.rejection_sampling import Judging, pending_tasks
+from builders.rejudge import rejudge_and_summarise, require_current_judge
 from builders.sampling import Counters, Share, check_teacher, sample_share
 from builders.teacher_client import url_host
 from builders.workers import sample_in_workers, split_shares, worker_count
@@ -68,6 +69,7 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
     """Build (or resume) the chains of one dataset; returns the stats written to stats.json."""
     spec = get_spec(config.dataset)
     folder = chains_dir(config.out, spec)
+    require_current_judge(folder, spec.name)
     scan = scan_dataset(spec, config.data_dir)
     write_manifest(scan, manifest_path(folder))
     manifest = scan.frame
@@ -103,8 +105,12 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
     return write_outputs(folder, manifest, read_candidates(candidates_dir(folder)), matcher, run)
 
 
-def build_and_summarise(config: BuildConfig) -> dict:
-    """`dbr build-chains`: build (or resume), then one line of what was accepted and where the report is."""
+def build_and_summarise(config: BuildConfig, rejudge: bool = False) -> None:
+    """`dbr build-chains`: build (or resume), then one line of what was accepted and where the report
+    is; with `rejudge`, judge the stored candidates again instead of sampling."""
+    if rejudge:
+        rejudge_and_summarise(config)
+        return
     stats = build_chains(config, console=err_console)
     images = stats["images"]
     report = report_path(chains_dir(config.out, get_spec(config.dataset)))
@@ -114,4 +120,3 @@ def build_and_summarise(config: BuildConfig) -> dict:
         f"run ({stats['run']['requests_per_s']} req/s). Report: {report}",
         highlight=False,
     )
-    return stats

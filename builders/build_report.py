@@ -16,7 +16,8 @@ from builders.rejection_sampling import ACCEPTED, progress_by_image
 from domainbed_reasoning import atomic
 from domainbed_reasoning.artefacts import chains_path, report_path, stats_path
 from domainbed_reasoning.chains.matching import ClassMatcher
-from domainbed_reasoning.chains.verdict import judge
+from domainbed_reasoning.chains.rules import RULES
+from domainbed_reasoning.chains.verdict import judge, judge_version
 
 STAGE_COLUMNS = ("summary", "caption", "reasoning", "reflection", "conclusion")
 CHAIN_COLUMNS = (
@@ -49,6 +50,7 @@ class RunInfo:
     skipped_files: int
     requests: int
     seconds: float
+    action: str = "sample"  # or "rejudge": stored candidates judged again, no teacher requests
 
 
 def derive_chains(
@@ -128,9 +130,12 @@ def compute_stats(
         "acceptance_rate": round(accepted / images, 4) if images else 0.0,
         "per_domain": _rates(status, "domain"),
         "per_class": _rates(status, "class_name"),
+        "judge_version": judge_version(),
+        "prompt_versions": _counts(candidates, "prompt_version"),
         "candidates": candidates.height,
         "requests": requests.height,
         "reasons": _counts(candidates, "reason"),
+        "rejections_by_rule": _counts(candidates.filter(pl.col("reason") != ACCEPTED), "reason"),
         "rounds_needed": {str(k): v for k, v in _counts(chains, "round").items()},
         "attempts_mean": round(float(chains["attempts"].mean()), 3) if chains.height else None,
         "tokens": {
@@ -157,6 +162,15 @@ def _rate_rows(rates: dict[str, dict]) -> list[tuple]:
     return [
         (key, r["images"], r["accepted"], f"{100 * r['rate']:.1f}%") for key, r in rates.items()
     ]
+
+
+def _verdict_rows(stats: dict) -> list[tuple]:
+    """Accepted first, then every rejecting rule with what it means, most frequent first."""
+    rows = []
+    if ACCEPTED in stats["reasons"]:
+        rows.append((ACCEPTED, stats["reasons"][ACCEPTED], "a label-consistent chain"))
+    rules = sorted(stats["rejections_by_rule"].items(), key=lambda item: (-item[1], item[0]))
+    return rows + [(rule, count, RULES.get(rule, "")) for rule, count in rules]
 
 
 def _settings_line(run: dict) -> str:
@@ -198,6 +212,13 @@ def render_report(stats: dict) -> str:
     throughput = (
         f"This run: {run['requests']} requests in {run['seconds']:.1f} s ({run['requests_per_s']} requests/s)"
         f" over {run['selected']} selected images; {run['skipped_files']} unreadable files skipped by the scan."
+        if run["action"] == "sample"
+        else f"This run re-judged the {stats['candidates']} stored candidates in {run['seconds']:.1f} s"
+        " without asking the teacher (`--rejudge`)."
+    )
+    judged = (
+        f"Judge version `{stats['judge_version']}`; teacher prompt version(s)"
+        f" {', '.join(f'`{v}`' for v in stats['prompt_versions']) or 'none yet'}."
     )
     parts = [
         f"# Chain build report: {run['dataset']}",
@@ -206,8 +227,10 @@ def render_report(stats: dict) -> str:
         REQUEST_ERROR_NOTE,
         "## Acceptance per domain\n\n" + _table(RATE_HEADER, _rate_rows(stats["per_domain"])),
         "## Acceptance per class\n\n" + _table(RATE_HEADER, _rate_rows(stats["per_class"])),
-        "## Candidate verdicts\n\n"
-        + _table(("reason", "candidates"), list(stats["reasons"].items())),
+        "## Candidate verdicts, by rule\n\n"
+        + _table(("verdict", "candidates", "rule"), _verdict_rows(stats))
+        + "\n\n"
+        + judged,
         "## Rounds needed\n\n" + _table(("round", "images"), list(stats["rounds_needed"].items())),
         f"Mean candidates seen until acceptance: {stats['attempts_mean']}.",
         "## Tokens and throughput\n\n" + _table(TOKEN_HEADER, [token_row]),

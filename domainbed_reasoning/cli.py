@@ -49,6 +49,18 @@ def prompt(
     print_prompt(name, get_spec(dataset).classes)
 
 
+@app.command("judge")
+def judge_command(
+    text: str = typer.Argument(..., help="A conclusion, or a whole five-stage answer; '-' reads stdin."),
+    dataset: str = typer.Option(..., help="Dataset whose classes the text is read against, e.g. OfficeHome."),
+    label: str | None = typer.Option(None, help="The true class: also say whether the answer would be kept."),
+) -> None:
+    """Probe the label filter: the class a text names, the verdict, and the rule that decided it."""
+    from domainbed_reasoning.chains.probe import print_judgement
+
+    print_judgement(get_spec(dataset).classes, text, label)
+
+
 @app.command()
 def scan(
     dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
@@ -189,6 +201,9 @@ def build_chains_command(
     ),
     progress: bool = typer.Option(True, help="Show the progress bar."),
     workers: int = typer.Option(1, help="Client processes sharing --concurrency; more only pays on idle cores."),
+    rejudge: bool = typer.Option(
+        False, help="Judge the stored candidates again with this dbr's judge; no teacher requests."
+    ),
 ) -> None:
     """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
     from builders.build import build_and_summarise
@@ -218,7 +233,8 @@ def build_chains_command(
             limit=limit,
             show_progress=progress,
             workers=workers,
-        )
+        ),
+        rejudge=rejudge,
     )
 
 

@@ -110,8 +110,8 @@ REASONING = [
     said(chain("square")),  # wrong_class: parsed, wrong
     said(chain("square", drop="REFLECTION")),  # missing_stage
     said(chain("star"), finish="length"),  # truncated: a cut chain is not read
-    said("Sure. " + chain("Triangle.") + " Done."),  # right: prose around the tags is fine
-    said(chain("not sure")),  # no_class
+    said("Sure. " + chain("Triangle.") + "\n**"),  # right: prose before, markup after the tags
+    said(chain("not sure")),  # uncertain: a hedge names no class
     FAILED,  # request_error
 ]
 
@@ -203,7 +203,7 @@ def test_reasoning_mode_reads_answers_as_the_builders_filter_does() -> None:
     ]
     assert predictions["correct"].to_list() == [True, False, False, False, True, False, False]
     assert predictions["failure"].to_list() == [
-        None, None, "missing_stage", "truncated", None, "no_class", "request_error",
+        None, None, "missing_stage", "truncated", None, "uncertain", "request_error",
     ]  # fmt: skip
     assert predictions["error"].to_list()[-1] == "HTTP 500 after 3 retries"
     assert set(predictions["mode"]) == {"reasoning"}
