@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from typer.testing import CliRunner
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.serving.vllm_server import free_port
+from train.config import build_config, save_config
 from train.sweep import launchers
 from train.sweep.launchers import SlurmOptions, run_local_gpus, time_minutes
 from train.sweep.plan import RemoteModel, SweepSpec, parse_seeds, plan
@@ -111,6 +115,33 @@ def test_a_dataset_missing_from_the_export_is_refused(export_dir: Path, tmp_path
             )
         )
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_held_out_domain_missing_from_the_export_is_refused(
+    export_dir: Path, tmp_path: Path
+) -> None:
+    export = tmp_path / "domainbed-reasoning"
+    shutil.copytree(export_dir, export, ignore=shutil.ignore_patterns(".cache", "sketch-*"))
+    card = (export / "README.md").read_text()  # the card without the sketch split (files and info)
+    card = card.replace("  - split: sketch\n    path: SynthDG/sketch-*.parquet\n", "")
+    (export / "README.md").write_text(re.sub(r"  - name: sketch\n(    .*\n)+", "", card))
+    spec = SweepSpec(("SynthDG",), "some/model", tmp_path / "sweep", data=str(export))
+    with pytest.raises(UserError, match="holds no SynthDG images of sketch: re-export SynthDG"):
+        plan(spec)
+    assert len(plan(replace(spec, targets=("photo",)))) == 12  # 4 methods x 3 seeds
+
+
+def test_a_run_made_with_other_settings_is_refused(export_dir: Path, tmp_path: Path) -> None:
+    spec = SweepSpec(
+        ("SynthDG",), "some/model", tmp_path / "sweep", data=str(export_dir), targets=("sketch",)
+    )
+    earlier = tmp_path / "sweep" / "train" / "seed-1" / "SynthDG" / "sketch" / "mtct"
+    save_config(
+        build_config({"method": "mtct", "seed": 1, "learning_rate": 1e-4}), earlier / "config.yaml"
+    )
+    with pytest.raises(UserError, match="mtct was trained with other settings \\(learning_rate\\)"):
+        plan(spec)
+    assert plan(replace(spec, overrides=("learning_rate=1e-4",), methods=("mtct",), seeds=(1,)))
 
 
 def test_a_slurm_option_submitit_rejects_starts_nothing(export_dir: Path, tmp_path: Path) -> None:

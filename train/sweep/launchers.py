@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import yaml
 from submitit.core.utils import FailedSubmissionError
 
 from domainbed_reasoning import atomic
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.terminal import console
+from train.config import parse_overrides
 from train.sweep.plan import Trial
 from train.sweep.trial import TrialFailed, run_trial, visible_gpus
 
@@ -113,15 +113,13 @@ def time_minutes(text: str) -> int:
 
 
 def extra_parameters(pairs: Sequence[str]) -> dict[str, Any]:
-    parameters = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(
-                f"--slurm {pair!r} is not KEY=VALUE: write e.g. --slurm qos=high --slurm cpus_per_task=16"
-            )
-        parameters[key.strip()] = yaml.safe_load(value)
-    return parameters
+    """`--slurm KEY=VALUE` pairs, typed as `--set` values are (YAML scalars)."""
+    malformed = [pair for pair in pairs if "=" not in pair or not pair.partition("=")[0].strip()]
+    if malformed:
+        raise UserError(
+            f"--slurm {malformed[0]!r} is not KEY=VALUE: write e.g. --slurm qos=high --slurm cpus_per_task=16"
+        )
+    return parse_overrides(list(pairs))
 
 
 def slurm_parameters(options: SlurmOptions) -> dict[str, Any]:
