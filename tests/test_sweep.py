@@ -285,6 +285,7 @@ def _records(out: Path) -> dict[str, dict]:
     return {path.stem: json.loads(path.read_text()) for path in (out / "trials").glob("*.json")}
 
 
+@pytest.mark.slow
 def test_every_trial_trained_and_evaluated_one_per_gpu(swept) -> None:
     out, _, printed = swept
     records = _records(out)
@@ -314,6 +315,7 @@ def test_every_trial_trained_and_evaluated_one_per_gpu(swept) -> None:
     assert "sweep finished" in printed
 
 
+@pytest.mark.slow
 def test_the_report_shows_two_trials_per_cell(swept, tmp_path: Path) -> None:
     out, _, _ = swept
     result = invoke(["report", str(out), "--out", str(tmp_path / "report")])
@@ -332,6 +334,7 @@ def test_the_report_shows_two_trials_per_cell(swept, tmp_path: Path) -> None:
     assert " (2; 2/4 domains) |" in (tmp_path / "report" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_status_and_a_rerun_skip_what_is_done(swept) -> None:
     out, args, _ = swept
     before = {key: record["finished"] for key, record in _records(out).items()}
@@ -346,6 +349,7 @@ def test_status_and_a_rerun_skip_what_is_done(swept) -> None:
     assert {key: record["finished"] for key, record in _records(out).items()} == before
 
 
+@pytest.mark.slow
 def test_a_killed_trial_resumes_and_an_unevaluated_one_is_only_evaluated(swept) -> None:
     out, args, _ = swept
     killed = out / "train" / "seed-1" / "SynthDG" / "photo" / "mtct"
@@ -381,6 +385,7 @@ def test_a_killed_trial_resumes_and_an_unevaluated_one_is_only_evaluated(swept) 
     assert (unevaluated / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == weights
 
 
+@pytest.mark.slow
 def test_more_seeds_are_estimated_from_the_measured_trials(swept) -> None:
     _, args, _ = swept
     seeds = args.index("--seeds")
@@ -403,6 +408,7 @@ def test_more_seeds_are_estimated_from_the_measured_trials(swept) -> None:
 # --- the Slurm path, through submitit's local executor --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_slurm_path_submits_records_job_ids_and_reports_failures(
     export_dir: Path, tiny_qwen2vl: Path, tmp_path: Path
 ) -> None:
@@ -451,6 +457,7 @@ NODE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_the_multinode_config_joins_two_nodes(tmp_path: Path) -> None:
     """README's per-node command with train/accelerate/multinode.yaml, two 'nodes' on this machine (CPU,
     gloo): both join one process group of two ranks. A GPU cluster adds one process per GPU per node."""
