@@ -115,6 +115,23 @@ train: setup
 report: setup
 	$(DBR) report $(RUNS)/train --out $(RUNS)/report
 
+# The paper's Table 1 and Table 2: every (dataset, held-out domain, method, seed) trial and the base
+# model zero-shot, resumable (re-run to continue), then the report. LAUNCHER=local|local-gpus|slurm;
+# SWEEP_ARGS takes any other `dbr sweep` option, e.g. SWEEP_ARGS="--partition gpu --gpus-per-job 4".
+DATASETS ?= PACS VLCS OfficeHome TerraIncognita
+METHODS ?= cls,reasoning,mtct,rd-mldg
+SEEDS ?= 0,1,2
+LAUNCHER ?= local
+SWEEP ?= $(RUNS)/sweep
+SWEEP_ARGS ?=
+REPORT_SWEEP = $(DBR) report $(SWEEP) --out $(SWEEP)/report
+.PHONY: reproduce
+reproduce: setup
+	@test -n "$(MODEL)" || { echo "reproduce: set MODEL=<checkpoint>, e.g. make reproduce MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; }
+	$(DBR) sweep $(DATASETS) --model "$(MODEL)" --data $(DATA) --methods $(METHODS) --seeds $(SEEDS) \
+		--zero-shot --launcher $(LAUNCHER) --out $(SWEEP) $(SWEEP_ARGS)
+	$(if $(filter slurm,$(LAUNCHER)),@echo "jobs submitted: follow them with $(DBR) sweep --status --out $(SWEEP) and then run $(REPORT_SWEEP)",$(REPORT_SWEEP))
+
 bench: setup
 	$(PY) bench/bench_scan.py
 	$(PY) bench/bench_builder.py

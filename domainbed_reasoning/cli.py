@@ -371,6 +371,56 @@ def report(
 
 
 @app.command()
+def sweep(
+    datasets: list[str] = typer.Argument(
+        None, help="Datasets, e.g. PACS VLCS OfficeHome TerraIncognita (none with --status: the sweep in --out)."
+    ),
+    model: str = typer.Option("", help="Base MLLM of every trial: a checkpoint folder or a Hub id."),
+    methods: str = typer.Option("cls,reasoning,mtct,rd-mldg", help="Methods to train, comma-separated."),
+    seeds: str = typer.Option("0,1,2", help="Trials: one run per seed, e.g. 0,1,2."),
+    targets: str | None = typer.Option(None, help="Held-out domains (default: every domain of each dataset)."),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="Also evaluate the base model as is."),
+    zero_shot_remote: tuple[str, str] | None = typer.Option(
+        None, "--zero-shot-remote", metavar="URL MODEL", help="Also evaluate MODEL behind an OpenAI-compatible URL."
+    ),
+    api_key_env: str | None = typer.Option(None, help="--zero-shot-remote: environment variable with the API key."),
+    data: str = typer.Option("domainbed-reasoning", help="DomainBed-Reasoning export folder or Hub repo id."),
+    out: Path = typer.Option(Path("runs/sweep"), help="The sweep folder: every run, log, record and job id."),
+    config: Path | None = typer.Option(None, help="YAML training settings (default: the paper's)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a training setting, KEY=VALUE; repeatable."),
+    engine: str | None = typer.Option(None, help="Generation engine for SARR and evaluation: transformers or vllm."),
+    direct_tokens: int = typer.Option(32, help="Evaluation: token limit of a direct answer."),
+    max_new_tokens: int = typer.Option(1024, help="Evaluation: token limit of a reasoning answer."),
+    launcher: str = typer.Option("local", help="local (one after another), local-gpus (one per GPU) or slurm."),
+    partition: str | None = typer.Option(None, help="slurm: partition."),
+    gpus_per_job: int = typer.Option(1, help="slurm: GPUs per trial (training runs one process per GPU)."),
+    time: str = typer.Option("24:00:00", help="slurm: time limit per trial, minutes or [D-]HH:MM:SS."),
+    account: str | None = typer.Option(None, help="slurm: account to charge."),
+    slurm: list[str] = typer.Option([], "--slurm", help="slurm: any other submitit Slurm parameter, KEY=VALUE."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, folders, state, GPU-hours); start nothing."),
+    status: bool = typer.Option(False, "--status", help="Print each trial's state and Slurm job; start nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run or --status: print the plan as JSON."),
+) -> None:
+    """Every (dataset, held-out domain, method, seed) run and zero-shot row of the paper's tables; resumable."""
+    from train.sweep.launchers import SlurmOptions
+    from train.sweep.plan import RemoteModel, SweepSpec, parse_seeds
+    from train.sweep.sweep import LaunchOptions, sweep_command
+
+    remote = RemoteModel(*zero_shot_remote, api_key_env) if zero_shot_remote else None
+    spec = None
+    if datasets:
+        spec = SweepSpec(
+            datasets=tuple(datasets), model=model, out=out, methods=_csv(methods) or (),
+            seeds=parse_seeds(seeds), data=data, targets=_csv(targets), config=config,
+            overrides=tuple(set_), zero_shot=zero_shot, remote=remote, engine=engine,
+            direct_tokens=direct_tokens, reasoning_tokens=max_new_tokens,
+        )  # fmt: skip
+    slurm_options = SlurmOptions(partition, gpus_per_job, time, account, tuple(slurm))
+    action = "status" if status else "dry-run" if dry_run else "run"
+    sweep_command(spec, out, LaunchOptions(launcher, slurm_options), action, as_json)
+
+
+@app.command()
 def demo(
     data_dir: Path = typer.Option(Path("data"), help="Where SynthDG is drawn."),
     runs: Path = typer.Option(Path("runs"), help="Every artefact goes below this folder."),
