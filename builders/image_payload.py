@@ -12,6 +12,7 @@ import base64
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
@@ -61,7 +62,14 @@ def downscaled_jpeg(image: Image.Image, policy: PayloadPolicy) -> bytes:
     return buffer.getvalue()
 
 
-def image_data_url(path: Path, policy: PayloadPolicy) -> str:
+class ImagePayload(NamedTuple):
+    data_url: str
+    downscaled: (
+        bool  # recorded with every candidate: the teacher saw fewer pixels than the file has
+    )
+
+
+def image_data_url(path: Path, policy: PayloadPolicy) -> ImagePayload:
     """Original bytes when they fit the caps, a downscaled JPEG otherwise."""
     try:
         data = Path(path).read_bytes()
@@ -73,8 +81,11 @@ def image_data_url(path: Path, policy: PayloadPolicy) -> str:
                 and max(image.size) <= policy.max_side
             )
             if fits:
-                return to_data_url(data, mime)
-            return to_data_url(downscaled_jpeg(image, policy), "image/jpeg")
+                return ImagePayload(to_data_url(data, mime), downscaled=False)
+            downscaled = max(image.size) > policy.max_side
+            return ImagePayload(
+                to_data_url(downscaled_jpeg(image, policy), "image/jpeg"), downscaled
+            )
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise UserError(
             f"cannot read image {str(path)!r} ({type(err).__name__}): re-run `dbr scan` to list bad files"

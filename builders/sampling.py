@@ -2,6 +2,8 @@
 
 Each slot takes the next unresolved image and samples its rounds; answers stream
 into the candidate shards. Progress is reported every REPORT_SECONDS, not per image.
+When every teacher replica stays down past --outage-wait, the slots stop, what was
+answered is flushed, and the counters say why the share stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from builders.build_config import BuildConfig
 from builders.candidate_store import CandidateRecord, CandidateWriter
 from builders.rejection_sampling import ImageTask, Judging, Outcome, resolve_image
+from builders.replicas import AllReplicasDown
 from builders.teacher_client import TeacherConfig, TeacherPool
 
 REPORT_SECONDS = 0.1
@@ -26,7 +29,9 @@ SAMPLING_GC_THRESHOLDS = (50_000, 50, 100)  # CPython's defaults are (700, 10, 1
 class Counters:
     images: int = 0
     accepted: int = 0
+    failed: int = 0  # images left pending by a request that failed after its retries
     requests: int = 0
+    stopped: str | None = None  # why sampling stopped early: every replica stayed down
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ async def sample_all(
             )
             counters.images += 1
             counters.accepted += outcome is Outcome.ACCEPTED
+            counters.failed += outcome is Outcome.FAILED
 
     slots = [
         asyncio.create_task(slot())
@@ -118,6 +124,8 @@ async def _sample_share(share: Share, report: Callable[[Counters], None], check:
             reporter = asyncio.create_task(report_every(REPORT_SECONDS, counters, report))
             try:
                 await sample_all(share, pool, writer, counters)
+            except AllReplicasDown as err:
+                counters.stopped = str(err)
             finally:
                 reporter.cancel()
     report(counters)
