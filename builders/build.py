@@ -120,7 +120,7 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
                 highlight=False,
             )
         start = time.perf_counter()
-        counters = sample(share, config, console) if share.tasks else Counters()
+        counters = sample(share, config, console) if len(share.tasks) else Counters()
         run = RunInfo(
             dataset=spec.name,
             teacher=teacher.model,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import polars as pl
 from PIL import Image, UnidentifiedImageError
 
 from domainbed_reasoning.errors import UserError
@@ -33,10 +34,11 @@ class PayloadPolicy:
         if self.max_side < 16:
             raise UserError(f"--max-side {self.max_side}: must be at least 16 pixels")
 
-    def within_caps(self, width: int, height: int, nbytes: int) -> bool:
-        """Sent as read, by the scan's numbers: cheap enough to encode on the event loop,
-        where a hop to a worker thread would cost more than the encoding itself."""
-        return max(width, height) <= self.max_side and nbytes <= self.max_bytes
+    def within_caps(self) -> pl.Expr:
+        """Sent as read, by the scan's `width`, `height` and `bytes`: cheap enough to encode on
+        the event loop, where a hop to a worker thread would cost more than the encoding itself."""
+        longest = pl.max_horizontal("width", "height")
+        return (longest <= self.max_side) & (pl.col("bytes") <= self.max_bytes)
 
 
 def sniff_mime(data: bytes) -> str | None:

@@ -15,9 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
+
 from builders.build_config import BuildConfig
 from builders.candidate_store import CandidateRecord, CandidateWriter
-from builders.rejection_sampling import ImageTask, Judging, Outcome, resolve_image
+from builders.rejection_sampling import Judging, Outcome, image_tasks, resolve_image
 from builders.replicas import AllReplicasDown
 from builders.teacher_client import TeacherConfig, TeacherPool
 
@@ -36,10 +38,11 @@ class Counters:
 
 @dataclass(frozen=True)
 class Share:
-    """One process's part of a build: its images, and its slice of the concurrency in `config`."""
+    """One process's part of a build: its images (`pending_tasks` rows), and its slice of the
+    concurrency in `config`."""
 
     config: BuildConfig
-    tasks: list[ImageTask]
+    tasks: pl.DataFrame
     prompt: str
     judging: Judging
     folder: Path
@@ -49,7 +52,7 @@ async def sample_all(
     share: Share, pool: TeacherPool, writer: CandidateWriter, counters: Counters
 ) -> None:
     """Fill `concurrency` request slots from the task list; the first unexpected error stops them all."""
-    queue = iter(share.tasks)
+    queue = image_tasks(share.tasks)
     plan, policy = share.config.plan, share.config.policy
 
     def emit(records: list[CandidateRecord]) -> None:

@@ -67,7 +67,7 @@ def split_shares(share: Share, workers: int) -> list[Share]:
     return [
         replace(
             share,
-            tasks=share.tasks[index::workers],
+            tasks=share.tasks.gather_every(workers, offset=index),
             config=replace(
                 share.config,
                 teacher=replace(

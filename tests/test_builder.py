@@ -320,9 +320,9 @@ def test_workers_are_capped_by_images_and_request_slots(monkeypatch: pytest.Monk
 
 def test_shares_partition_the_images_and_the_concurrency(teacher: str, data_dir: Path) -> None:
     whole = config(teacher, data_dir, Path("unused"), concurrency=7)
-    tasks = list(range(IMAGES))
+    tasks = pl.DataFrame({"id": [f"image-{index}" for index in range(IMAGES)]})
     shares = split_shares(Share(whole, tasks, "prompt", None, Path("unused")), 3)
-    assert sorted(t for share in shares for t in share.tasks) == tasks
+    assert sorted(id_ for share in shares for id_ in share.tasks["id"]) == sorted(tasks["id"])
     assert [share.config.teacher.concurrency for share in shares] == [3, 2, 2]
     assert all(share.config.teacher.urls == whole.teacher.urls for share in shares)
 

@@ -6,6 +6,7 @@ import base64
 import io
 from pathlib import Path
 
+import polars as pl
 import pytest
 from PIL import Image
 
@@ -49,7 +50,8 @@ def test_an_image_over_max_side_is_downscaled_to_it_as_jpeg(tmp_path: Path) -> N
 def test_an_image_over_the_byte_cap_is_reencoded_even_when_small_in_pixels(tmp_path: Path) -> None:
     original = _save(tmp_path / "big.png", (60, 40), "PNG")
     mime, sent = _decode(
-        image_data_url(tmp_path / "big.png", PayloadPolicy(max_side=64, max_bytes=10)), downscaled=False
+        image_data_url(tmp_path / "big.png", PayloadPolicy(max_side=64, max_bytes=10)),
+        downscaled=False,
     )
     assert mime == "image/jpeg" and sent != original
     with Image.open(io.BytesIO(sent)) as image:
@@ -76,6 +78,7 @@ def test_a_tiny_max_side_is_refused() -> None:
 def test_only_images_over_a_cap_leave_the_event_loop(tmp_path: Path) -> None:
     """The scan's width, height and bytes decide, so no file is opened to plan the work."""
     policy = PayloadPolicy(max_side=512, max_bytes=10_000)
-    assert policy.within_caps(512, 300, 10_000)
-    assert not policy.within_caps(513, 300, 10)
-    assert not policy.within_caps(100, 100, 10_001)
+    scanned = pl.DataFrame(
+        {"width": [512, 513, 100], "height": [300, 300, 100], "bytes": [10_000, 10, 10_001]}
+    )
+    assert scanned.select(policy.within_caps())["width"].to_list() == [True, False, False]
