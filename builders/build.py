@@ -25,7 +25,12 @@ from builders.candidate_store import compact, scan_candidates, store_lock
 from builders.progress import progress_bar
 from builders.rejection_sampling import Judging, pending_tasks, progress_by_image
 from builders.sampling import Counters, Share, check_teacher, sample_share
-from builders.teacher_client import DEFAULT_KEY_ENV, url_host, withheld_key_urls
+from builders.teacher_client import (
+    DEFAULT_KEY_ENV,
+    MessagesTemplate,
+    url_host,
+    withheld_key_urls,
+)
 from builders.workers import sample_in_workers, split_shares, worker_count
 from domainbed_reasoning.artefacts import candidates_dir, chains_dir, manifest_path, report_path
 from domainbed_reasoning.chains.matching import ClassMatcher
@@ -107,7 +112,9 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
             tasks=pending_tasks(
                 selection, progress_by_image(scan_candidates(store)), config.plan, config.policy
             ),
-            prompt=template.render(classes=class_list(spec.classes)),
+            messages=MessagesTemplate.for_prompt(
+                template.render(classes=class_list(spec.classes)), text_first=True
+            ),
             judging=Judging(
                 matcher, teacher.model, template.version, teacher.top_p, teacher.max_tokens
             ),

@@ -21,8 +21,8 @@ from enum import StrEnum
 import polars as pl
 
 from builders.candidate_store import CandidateRecord
-from builders.image_payload import ImagePayload, PayloadPolicy, image_data_url
-from builders.teacher_client import Reply, encode_messages
+from builders.image_payload import PayloadPolicy, image_data_url
+from builders.teacher_client import MessagesTemplate, Reply
 from domainbed_reasoning.chains.chain_format import RejectReason
 from domainbed_reasoning.chains.matching import ClassMatcher
 from domainbed_reasoning.chains.verdict import judge
@@ -202,17 +202,19 @@ class Request:
 Ask = Callable[[bytes, int, float, int], Awaitable[Reply]]
 
 
-def image_messages(path: str, policy: PayloadPolicy, prompt: str) -> tuple[bytes, bool]:
-    """The request's messages (the prompt before the image) and whether the image was downscaled."""
-    payload: ImagePayload = image_data_url(path, policy)
-    return encode_messages(prompt, payload.data_url, text_first=True), payload.downscaled
+def image_messages(
+    task: ImageTask, policy: PayloadPolicy, template: MessagesTemplate
+) -> tuple[bytes, bool]:
+    """The request's messages and whether the image was downscaled."""
+    payload = image_data_url(task.path, policy, scanned_fit=task.within_caps)
+    return template.fill(payload.data_url), payload.downscaled
 
 
 async def resolve_image(
     task: ImageTask,
     plan: SamplingPlan,
     policy: PayloadPolicy,
-    prompt: str,
+    template: MessagesTemplate,
     ask: Ask,
     judging: Judging,
     emit: Callable[[list[CandidateRecord]], None],
@@ -224,9 +226,9 @@ async def resolve_image(
     downscaling is encoded off the event loop.
     """
     if task.within_caps:
-        messages, downscaled = image_messages(task.path, policy, prompt)
+        messages, downscaled = image_messages(task, policy, template)
     else:
-        messages, downscaled = await asyncio.to_thread(image_messages, task.path, policy, prompt)
+        messages, downscaled = await asyncio.to_thread(image_messages, task, policy, template)
     for round_ in range(task.first_round, plan.max_rounds + 1):
         request = Request(plan.temperature(round_), plan.request_seed(task.id, round_), downscaled)
         reply = await ask(messages, plan.candidates, request.temperature, request.seed)

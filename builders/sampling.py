@@ -21,7 +21,7 @@ from builders.build_config import BuildConfig
 from builders.candidate_store import CandidateRecord, CandidateWriter
 from builders.rejection_sampling import Judging, Outcome, image_tasks, resolve_image
 from builders.replicas import AllReplicasDown
-from builders.teacher_client import TeacherConfig, TeacherPool
+from builders.teacher_client import MessagesTemplate, TeacherConfig, TeacherPool
 
 REPORT_SECONDS = 0.1
 SAMPLING_GC_THRESHOLDS = (50_000, 50, 100)  # CPython's defaults are (700, 10, 10)
@@ -43,7 +43,7 @@ class Share:
 
     config: BuildConfig
     tasks: pl.DataFrame
-    prompt: str
+    messages: MessagesTemplate  # the prompt first, then the image: vLLM caches the prompt
     judging: Judging
     folder: Path
 
@@ -62,7 +62,7 @@ async def sample_all(
     async def slot() -> None:
         for task in queue:
             outcome = await resolve_image(
-                task, plan, policy, share.prompt, pool.send, share.judging, emit
+                task, plan, policy, share.messages, pool.send, share.judging, emit
             )
             counters.images += 1
             counters.accepted += outcome is Outcome.ACCEPTED

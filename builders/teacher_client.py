@@ -170,6 +170,28 @@ def encode_messages(prompt: str, data_url: str, text_first: bool = False) -> byt
     return json.dumps(request_messages(prompt, data_url, text_first)).encode()
 
 
+IMAGE_SLOT = "\x00image\x00"
+
+
+@dataclass(frozen=True)
+class MessagesTemplate:
+    """Every request's messages in a build, encoded once: only the image differs, and a data
+    URL (base64) needs no JSON escaping, so each image is spliced between two byte strings
+    instead of JSON-encoding the long prompt and the image again for every image."""
+
+    head: bytes
+    tail: bytes
+
+    @classmethod
+    def for_prompt(cls, prompt: str, text_first: bool) -> MessagesTemplate:
+        slot = json.dumps(IMAGE_SLOT).encode()[1:-1]
+        head, tail = encode_messages(prompt, IMAGE_SLOT, text_first).split(slot)
+        return cls(head, tail)
+
+    def fill(self, data_url: str) -> bytes:
+        return self.head + data_url.encode("ascii") + self.tail
+
+
 def request_body(messages: bytes, fields: dict) -> bytes:
     """A chat-completion body: the pre-encoded `messages` spliced beside the JSON of `fields`."""
     return b'{"messages": ' + messages + b", " + json.dumps(fields).encode()[1:]

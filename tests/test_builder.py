@@ -31,6 +31,7 @@ from builders.image_payload import PayloadPolicy
 from builders.rejection_sampling import SamplingPlan, parse_temperatures
 from builders.sampling import SAMPLING_GC_THRESHOLDS, Share, rare_collections
 from builders.teacher_client import (
+    MessagesTemplate,
     Sample,
     TeacherConfig,
     encode_messages,
@@ -68,7 +69,11 @@ def config(url: str, data_dir: Path, out: Path, **overrides) -> BuildConfig:
         timeout=overrides.pop("timeout", 5.0),
         max_retries=overrides.pop("max_retries", 0),
         concurrency=overrides.pop("concurrency", 8),
-        **{key: overrides.pop(key) for key in ("health", "api_key", "api_key_explicit") if key in overrides},
+        **{
+            key: overrides.pop(key)
+            for key in ("health", "api_key", "api_key_explicit")
+            if key in overrides
+        },
     )
     plan = overrides.pop("plan", SamplingPlan(candidates=2, max_rounds=2, temperatures=(0.5, 0.8)))
     workers = overrides.pop("workers", 1)
@@ -100,7 +105,9 @@ def assert_consistent(out: Path, expected_ids: set[str]) -> tuple[pl.DataFrame, 
     """Every image accepted or exhausted, once; no answer duplicated or lost, no round skipped."""
     raw, chains, stats = outputs(out)
     answered = answers(raw)
-    assert answered.height == answered.unique(subset=list(KEY)).height, "an answer was written twice"
+    assert answered.height == answered.unique(subset=list(KEY)).height, (
+        "an answer was written twice"
+    )
     assert set(answered["id"]) == expected_ids
     rounds = answered.group_by("id").agg(pl.col("round").unique().sort())["round"].to_list()
     assert all(r == list(range(1, len(r) + 1)) for r in rounds), "a round was skipped or repeated"
@@ -161,7 +168,9 @@ def test_the_label_never_travels_in_a_request(
     images, seeds = set(), set()
     for body in bodies:
         text, image = body["messages"][0]["content"]
-        assert (text["type"], image["type"]) == ("text", "image_url"), "the image must follow the text"
+        assert (text["type"], image["type"]) == ("text", "image_url"), (
+            "the image must follow the text"
+        )
         images.add(image["image_url"]["url"])
         seeds.add(body.pop("seed"))
         image["image_url"]["url"] = "IMAGE"
@@ -416,6 +425,8 @@ def test_a_body_with_pre_encoded_messages_is_the_plain_json_body(text_first: boo
     assert json.loads(body) == fields | {"messages": messages}
     kinds = [part["type"] for part in messages[0]["content"]]
     assert kinds == (["text", "image_url"] if text_first else ["image_url", "text"])
+    template = MessagesTemplate.for_prompt('say "hi"\n\u00e9', text_first)
+    assert template.fill(url) == encode_messages('say "hi"\n\u00e9', url, text_first)
 
 
 def test_temperature_schedule_repeats_its_last_value() -> None:

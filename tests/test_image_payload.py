@@ -38,6 +38,18 @@ def test_small_jpeg_and_png_travel_as_their_original_bytes(
     assert (sent_mime, sent) == (mime, original)
 
 
+def test_a_file_the_scan_measured_within_the_caps_is_sent_without_decoding(tmp_path: Path) -> None:
+    """The scan's verdict is trusted for JPEG and PNG; any other format is still re-encoded."""
+    original = _save(tmp_path / "small.png", (60, 40), "PNG")
+    scanned = image_data_url(tmp_path / "small.png", PayloadPolicy(max_side=64), scanned_fit=True)
+    assert _decode(scanned, downscaled=False) == ("image/png", original)
+    _save(tmp_path / "old.bmp", (30, 20), "BMP")
+    mime, _ = _decode(
+        image_data_url(tmp_path / "old.bmp", PayloadPolicy(), scanned_fit=True), False
+    )
+    assert mime == "image/jpeg"
+
+
 def test_an_image_over_max_side_is_downscaled_to_it_as_jpeg(tmp_path: Path) -> None:
     _save(tmp_path / "camera_trap.jpg", (400, 300), "JPEG")
     mime, sent = _decode(
