@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from domainbed_reasoning.offline.synth import generate
+from domainbed_reasoning.serving.vllm_server import free_port
 
 CHILD_SETUP = """
 import asyncio, json, resource, sys, time
@@ -136,12 +136,6 @@ async def main():
 print(json.dumps(asyncio.run(main())))
 """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_teacher(data_dir: Path, port: int, latency_ms: float) -> subprocess.Popen:

@@ -44,7 +44,9 @@ def peak_gib():
             return int(line.split()[1]) / 2**20
 """
 
-NEW_START = PEAK + """
+NEW_START = (
+    PEAK
+    + """
 import sys, time
 from pathlib import Path
 import polars as pl
@@ -57,8 +59,11 @@ compact(store)
 tasks = pending_tasks(manifest, progress_by_image(scan_candidates(store)), SamplingPlan(), PayloadPolicy())
 print(f"{time.perf_counter() - start:.2f} {len(tasks)} {peak_gib()}")
 """
+)
 
-OLD_START = PEAK + """
+OLD_START = (
+    PEAK
+    + """
 import sys, time
 from pathlib import Path
 import polars as pl
@@ -73,8 +78,11 @@ done = frame.group_by("id").agg(pl.col("round").max().alias("rounds"), (pl.col("
 tasks = pending_tasks(manifest, done, SamplingPlan(), PayloadPolicy())
 print(f"{time.perf_counter() - start:.2f} {len(tasks)} {peak_gib()}")
 """
+)
 
-DERIVE = PEAK + """
+DERIVE = (
+    PEAK
+    + """
 import sys, time
 from pathlib import Path
 import polars as pl
@@ -87,6 +95,7 @@ start = time.perf_counter()
 stats = write_outputs(out, manifest, manifest["id"], store, ClassMatcher(get_spec("DomainNet").classes), run)
 print(f"{time.perf_counter() - start:.2f} {stats['images'].get('accepted', 0)} {peak_gib()}")
 """
+)
 
 
 def manifest_frame() -> pl.DataFrame:

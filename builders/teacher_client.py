@@ -338,19 +338,25 @@ class TeacherPool:
     async def send(
         self, messages: bytes, n: int, temperature: float, seed: int | None = None
     ) -> Reply:
-        """`complete` for messages already encoded by `encode_messages`; each retry goes to a
-        healthy replica, other than the one that just failed when there is one."""
+        """`complete` for messages already encoded by `encode_messages`.
+
+        A retry goes to a healthy replica other than the one that just failed when there is
+        one, at once; a retry on the same replica first waits as the SDK would (backoff, or
+        the server's Retry-After), which gives a struggling server room and nothing else.
+        """
         body = request_body(messages, self.fields(n, temperature, seed))
         start = time.perf_counter()
-        replica = None
+        failed, delay = None, 0.0
         for retries_taken in range(self.config.max_retries + 1):
-            replica = await self.replicas.acquire(avoid=replica)
+            replica = await self.replicas.acquire(avoid=failed)
+            if replica is failed:
+                await asyncio.sleep(delay)
             outcome = await self._attempt(replica, body, start)
             if isinstance(outcome, Reply):
                 return outcome
-            if not outcome.retryable or retries_taken == self.config.max_retries:
+            if not outcome.retryable:
                 break
-            await asyncio.sleep(retry_delay(retries_taken, outcome.headers))
+            failed, delay = replica, retry_delay(retries_taken, outcome.headers)
         return Reply((), 0, 0, time.perf_counter() - start, replica.host, outcome.detail)
 
     async def _attempt(self, replica: Replica, body: bytes, start: float) -> Reply | Failure:
