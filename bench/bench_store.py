@@ -41,7 +41,7 @@ def peak_gib():
     # memory at fork time is counted.
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
+            return f"{int(line.split()[1]) / 2**20:.2f}"
 """
 
 NEW_START = (
@@ -125,42 +125,43 @@ def random_texts(count: int, chars: int, rng: np.random.Generator) -> pl.Series:
 
 
 def write_store(store: Path, manifest: pl.DataFrame, candidates: int, chars: int) -> None:
-    """Rounds of 4 answers per image until `candidates` rows; a third of the images get an
-    accepted (parseable, label-consistent) chain, the other answers are random text."""
+    """Rounds of 4 answers per image until `candidates` rows, written a shard at a time; a third
+    of the images get an accepted (parseable, label-consistent) chain, the rest random text."""
     rng = np.random.default_rng(0)
-    rows_per_round = IMAGES * 4
-    rounds = -(-candidates // rows_per_round)
+    chains = {
+        name: format_chain(dict(zip(STAGES, ("s", "c", "r", "f", name), strict=True)))
+        for name in SPEC.classes
+    }
+    four = pl.DataFrame({"candidate_index": [0, 1, 2, 3]}, schema={"candidate_index": pl.Int32})
     store.mkdir(parents=True)
-    written = 0
-    for round_ in range(1, rounds + 1):
-        take = min(IMAGES, (candidates - written) // 4)
-        images = manifest.head(take)
-        frame = images.select("id", "class_name").join(
-            pl.DataFrame({"candidate_index": [0, 1, 2, 3]}, schema={"candidate_index": pl.Int32}),
-            how="cross",
-        )
-        accept = (pl.int_range(pl.len()) // 4 % 3 == 0) & (pl.col("candidate_index") == 0)
-        texts = random_texts(frame.height, chars, rng)
-        chains = {
-            name: format_chain(dict(zip(STAGES, ("s", "c", "r", "f", name), strict=True)))
-            for name in SPEC.classes
-        }
-        frame = frame.with_columns(texts, chain=pl.col("class_name").replace_strict(chains)).with_columns(
-            round=pl.lit(round_, pl.Int32), temperature=pl.lit(0.7), finish_reason=pl.lit("stop"),
-            reason=pl.when(accept).then(pl.lit("accepted")).otherwise(pl.lit("wrong_class")),
-            predicted=pl.col("class_name"), detail=pl.lit("concluded"), prompt_tokens=pl.lit(1500, pl.Int64),
-            completion_tokens=pl.lit(1200, pl.Int64), latency_s=pl.lit(3.1), teacher=pl.lit("teacher"),
-            teacher_url=pl.lit("10.0.0.1:8000"), prompt_version=pl.lit("abcdef012345"),
-            seed=pl.lit(7, pl.Int64), top_p=pl.lit(1.0), max_tokens=pl.lit(1024, pl.Int32),
-            server_model=pl.lit("teacher"), system_fingerprint=pl.lit(None, pl.String),
-            timestamp=pl.lit(None, pl.Datetime("us", "UTC")), downscaled=pl.lit(False),
-        ).with_columns(text=pl.when(accept).then(pl.col("chain")).otherwise(pl.col("text")))  # fmt: skip
-        frame = frame.select(list(CANDIDATE_SCHEMA)).cast(CANDIDATE_SCHEMA)
-        for offset in range(0, frame.height, ROWS_PER_SHARD):
-            frame.slice(offset, ROWS_PER_SHARD).write_parquet(shard_path(store, 2))
-        written += frame.height
-        if written >= candidates:
-            break
+    written, round_ = 0, 1
+    while written < candidates:
+        for offset in range(0, IMAGES, ROWS_PER_SHARD // 4):
+            take = min(ROWS_PER_SHARD // 4, IMAGES - offset, (candidates - written) // 4)
+            if take <= 0:
+                break
+            frame = manifest.slice(offset, take).select("id", "class_name").join(four, how="cross")
+            accept = ((pl.int_range(pl.len()) // 4 + offset) % 3 == 0) & (
+                pl.col("candidate_index") == 0
+            )
+            frame = frame.with_columns(
+                text=pl.when(accept)
+                .then(pl.col("class_name").replace_strict(chains))
+                .otherwise(random_texts(frame.height, chars, rng)),
+                round=pl.lit(round_, pl.Int32), temperature=pl.lit(0.7), finish_reason=pl.lit("stop"),
+                reason=pl.when(accept).then(pl.lit("accepted")).otherwise(pl.lit("wrong_class")),
+                predicted=pl.col("class_name"), detail=pl.lit("concluded"), prompt_tokens=pl.lit(1500, pl.Int64),
+                completion_tokens=pl.lit(1200, pl.Int64), latency_s=pl.lit(3.1), teacher=pl.lit("teacher"),
+                teacher_url=pl.lit("10.0.0.1:8000"), prompt_version=pl.lit("abcdef012345"),
+                seed=pl.lit(7, pl.Int64), top_p=pl.lit(1.0), max_tokens=pl.lit(1024, pl.Int32),
+                server_model=pl.lit("teacher"), system_fingerprint=pl.lit(None, pl.String),
+                timestamp=pl.lit(None, pl.Datetime("us", "UTC")), downscaled=pl.lit(False),
+            )  # fmt: skip
+            frame.select(list(CANDIDATE_SCHEMA)).cast(CANDIDATE_SCHEMA).write_parquet(
+                shard_path(store, 2)
+            )
+            written += frame.height
+        round_ += 1
 
 
 def run_child(script: str, *args: str) -> list[str]:
@@ -198,24 +199,21 @@ def main() -> None:
             f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
         )
         store, manifest_file = str(work / "candidates"), str(work / "manifest.parquet")
-        new, new_rss = run_child(NEW_START, store, manifest_file)
-        seconds, pending = new.split()
-        print(
-            f"start-up now:    {seconds} s, peak RSS {new_rss:.2f} GiB, {int(pending):,} images pending"
-        )
+        seconds, pending, rss = run_child(NEW_START, store, manifest_file)
+        print(f"start-up now:    {seconds} s, peak RSS {rss} GiB, {int(pending):,} images pending")
         if not args.no_old:
-            old, old_rss = run_child(OLD_START, store, manifest_file)
-            old_seconds, old_pending = old.split()
+            old_seconds, old_pending, old_rss = run_child(OLD_START, store, manifest_file)
             print(
-                f"start-up before: {old_seconds} s, peak RSS {old_rss:.2f} GiB, {int(old_pending):,} "
+                f"start-up before: {old_seconds} s, peak RSS {old_rss} GiB, {int(old_pending):,} "
                 f"images pending; now / before: time {float(seconds) / float(old_seconds):.2f}, "
-                f"RSS {new_rss / old_rss:.2f}"
+                f"RSS {float(rss) / float(old_rss):.2f}"
             )
         (work / "out").mkdir()
-        derived, derive_rss = run_child(DERIVE, store, manifest_file, str(work / "out"))
-        derive_seconds, accepted = derived.split()
+        derive_seconds, accepted, derive_rss = run_child(
+            DERIVE, store, manifest_file, str(work / "out")
+        )
         print(
-            f"final derivation now: {derive_seconds} s, peak RSS {derive_rss:.2f} GiB "
+            f"final derivation now: {derive_seconds} s, peak RSS {derive_rss} GiB "
             f"({int(accepted):,} chains)"
         )
         print(f"after: load average {os.getloadavg()[0]:.2f}")

@@ -10,7 +10,9 @@ one shard of the next, written whole (with the names it replaces in its Parquet
 metadata) before its sources are deleted. A crash between the two leaves both; the next
 start deletes the sources a merged shard lists (`finish_merges`), so a record is never
 lost and never counted twice. Each writer merges only shards it wrote itself; leftovers
-of killed runs are merged at start-up, under the store's lock.
+of killed runs are merged at start-up, under the store's lock, and so are shards written
+before the store had levels: merged, they gain the newer columns (as nulls) and their
+failed requests the current `candidate_index` of -1, so every shard has one schema.
 
 Readers name the columns they need: start-up reads three of them, not the answers' text.
 """
@@ -34,6 +36,7 @@ from typing import Self
 import polars as pl
 
 from domainbed_reasoning import atomic
+from domainbed_reasoning.chains.chain_format import RejectReason
 from domainbed_reasoning.errors import UserError
 
 KEY = ("id", "round", "candidate_index")
@@ -151,9 +154,12 @@ def merge_shards(folder: Path, sources: list[Path], level: int) -> Path:
     """One shard of `level` holding every row of `sources`, then the sources deleted."""
     target = shard_path(folder, level)
     metadata = {MERGED_FROM: json.dumps([path.name for path in sources])}
+    failed = pl.col("reason") == RejectReason.REQUEST_ERROR.value
     with atomic.atomic_path(target) as tmp:
         scan = pl.scan_parquet(sources, schema=CANDIDATE_SCHEMA, missing_columns="insert")
-        scan.sink_parquet(tmp, metadata=metadata)
+        scan.with_columns(
+            candidate_index=pl.when(failed).then(pl.lit(-1, pl.Int32)).otherwise("candidate_index")
+        ).sink_parquet(tmp, metadata=metadata)
     fsync_dir(folder)
     for source in sources:
         source.unlink(missing_ok=True)
@@ -173,9 +179,12 @@ def finish_merges(folder: Path) -> int:
 
 
 def compact(folder: Path) -> None:
-    """Finish interrupted merges, then merge every level holding `FANOUT` shards or more."""
+    """Finish interrupted merges, bring shards of older builds to the current schema, then
+    merge every level holding `FANOUT` shards or more."""
     folder = Path(folder)
     finish_merges(folder)
+    if legacy := [path for path in shards(folder) if not LEVEL.match(path.name)]:
+        merge_shards(folder, legacy, 1)
     level = 0
     while paths := [path for path in shards(folder) if level_of(path) >= level]:
         here = [path for path in paths if level_of(path) == level]

@@ -70,23 +70,42 @@ async def writer_idle(writer: CandidateWriter) -> None:
         await asyncio.sleep(0.001)
 
 
-def legacy_shard(folder: Path, index: int) -> None:
+def legacy_shard(folder: Path, index: int, reason: str) -> None:
     """A shard as builds wrote it before this store had levels and provenance columns."""
-    frame = pl.DataFrame([record(index)], schema=CANDIDATE_SCHEMA, orient="row").select(
-        LEGACY_COLUMNS
+    frame = (
+        pl.DataFrame([record(index)], schema=CANDIDATE_SCHEMA, orient="row")
+        .select(LEGACY_COLUMNS)
+        .with_columns(reason=pl.lit(reason))
     )
     frame.write_parquet(folder / f"part-20250101T000000-{uuid.uuid4().hex}.parquet")
 
 
-def test_start_up_merges_what_killed_runs_left_and_reads_old_shards(tmp_path: Path) -> None:
+def test_start_up_merges_what_killed_runs_left(tmp_path: Path) -> None:
     for index in range(FANOUT + 3):
-        legacy_shard(tmp_path, index)
-    old = read_candidates(tmp_path)
-    assert old["seed"].is_null().all() and old["timestamp"].is_null().all()
+        write_shard(tmp_path, [record(index)])
+    before = read_candidates(tmp_path)
     compact(tmp_path)
     assert [level_of(path) for path in shards(tmp_path)] == [1]
-    merged = read_candidates(tmp_path)
-    assert merged.sort("id").equals(old.sort("id"))
+    assert read_candidates(tmp_path).sort("id").equals(before.sort("id"))
+
+
+def test_shards_of_older_builds_are_read_and_brought_to_one_schema(tmp_path: Path) -> None:
+    """Before issue 13 a shard had 15 columns, no level in its name, and a failed request's
+    row was candidate 0; one merge at start-up gives every shard the current schema, so a
+    reader that expects one schema (as export's does) reads the store whole."""
+    for index in range(3):
+        legacy_shard(tmp_path, index, reason="request_error" if index == 0 else "wrong_class")
+    write_shard(tmp_path, [record(3)])
+    old = read_candidates(tmp_path)
+    assert old.filter(pl.col("seed").is_null()).height == 3
+    compact(tmp_path)
+    assert sorted(level_of(path) for path in shards(tmp_path)) == [0, 1]
+    merged = read_candidates(tmp_path).sort("id")
+    failed = pl.col("reason") == "request_error"
+    assert merged.filter(failed)["candidate_index"].to_list() == [-1]
+    assert merged.filter(~failed).equals(old.filter(~failed).sort("id"))
+    frames = [pl.read_parquet(path) for path in shards(tmp_path)]
+    assert all(frame.columns == list(CANDIDATE_SCHEMA) for frame in frames)
 
 
 def test_levels_below_the_fanout_are_left_alone(tmp_path: Path) -> None:
