@@ -7,7 +7,9 @@ tokenizer knows DomainNet's class names, sends the same DomainNet-class prompt w
 distinct SynthDG images in both orders (image-first, text-first, and both again, each
 phase with images not seen before), and prints per phase the prefix-cache hit rate read
 from the server's /metrics (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`, in
-tokens) and the mean request latency, side by side. It also prints the server's own
+tokens), the tokens actually prefilled per request, and the mean request latency, side by
+side. With n > 1 the samples of one request share its prefill either way, which is why
+image-first still hits (n-1)/n of its queries; across images only text-first shares. It also prints the server's own
 statement that prefix caching is on. A random tiny model prefills in microseconds, so the
 latency gain here is a floor: on a GPU with an 8B teacher the saved prefill is ~1,500 tokens
 per request. The server runs without chunked prefill: vLLM 0.32's CPU build kills its engine
@@ -148,7 +150,7 @@ def main() -> None:
     by_order = {
         order: [row for row in rows if row[0] == order] for order in ("image-first", "text-first")
     }
-    mean = {order: statistics.mean(row[4] for row in group) for order, group in by_order.items()}
+    mean = {order: statistics.mean(row[5] for row in group) for order, group in by_order.items()}
     print(f"text-first / image-first mean latency: {mean['text-first'] / mean['image-first']:.2f}")
     print(f"after: load average {os.getloadavg()[0]:.2f}")
 
