@@ -168,11 +168,14 @@ def build_and_summarise(config: BuildConfig) -> int:
     if not run["unresolved"]:
         return 0
     failures = stats["request_failures"]
-    example = next(iter(failures["errors"]), "none this run")
+    example = next(iter(failures["errors"]), "none")
+    why = f"{failures['pending_images']:,} of them after failed requests"
+    if run["stopped"]:
+        why += ", the rest not asked before the build stopped"
     err_console.print(
-        f"[yellow]{run['unresolved']:,} images of this run unresolved because requests failed[/]"
-        f" ({failures['requests']:,} failed requests in the store; most common: {example}). "
-        f"Run the same command again to retry exactly those (exit code {EXIT_UNRESOLVED}).",
+        f"[yellow]{run['unresolved']:,} images of this run unresolved[/] ({why}; commonest error: "
+        f"{example}). Run the same command again to retry exactly those (exit code "
+        f"{EXIT_UNRESOLVED}).",
         highlight=False,
         soft_wrap=True,
     )

@@ -384,7 +384,7 @@ def test_the_api_key_appears_in_no_output(teacher: str, data_dir: Path, tmp_path
     assert result.exit_code == 3, result.output
     assert outputs(tmp_path / "out")[2]["request_failures"]["requests"] > 0
     said = " ".join(result.output.split())
-    assert re.search(r"\d+ images of this run unresolved because requests failed", said)
+    assert re.search(r"(\d+) images of this run unresolved \(\1 of them after failed requests;", said)
     assert "Run the same command again to retry exactly those (exit code 3)" in said
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) >= 5
