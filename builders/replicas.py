@@ -32,8 +32,9 @@ class HealthPolicy:
             raise UserError(f"--outage-wait {self.outage_wait_s:g}: must be 0 seconds or more")
 
 
-class AllReplicasDown(Exception):
-    """Every replica stayed down for `outage_wait_s`; the build stops and a re-run resumes."""
+class AllReplicasDown(UserError):
+    """Every replica stayed down for `outage_wait_s`. The builder stops its slots, writes what
+    was answered and exits 3; any other client (evaluation, SARR) fails in one line."""
 
 
 @dataclass(eq=False)
@@ -140,7 +141,7 @@ class ReplicaSet:
     def _stopped_message(self) -> str:
         return (
             f"every teacher replica stayed down for {self.policy.outage_wait_s:g} s "
-            f"({self._errors()}): the build stopped; run the same command again to resume"
+            f"({self._errors()}): stopped; run the same command again to resume"
         )
 
     async def close(self) -> None:

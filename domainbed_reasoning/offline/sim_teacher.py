@@ -56,6 +56,9 @@ STAT_KEYS = (
     *TRANSPORT_FAULTS,
     *CONTENT_FAULTS,
 )
+NON_NEGATIVE = frozenset(
+    {"latency_ms", "jitter_ms", "retry_after", "stall_s", "outage_after", "outage_s"}
+)
 STAGE_BLOCK = re.compile(r"<(" + "|".join(STAGES) + r")>.*?</\1>", re.DOTALL)
 
 
@@ -85,8 +88,7 @@ class SimTeacherConfig:
             flag = "--" + item.name.replace("_", "-")
             if item.name.startswith("p_") and not 0.0 <= value <= 1.0:
                 raise UserError(f"{flag} must be a probability between 0 and 1, got {value}")
-            numbers = {"latency_ms", "jitter_ms", "retry_after", "stall_s", "outage_s", "outage_after"}
-            if item.name in numbers and value is not None and value < 0:
+            if item.name in NON_NEGATIVE and value is not None and value < 0:
                 raise UserError(f"{flag} must be zero or more, got {value}")
         for group, kind in ((CONTENT_FAULTS, "answer"), (TRANSPORT_FAULTS, "request")):
             total = sum(self.probability(fault) for fault in group)
