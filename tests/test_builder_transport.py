@@ -25,6 +25,7 @@ from aiohttp import web
 from test_builder import FAST, IMAGES, all_ids, answers, assert_consistent, config, outputs
 
 from builders.build import build_chains
+from builders.candidate_store import read_candidates, store_lock
 from builders.rejection_sampling import SamplingPlan
 from builders.replicas import HealthPolicy
 from builders.retry_policy import retry_after, retry_delay, should_retry
@@ -356,8 +357,33 @@ def test_a_url_that_is_not_an_openai_api_is_one_line(data_dir: Path, tmp_path: P
     )
 
 
+def test_a_404_mid_run_stops_in_one_line_and_keeps_what_was_answered(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica restarted with another model answers 404: no retry can fix that."""
+    handler = sim_teacher.SimTeacher.chat_completions
+
+    async def vanishing(self, request: web.Request) -> web.StreamResponse:
+        if self.stats["requests"] >= 5:
+            gone = {"error": {"message": "The model `sim-teacher` does not exist."}}
+            return web.json_response(gone, status=404)
+        return await handler(self, request)
+
+    monkeypatch.setattr(sim_teacher.SimTeacher, "chat_completions", vanishing)
+    with (
+        run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as url,
+        pytest.raises(UserError) as stopped,
+    ):
+        build_chains(config(url, data_dir, tmp_path, concurrency=1, max_retries=3))
+    assert str(stopped.value) == (
+        f"teacher at {url} answered 404 to a chat completion (NotFoundError: HTTP 404: The model "
+        "`sim-teacher` does not exist.): check --teacher-model and that the URL ends in /v1"
+    )
+    kept = read_candidates(tmp_path / "SynthDG" / "candidates")
+    assert kept.height == 5 * 2 and kept["id"].n_unique() == 5
+
+
 def test_a_second_build_on_the_same_folder_is_refused(data_dir: Path, tmp_path: Path) -> None:
-    from builders.candidate_store import store_lock
 
     with (
         store_lock(tmp_path / "SynthDG"),
