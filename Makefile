@@ -113,11 +113,12 @@ bench: setup
 	$(PY) bench/bench_replicas.py
 	$(PY) bench/bench_store.py
 
-# SARR self-labelling throughput, transformers vs vLLM engine (needs the vLLM environment).
+# vLLM's prefix-cache hit rate with the prompt before or after the image (real vLLM server).
 .PHONY: bench-prefix-cache
 bench-prefix-cache: setup vllm-env
 	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) bench/bench_prefix_cache.py
 
+# SARR self-labelling throughput, transformers vs vLLM engine (needs the vLLM environment).
 .PHONY: bench-selflabel
 bench-selflabel: setup vllm-env
 	$(PY) bench/bench_selflabel.py --vllm-python $(VLLM_VENV)/bin/python
