@@ -5,7 +5,8 @@ DomainNet-sized manifest (586,575 images, 345 classes; K=4 answers per round, ab
 1.3 rounds per image, chains of `--text-chars` characters), laid out as merged shards,
 then measures, each in a fresh process so its peak RSS is its own:
 
-- start-up now: finish merges, read three columns (id, round, reason), the pending images;
+- start-up now: finish merges, check the store holds one teacher and prompt version (two
+  columns), read three columns (id, round, reason), the pending images;
 - start-up as before this change (every column of every shard, deduplicated), for contrast,
   with the same pending-task list built from it;
 - the final derivation now: chains.parquet, stats.json and report.md from the store.
@@ -50,12 +51,14 @@ NEW_START = (
 import sys, time
 from pathlib import Path
 import polars as pl
+from builders.build import refuse_mixing
 from builders.candidate_store import compact, scan_candidates
 from builders.image_payload import PayloadPolicy
 from builders.rejection_sampling import SamplingPlan, pending_tasks, progress_by_image
 store, manifest = Path(sys.argv[1]), pl.read_parquet(sys.argv[2])
 start = time.perf_counter()
 compact(store)
+refuse_mixing(store, "teacher", "abcdef012345")
 tasks = pending_tasks(manifest, progress_by_image(scan_candidates(store)), SamplingPlan(), PayloadPolicy())
 print(f"{time.perf_counter() - start:.2f} {len(tasks)} {peak_gib()}")
 """
