@@ -5,15 +5,15 @@ image of the dataset; vLLM's automatic prefix caching can only reuse it when it 
 first. This starts the REAL vLLM CPU server (.venv-vllm) with a tiny Qwen2-VL whose
 tokenizer knows DomainNet's class names, sends the same DomainNet-class prompt with
 distinct SynthDG images in both orders (image-first, text-first, and both again, each
-phase with images not seen before), and prints per phase the prefix-cache hit rate read
-from the server's /metrics (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`, in
-tokens), the tokens actually prefilled per request, and the mean request latency, side by
-side. With n > 1 the samples of one request share its prefill either way, which is why
-image-first still hits (n-1)/n of its queries; across images only text-first shares. It also prints the server's own
-statement that prefix caching is on. A random tiny model prefills in microseconds, so the
-latency gain here is a floor: on a GPU with an 8B teacher the saved prefill is ~1,500 tokens
-per request. The server runs without chunked prefill: vLLM 0.32's CPU build kills its engine
-when it prefills a seeded request in chunks ("CPU Generator does not use offset").
+phase with images not seen before), and prints per phase, side by side: the prefix-cache
+hit rate from the server's /metrics (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`,
+in tokens), the tokens prefilled per request, and the mean request latency. With n > 1 the
+samples of one request share its prefill in either order, which is why image-first still
+hits (n-1)/n of its queries; across images only text-first shares. It also prints the
+server's own statement that prefix caching is on. The latencies are a tiny model's on a
+CPU; on a GPU with an 8B teacher the saved prefill is the prompt's ~1,500 tokens per image.
+The server runs without chunked prefill: vLLM 0.32's CPU build kills its engine when it
+prefills a seeded request in chunks ("CPU Generator does not use offset").
 
     .venv/bin/python bench/bench_prefix_cache.py [--images 48] [--concurrency 4]
 """
@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -86,6 +87,37 @@ def caching_statement(log: Path) -> str:
     return found.group(0) if found else "(the log does not state enable_prefix_caching)"
 
 
+def measure_phases(
+    base_url: str, prompt: str, paths: list[str], args: argparse.Namespace
+) -> list[tuple]:
+    """Per phase: order, requests, prompt tokens, hit rate, tokens prefilled per request,
+    mean latency, seconds."""
+    teacher = TeacherConfig(
+        urls=(base_url,), model="tiny-teacher", max_tokens=args.max_tokens,
+        concurrency=args.concurrency, timeout=600,
+    )  # fmt: skip
+    rows = []
+    for index, (name, text_first) in enumerate(PHASES):
+        chosen = paths[index * args.images : (index + 1) * args.images]
+        bodies = [
+            encode_messages(prompt, image_data_url(path, PayloadPolicy()).data_url, text_first)
+            for path in chosen
+        ]
+        hits, queries = prefix_counters(base_url)
+        start = time.perf_counter()
+        latencies, prompt_tokens = asyncio.run(
+            run_phase(teacher, bodies, args.concurrency, args.candidates)
+        )
+        seconds = time.perf_counter() - start
+        after_hits, after_queries = prefix_counters(base_url)
+        queried, hit = after_queries - queries, after_hits - hits
+        rows.append(
+            (name, len(bodies), prompt_tokens, hit / max(queried, 1),
+             (queried - hit) / len(bodies), statistics.mean(latencies), seconds)
+        )  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,56 +133,41 @@ def main() -> None:
     prompt = load_prompt("teacher").render(classes=class_list(domainnet.classes))
     model = cached_tiny_model(build_tiny_qwen2vl, CACHE, vocab_words=list(domainnet.classes))
     work = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    per_class = -(-args.images * len(PHASES) // (len(synth.domains) * len(synth.classes)))
-    generate(work / "data", per_class, seed=0, size=112)
-    paths = scan_dataset(synth, work / "data").frame["path"].to_list()
-    print(f"before: load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    server_config = ServerConfig(
-        model=str(model), served_model_name="tiny-teacher", port=free_port(), max_model_len=4096,
-        dtype="float32", log_path=work / "vllm.log", extra_args=("--no-enable-chunked-prefill",),
-    )  # fmt: skip
-    started = time.perf_counter()
-    with VLLMServer(server_config) as server:
-        print(
-            f"vLLM CPU server ready in {time.perf_counter() - started:.0f} s; {caching_statement(server_config.log_path)}"
-        )
-        teacher = TeacherConfig(
-            urls=(server.base_url,), model="tiny-teacher", max_tokens=args.max_tokens,
-            concurrency=args.concurrency, timeout=600,
+    try:
+        per_class = -(-args.images * len(PHASES) // (len(synth.domains) * len(synth.classes)))
+        generate(work / "data", per_class, seed=0, size=112)
+        paths = scan_dataset(synth, work / "data").frame["path"].to_list()
+        print(f"before: load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+        server_config = ServerConfig(
+            model=str(model), served_model_name="tiny-teacher", port=free_port(),
+            max_model_len=4096, dtype="float32", log_path=work / "vllm.log",
+            extra_args=("--no-enable-chunked-prefill",),
         )  # fmt: skip
-        rows = []
-        for index, (name, text_first) in enumerate(PHASES):
-            chosen = paths[index * args.images : (index + 1) * args.images]
-            bodies = [
-                encode_messages(prompt, image_data_url(path, PayloadPolicy()).data_url, text_first)
-                for path in chosen
-            ]
-            hits, queries = prefix_counters(server.base_url)
-            start = time.perf_counter()
-            latencies, prompt_tokens = asyncio.run(
-                run_phase(teacher, bodies, args.concurrency, args.candidates)
-            )
-            seconds = time.perf_counter() - start
-            after_hits, after_queries = prefix_counters(server.base_url)
-            rate = (after_hits - hits) / max(after_queries - queries, 1)
-            rows.append(
-                (name, len(bodies), prompt_tokens, rate, statistics.mean(latencies), seconds)
-            )
+        started = time.perf_counter()
+        with VLLMServer(server_config) as server:
+            ready = time.perf_counter() - started
+            caching = caching_statement(server_config.log_path)
+            print(f"vLLM CPU server ready in {ready:.0f} s; {caching}")
+            rows = measure_phases(server.base_url, prompt, paths, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(
         f"DomainNet prompt ({len(domainnet.classes)} classes, {len(prompt):,} characters); "
         f"n={args.candidates}, max_tokens={args.max_tokens}, concurrency {args.concurrency}"
     )
     print(
-        f"{'order':<12} {'requests':>8} {'prompt tok':>10} {'hit rate':>9} {'mean lat':>9} {'req/s':>7}"
+        f"{'order':<12} {'requests':>8} {'prompt tok':>10} {'hit rate':>9} "
+        f"{'prefilled tok/req':>17} {'mean lat':>9} {'req/s':>7}"
     )
-    for name, count, tokens, rate, latency, seconds in rows:
+    for name, count, tokens, rate, prefilled, latency, seconds in rows:
         print(
-            f"{name:<12} {count:>8} {tokens:>10} {rate:>9.3f} {latency:>8.3f}s {count / seconds:>7.1f}"
+            f"{name:<12} {count:>8} {tokens:>10} {rate:>9.3f} {prefilled:>17.0f} "
+            f"{latency:>8.3f}s {count / seconds:>7.1f}"
         )
-    by_order = {
-        order: [row for row in rows if row[0] == order] for order in ("image-first", "text-first")
+    mean = {
+        order: statistics.mean(row[5] for row in rows if row[0] == order)
+        for order in ("image-first", "text-first")
     }
-    mean = {order: statistics.mean(row[5] for row in group) for order, group in by_order.items()}
     print(f"text-first / image-first mean latency: {mean['text-first'] / mean['image-first']:.2f}")
     print(f"after: load average {os.getloadavg()[0]:.2f}")
 
