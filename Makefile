@@ -135,6 +135,13 @@ reproduce: setup
 bench: setup
 	$(PY) bench/bench_scan.py
 	$(PY) bench/bench_builder.py
+	$(PY) bench/bench_replicas.py
+	$(PY) bench/bench_store.py
+
+# vLLM's prefix-cache hit rate with the prompt before or after the image (real vLLM server).
+.PHONY: bench-prefix-cache
+bench-prefix-cache: setup vllm-env
+	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) bench/bench_prefix_cache.py
 
 # SARR self-labelling throughput, transformers vs vLLM engine (needs the vLLM environment).
 .PHONY: bench-selflabel

@@ -47,11 +47,14 @@ class BuildConfig:
     flush_rows: int = 2048
     flush_seconds: float = 2.0
     show_progress: bool = True
-    workers: int = 1
+    workers: int = 0  # 0: chosen from the free cores (workers.py)
+    allow_mixed: bool = False  # add to a store that holds another teacher's or prompt's answers
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise UserError(f"--workers {self.workers}: must be at least 1 (1 is one process)")
+        if self.workers < 0:
+            raise UserError(
+                f"--workers {self.workers}: must be 0 (choose from the free cores) or more"
+            )
         if self.limit is not None and self.limit < 1:
             raise UserError(
                 f"--limit {self.limit}: must be at least 1 (leave it out for every image)"

@@ -2,7 +2,9 @@
 
 They are recomputed from scratch at the end of every run rather than updated,
 so whatever happened before (crashes, resumed runs, several shards of work)
-they always agree with the shards, which stay the one source of truth.
+they always agree with the shards, which stay the one source of truth. Each
+query reads only the columns it needs, and the answers' text only for the
+accepted candidates, so a store of millions of candidates derives in seconds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import polars as pl
 
-from builders.rejection_sampling import ACCEPTED, progress_by_image
+from builders.candidate_store import scan_candidates
+from builders.rejection_sampling import ACCEPTED, REQUEST_ERROR, progress_by_image
 from domainbed_reasoning import atomic
 from domainbed_reasoning.artefacts import chains_path, report_path, stats_path
 from domainbed_reasoning.chains.matching import ClassMatcher
@@ -25,12 +28,13 @@ CHAIN_COLUMNS = (
     "teacher", "prompt_version", "attempts", "round",
 )  # fmt: skip
 EXHAUSTED_LISTED = 50
+ERRORS_LISTED = 5
 RATE_HEADER = ("group", "images", "accepted", "rate")
 TOKEN_HEADER = ("requests", "prompt tokens", "completion tokens", "tokens per accepted chain")
 REQUEST_ERROR_NOTE = (
-    "A request that still fails after the client's retries is stored as one `request_error` candidate and"
-    " uses up its round, so a dead teacher ends the build with exhausted images instead of looping forever;"
-    " re-run with a higher `--max-rounds` to give them more rounds."
+    "Only teacher answers use up rounds. A request that still fails after its retries (on every replica)"
+    " is stored as one `request_error` row and leaves its image pending at the same round; running the"
+    " same command again retries exactly those images."
 )
 
 
@@ -44,26 +48,57 @@ class RunInfo:
     candidates: int
     max_rounds: int
     temperatures: list[float]
+    seed: int
+    top_p: float
+    max_tokens: int
     shard: str
     limit: int | None
     selected: int
     skipped_files: int
     requests: int
     seconds: float
+    stopped: str | None = None
     action: str = "sample"  # or "rejudge": stored candidates judged again, no teacher requests
 
 
-def derive_chains(
-    manifest: pl.DataFrame, candidates: pl.DataFrame, matcher: ClassMatcher
-) -> pl.DataFrame:
-    """The first accepted candidate of each image, its stages, and how many candidates came before it."""
-    ordered = candidates.sort("id", "round", "candidate_index").with_columns(
-        attempts=pl.int_range(1, pl.len() + 1).over("id")
+def derive_chains(manifest: pl.DataFrame, store: Path, matcher: ClassMatcher) -> pl.DataFrame:
+    """The first accepted candidate of each image, its stages, and how many answers came up to it."""
+    accepted = (
+        scan_candidates(
+            store,
+            [
+                "id",
+                "round",
+                "candidate_index",
+                "reason",
+                "text",
+                "finish_reason",
+                "teacher",
+                "prompt_version",
+            ],
+        )
+        .filter(pl.col("reason") == ACCEPTED)
+        .sort("id", "round", "candidate_index")
+        .unique("id", keep="first", maintain_order=True)
+        .collect()
     )
-    accepted = ordered.filter(pl.col("reason") == ACCEPTED).unique(
-        "id", keep="first", maintain_order=True
+    first = accepted.select("id", accepted_round="round", accepted_index="candidate_index")
+    answers_until = (
+        scan_candidates(store, ["id", "round", "candidate_index", "reason"])
+        .filter(pl.col("reason") != REQUEST_ERROR)
+        .join(first.lazy(), on="id")
+        .filter(
+            (pl.col("round") < pl.col("accepted_round"))
+            | (
+                (pl.col("round") == pl.col("accepted_round"))
+                & (pl.col("candidate_index") <= pl.col("accepted_index"))
+            )
+        )
+        .group_by("id")
+        .agg(attempts=pl.len())
+        .collect()
     )
-    rows = accepted.join(
+    rows = accepted.join(answers_until, on="id").join(
         manifest.select("id", "dataset", "domain", "class_name", "label", "path"), on="id"
     )
     stages = []
@@ -78,8 +113,9 @@ def derive_chains(
     return pl.concat([rows, stage_frame], how="horizontal").select(CHAIN_COLUMNS).sort("id")
 
 
-def image_status(manifest: pl.DataFrame, candidates: pl.DataFrame, max_rounds: int) -> pl.DataFrame:
-    """Every attempted image with its status: accepted, exhausted, or pending (rounds left)."""
+def image_status(manifest: pl.DataFrame, progress: pl.DataFrame, max_rounds: int) -> pl.DataFrame:
+    """Every attempted image with its status: accepted, exhausted (every round answered, none
+    accepted), or pending (rounds left; `failed` when a request of its next round failed)."""
     status = (
         pl.when(pl.col("accepted"))
         .then(pl.lit("accepted"))
@@ -87,7 +123,9 @@ def image_status(manifest: pl.DataFrame, candidates: pl.DataFrame, max_rounds: i
         .then(pl.lit("exhausted"))
         .otherwise(pl.lit("pending"))
     )
-    return progress_by_image(candidates).join(manifest, on="id").with_columns(status=status)
+    return progress.join(manifest, on="id").with_columns(
+        status=status, failed=pl.col("failed_round") > pl.col("rounds")
+    )
 
 
 def _rates(status: pl.DataFrame, by: str) -> dict[str, dict]:
@@ -102,40 +140,66 @@ def _counts(frame: pl.DataFrame, column: str) -> dict[str, int]:
     return {str(key): count for key, count in frame.group_by(column).len().sort(column).iter_rows()}
 
 
+def request_failures(store: Path, status: pl.DataFrame) -> dict:
+    """The failed requests in the store, the images they leave pending, and their commonest errors."""
+    failures = (
+        scan_candidates(store, ["reason", "detail"])
+        .filter(pl.col("reason") == REQUEST_ERROR)
+        .collect()
+    )
+    errors = failures.group_by("detail").len().sort(["len", "detail"], descending=[True, False])
+    return {
+        "requests": failures.height,
+        "pending_images": status.filter((pl.col("status") == "pending") & pl.col("failed")).height,
+        "errors": dict(errors.head(ERRORS_LISTED).iter_rows()),
+    }
+
+
 def compute_stats(
-    manifest: pl.DataFrame, candidates: pl.DataFrame, chains: pl.DataFrame, run: RunInfo
+    manifest: pl.DataFrame,
+    selected: pl.Series,
+    store: Path,
+    progress: pl.DataFrame,
+    chains: pl.DataFrame,
+    run: RunInfo,
 ) -> dict:
-    status = image_status(manifest, candidates, run.max_rounds)
-    requests = candidates.filter(pl.col("candidate_index") == 0)
+    status = image_status(manifest, progress, run.max_rounds)
+    columns = ["id", "candidate_index", "reason", "prompt_version", "prompt_tokens", "completion_tokens"]
+    answers = scan_candidates(store, columns).filter(pl.col("reason") != REQUEST_ERROR).collect()
+    requests = answers.filter(pl.col("candidate_index") == 0)
     prompt_tokens = int(requests["prompt_tokens"].sum())
     completion_tokens = int(requests["completion_tokens"].sum())
     exhausted_ids = status.filter(pl.col("status") == "exhausted")["id"]
     exhausted = (
-        candidates.filter(pl.col("id").is_in(exhausted_ids.implode()))
+        answers.filter(pl.col("id").is_in(exhausted_ids.implode()))
         .group_by("id", "reason")
         .len()
         .sort("id", "reason")
         .group_by("id", maintain_order=True)
         .agg(pl.struct("reason", "len"))
     )
+    resolved = status.filter(pl.col("status") != "pending")["id"]
+    unresolved = selected.len() - selected.is_in(resolved.implode()).sum()
     images = status.height
     accepted = int(status["accepted"].sum())
     return {
         "run": asdict(run)
         | {
             "requests_per_s": round(run.requests / run.seconds, 2) if run.seconds else 0.0,
-            "request_errors_retire_a_round": True,
+            "request_errors_retire_a_round": False,
+            "unresolved": int(unresolved),
         },
         "images": {"attempted": images, **_counts(status, "status")},
         "acceptance_rate": round(accepted / images, 4) if images else 0.0,
         "per_domain": _rates(status, "domain"),
         "per_class": _rates(status, "class_name"),
         "judge_version": judge_version(),
-        "prompt_versions": _counts(candidates, "prompt_version"),
-        "candidates": candidates.height,
+        "prompt_versions": _counts(answers, "prompt_version"),
+        "candidates": answers.height,
         "requests": requests.height,
-        "reasons": _counts(candidates, "reason"),
-        "rejections_by_rule": _counts(candidates.filter(pl.col("reason") != ACCEPTED), "reason"),
+        "request_failures": request_failures(store, status),
+        "reasons": _counts(answers, "reason"),
+        "rejections_by_rule": _counts(answers.filter(pl.col("reason") != ACCEPTED), "reason"),
         "rounds_needed": {str(k): v for k, v in _counts(chains, "round").items()},
         "attempts_mean": round(float(chains["attempts"].mean()), 3) if chains.height else None,
         "tokens": {
@@ -177,7 +241,8 @@ def _settings_line(run: dict) -> str:
     limit = "" if run["limit"] is None else f", limit {run['limit']}"
     return (
         f"Teacher `{run['teacher']}` at {', '.join(run['teacher_hosts'])}; {run['candidates']} candidates"
-        f" per request, at most {run['max_rounds']} rounds, temperatures {run['temperatures']};"
+        f" per request, at most {run['max_rounds']} rounds, temperatures {run['temperatures']},"
+        f" top_p {run['top_p']}, max_tokens {run['max_tokens']}, seed {run['seed']};"
         f" shard {run['shard']}{limit}."
     )
 
@@ -193,6 +258,17 @@ def _exhausted_section(exhausted: dict[str, dict[str, int]]) -> str:
         f"## Exhausted images ({len(rows)})\n\n"
         + _table(("id", "reject reasons"), rows[:EXHAUSTED_LISTED])
         + tail
+    )
+
+
+def _failures_section(stats: dict) -> str:
+    failures, run = stats["request_failures"], stats["run"]
+    stopped = f"\n\n**The build stopped early:** {run['stopped']}" if run["stopped"] else ""
+    return (
+        f"## Failed requests\n\n{failures['requests']} requests failed after their retries;"
+        f" {failures['pending_images']} images wait for a re-run because of them, and {run['unresolved']}"
+        f" images of this run's selection are unresolved.{stopped}\n\n"
+        + _table(("error", "requests"), list(failures["errors"].items()))
     )
 
 
@@ -235,6 +311,7 @@ def render_report(stats: dict) -> str:
         f"Mean candidates seen until acceptance: {stats['attempts_mean']}.",
         "## Tokens and throughput\n\n" + _table(TOKEN_HEADER, [token_row]),
         throughput,
+        _failures_section(stats),
         _exhausted_section(stats["exhausted"]),
     ]
     return "\n\n".join(parts) + "\n"
@@ -243,13 +320,15 @@ def render_report(stats: dict) -> str:
 def write_outputs(
     chains_dir: Path,
     manifest: pl.DataFrame,
-    candidates: pl.DataFrame,
+    selected: pl.Series,
+    store: Path,
     matcher: ClassMatcher,
     run: RunInfo,
 ) -> dict:
     """Rewrite chains.parquet, stats.json and report.md atomically; return the stats."""
-    chains = derive_chains(manifest, candidates, matcher)
-    stats = compute_stats(manifest, candidates, chains, run)
+    progress = progress_by_image(scan_candidates(store))
+    chains = derive_chains(manifest, store, matcher)
+    stats = compute_stats(manifest, selected, store, progress, chains, run)
     atomic.write_parquet(chains_path(chains_dir), chains)
     atomic.write_json(stats_path(chains_dir), stats)
     atomic.write_text(report_path(chains_dir), render_report(stats))

@@ -25,8 +25,16 @@ from rich.table import Table
 
 from builders.build_config import BuildConfig
 from builders.build_report import RunInfo, image_status, write_outputs
-from builders.candidate_store import KEY, SHARD_GLOB, read_candidates
-from builders.rejection_sampling import ACCEPTED
+from builders.candidate_store import (
+    KEY,
+    SHARD_GLOB,
+    compact,
+    read_candidates,
+    scan_candidates,
+    shards,
+    store_lock,
+)
+from builders.rejection_sampling import ACCEPTED, progress_by_image
 from domainbed_reasoning import atomic
 from domainbed_reasoning.artefacts import (
     candidates_dir,
@@ -115,7 +123,7 @@ def _rejudge_frame(
 def rejudge_shards(folder: Path, labels: dict[str, str], matcher: ClassMatcher) -> int:
     """Rewrite every shard whose verdicts change; return how many were rewritten."""
     rewritten = 0
-    for path in sorted(candidates_dir(folder).glob(SHARD_GLOB)):
+    for path in shards(candidates_dir(folder)):
         frame = pl.read_parquet(path)
         judged = _rejudge_frame(frame, labels, matcher)
         if not judged.equals(frame):
@@ -170,32 +178,35 @@ def rejudge(config: BuildConfig) -> Changes:
     manifest = pl.read_parquet(manifest_path(folder))
     labels = dict(manifest.select("id", "class_name").iter_rows())
     matcher = ClassMatcher(spec.classes)
-    before = read_candidates(candidates_dir(folder)).select(*KEY, "reason")  # no texts kept twice
-    rewritten = rejudge_shards(folder, labels, matcher)
-    after = read_candidates(candidates_dir(folder))
+    store = candidates_dir(folder)
     rounds = config.plan.max_rounds
-    changes = _changes(
-        before,
-        after,
-        image_status(manifest, before, rounds),
-        image_status(manifest, after, rounds),
-    )
-    run = RunInfo(
-        dataset=spec.name,
-        teacher=", ".join(sorted(after["teacher"].unique().drop_nulls().to_list())),
-        teacher_hosts=sorted(after["teacher_url"].unique().drop_nulls().to_list()),
-        candidates=config.plan.candidates,
-        max_rounds=rounds,
-        temperatures=list(config.plan.temperatures),
-        shard=str(config.shard),
-        limit=config.limit,
-        selected=0,
-        skipped_files=0,
-        requests=0,
-        seconds=round(time.perf_counter() - start, 3),
-        action="rejudge",
-    )
-    write_outputs(folder, manifest, after, matcher, run)
+    with store_lock(folder):
+        compact(store)  # one schema, no half-finished merge, before shards are rewritten
+        before = read_candidates(store, ["id", "round", "candidate_index", "reason"])
+        status_before = image_status(manifest, progress_by_image(scan_candidates(store)), rounds)
+        rewritten = rejudge_shards(folder, labels, matcher)
+        after = read_candidates(store, [*KEY, "reason", "teacher", "teacher_url"])
+        progress = progress_by_image(scan_candidates(store))
+        changes = _changes(before, after, status_before, image_status(manifest, progress, rounds))
+        run = RunInfo(
+            dataset=spec.name,
+            teacher=", ".join(sorted(after["teacher"].unique().drop_nulls().to_list())),
+            teacher_hosts=sorted(after["teacher_url"].unique().drop_nulls().to_list()),
+            candidates=config.plan.candidates,
+            max_rounds=rounds,
+            temperatures=list(config.plan.temperatures),
+            seed=config.plan.seed,
+            top_p=config.teacher.top_p,
+            max_tokens=config.teacher.max_tokens,
+            shard=str(config.shard),
+            limit=config.limit,
+            selected=0,
+            skipped_files=0,
+            requests=0,
+            seconds=round(time.perf_counter() - start, 3),
+            action="rejudge",
+        )
+        write_outputs(folder, manifest, progress["id"], store, matcher, run)
     result = Changes(
         dataset=spec.name,
         judge_version=judge_version(),

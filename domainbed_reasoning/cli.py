@@ -103,6 +103,8 @@ def sim_teacher(
     p_drop: float = typer.Option(0.0, help="Per request: connection closed without a response."),
     p_stall: float = typer.Option(0.0, help="Per request: answer only after --stall-s seconds."),
     stall_s: float = typer.Option(30.0, help="How long a stalled request sleeps."),
+    outage_after: int | None = typer.Option(None, help="Chat requests answered before an outage begins."),
+    outage_s: float = typer.Option(0.0, help="How long the outage lasts: every endpoint answers 503."),
     seed: int = typer.Option(0, help="Seed of the fault and wording draws."),
 ) -> None:
     """Serve an OpenAI-compatible simulated teacher for SynthDG, with optional fault injection."""
@@ -111,7 +113,7 @@ def sim_teacher(
     config = SimTeacherConfig(
         model=model, latency_ms=latency_ms, jitter_ms=jitter_ms, p_wrong=p_wrong, p_malformed=p_malformed,
         p_empty=p_empty, p_429=p_429, retry_after=retry_after, p_500=p_500, p_drop=p_drop, p_stall=p_stall,
-        stall_s=stall_s, seed=seed,
+        stall_s=stall_s, outage_after=outage_after, outage_s=outage_s, seed=seed,
     )  # fmt: skip
     serve(config, data_dir, host, port)
 
@@ -177,7 +179,12 @@ def serve_teacher(
     )
 
 
-@app.command("build-chains")
+@app.command(
+    "build-chains",
+    epilog="Exit codes: 0 every selected image accepted or exhausted; 2 bad input (one line); "
+    "3 some selected images are unresolved because their requests failed (transport errors, "
+    "an outage past --outage-wait): run the same command again to retry exactly those.",
+)
 def build_chains_command(
     dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
     data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
@@ -187,20 +194,34 @@ def build_chains_command(
     ),
     teacher_model: str = typer.Option("teacher", help="Model name the teacher serves."),
     candidates: int = typer.Option(4, help="Samples per request (the `n` parameter): one prefill, K answers."),
-    max_rounds: int = typer.Option(3, help="Requests per image at most before it counts as exhausted."),
+    max_rounds: int = typer.Option(3, help="Answered requests per image at most before it counts as exhausted."),
     temperatures: str = typer.Option("0.7,0.9,1.0", help="Temperature per round; the last one repeats."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling top_p, sent with every request."),
+    seed: int = typer.Option(0, help="Base of the per-request seed (derived from it, the image and the round)."),
     concurrency: int = typer.Option(256, help="Requests in flight at once, over all replicas."),
     timeout: float = typer.Option(120.0, help="Seconds per request attempt."),
-    max_retries: int = typer.Option(3, help="Client retries on 429/5xx/timeouts/connection errors."),
+    max_retries: int = typer.Option(
+        3, help="Retries on 429/5xx/timeouts/connection errors, each on a healthy replica."
+    ),
+    outage_wait: float = typer.Option(
+        1800.0, help="Seconds to wait for a replica when every one is down, then stop (exit 3)."
+    ),
     shard: str = typer.Option("0/1", help="i/n: this machine takes the ids whose hash mod n is i."),
     limit: int | None = typer.Option(None, help="Only the first N images of this shard (a trial run)."),
     max_side: int = typer.Option(1024, help="Images with a longer side are downscaled to it before sending."),
     max_tokens: int = typer.Option(1024, help="Completion token limit per answer."),
     api_key_env: str | None = typer.Option(
-        None, help="Environment variable holding the API key (default OPENAI_API_KEY, else 'EMPTY')."
+        None,
+        help="Environment variable holding the API key (default OPENAI_API_KEY, else 'EMPTY'). "
+        "OPENAI_API_KEY goes over plain http only to this machine; naming it here sends it anywhere.",
+    ),
+    allow_mixed: bool = typer.Option(
+        False, help="Add to an --out folder that holds another teacher's or prompt version's answers."
     ),
     progress: bool = typer.Option(True, help="Show the progress bar."),
-    workers: int = typer.Option(1, help="Client processes sharing --concurrency; more only pays on idle cores."),
+    workers: int = typer.Option(
+        0, help="Client processes sharing --concurrency; 0 chooses from the free cores."
+    ),
     rejudge: bool = typer.Option(
         False, help="Judge the stored candidates again with this dbr's judge; no teacher requests."
     ),
@@ -210,32 +231,38 @@ def build_chains_command(
     from builders.build_config import BuildConfig, Shard
     from builders.image_payload import PayloadPolicy
     from builders.rejection_sampling import SamplingPlan, parse_temperatures
+    from builders.replicas import HealthPolicy
     from builders.teacher_client import TeacherConfig, resolve_api_key
 
     teacher = TeacherConfig(
         urls=tuple(teacher_url),
         model=teacher_model,
         api_key=resolve_api_key(api_key_env),
+        api_key_explicit=api_key_env is not None,
         timeout=timeout,
         max_retries=max_retries,
         concurrency=concurrency,
         max_tokens=max_tokens,
+        top_p=top_p,
+        health=HealthPolicy(outage_wait_s=outage_wait),
     )
-    build_and_summarise(
+    code = build_and_summarise(
         BuildConfig(
             dataset=dataset,
             data_dir=data_dir,
             out=out,
             teacher=teacher,
-            plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures)),
+            plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures), seed),
             policy=PayloadPolicy(max_side=max_side),
             shard=Shard.parse(shard),
             limit=limit,
             show_progress=progress,
             workers=workers,
+            allow_mixed=allow_mixed,
         ),
         rejudge=rejudge,
     )
+    raise typer.Exit(code)
 
 
 @app.command("train")

@@ -64,7 +64,10 @@ def _read_table(path: Path, columns: Sequence[str], fix: str) -> pl.DataFrame:
 
 
 def read_candidates(folder: Path, columns: Sequence[str]) -> pl.DataFrame:
-    """Every stored teacher answer (the shards, deduplicated on their key), only `columns`."""
+    """Every stored teacher answer (the shards, deduplicated on their key), only `columns`.
+
+    Shards written by different builder versions may differ in columns; only the asked-for
+    ones, which every version wrote, are read."""
     wanted = list(dict.fromkeys([*CANDIDATE_KEY, *columns]))
     shards = sorted(Path(folder).glob("*.parquet"))
     if not shards:
@@ -72,7 +75,7 @@ def read_candidates(folder: Path, columns: Sequence[str]) -> pl.DataFrame:
             {"round": pl.Int32, "candidate_index": pl.Int32}
         )
     return (
-        pl.scan_parquet(shards)
+        pl.scan_parquet(shards, missing_columns="insert", extra_columns="ignore")
         .select(wanted)
         .unique(subset=list(CANDIDATE_KEY), keep="first", maintain_order=True)
         .collect()

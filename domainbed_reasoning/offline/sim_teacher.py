@@ -1,7 +1,9 @@
 """A simulated teacher: an OpenAI-compatible server that writes true chains for SynthDG images.
 
 It exists for the offline demo (a teacher that needs no weights), for fault injection (every
-failure the builder must survive, on demand and counted) and for benchmarks (a server cheap
+failure the builder must survive, on demand and counted: bad answers, 429s, 5xx, dropped and
+stalled requests, and an outage window in which every endpoint answers 503; a replica that
+dies is this server's process killed) and for benchmarks (a server cheap
 enough that the client is what gets measured). It recognises an image only by the hash of the
 bytes it receives (or of their decoded pixels), looked up in the SynthDG sidecar, and never reads
 the prompt: like a real teacher, it cannot be told the label.
@@ -50,8 +52,12 @@ STAT_KEYS = (
     "choices",
     "unknown_image",
     "bad_request",
+    "outage",
     *TRANSPORT_FAULTS,
     *CONTENT_FAULTS,
+)
+NON_NEGATIVE = frozenset(
+    {"latency_ms", "jitter_ms", "retry_after", "stall_s", "outage_after", "outage_s"}
 )
 STAGE_BLOCK = re.compile(r"<(" + "|".join(STAGES) + r")>.*?</\1>", re.DOTALL)
 
@@ -72,6 +78,8 @@ class SimTeacherConfig:
     p_drop: float = 0.0
     p_stall: float = 0.0
     stall_s: float = 30.0
+    outage_after: int | None = None  # chat requests answered before the outage begins
+    outage_s: float = 0.0  # how long every endpoint then answers 503
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,7 +88,7 @@ class SimTeacherConfig:
             flag = "--" + item.name.replace("_", "-")
             if item.name.startswith("p_") and not 0.0 <= value <= 1.0:
                 raise UserError(f"{flag} must be a probability between 0 and 1, got {value}")
-            if item.name in {"latency_ms", "jitter_ms", "retry_after", "stall_s"} and value < 0:
+            if item.name in NON_NEGATIVE and value is not None and value < 0:
                 raise UserError(f"{flag} must be zero or more, got {value}")
         for group, kind in ((CONTENT_FAULTS, "answer"), (TRANSPORT_FAULTS, "request")):
             total = sum(self.probability(fault) for fault in group)
@@ -347,6 +355,17 @@ class SimTeacher:
         self.index = index
         self.seen: Counter[str] = Counter()
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
+        self.outage_began: float | None = None
+
+    def in_outage(self) -> bool:
+        """The outage begins with chat request `outage_after + 1` and lasts `outage_s` seconds."""
+        after = self.config.outage_after
+        if self.outage_began is None and after is not None and self.stats["requests"] > after:
+            self.outage_began = time.monotonic()
+        return (
+            self.outage_began is not None
+            and time.monotonic() < self.outage_began + self.config.outage_s
+        )
 
     def request_rng(self, raw: bytes) -> random.Random:
         """The draws of one request, from the seed, the body and how often that body came before.
@@ -367,7 +386,13 @@ class SimTeacher:
         app.router.add_get("/stats", self.report)
         return app
 
+    def outage_reply(self) -> web.Response:
+        self.stats["outage"] += 1
+        return _error(503, "simulated outage", "service_unavailable")
+
     async def models(self, request: web.Request) -> web.Response:
+        if self.in_outage():
+            return self.outage_reply()
         card = {
             "id": self.config.model,
             "object": "model",
@@ -381,6 +406,8 @@ class SimTeacher:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
+        if self.in_outage():
+            return self.outage_reply()
         config = self.config
         raw = await request.read()
         rng = self.request_rng(raw)
@@ -449,6 +476,7 @@ class SimTeacher:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.config.model,
+            "system_fingerprint": f"sim-{self.config.seed}",
             "choices": choices,
             "usage": {
                 "prompt_tokens": prompt_tokens,
