@@ -93,10 +93,11 @@ ENGINE ?=
 DATA ?= domainbed-reasoning
 TRAIN_CONFIG ?= train/configs/mtct.yaml
 TRAIN_ARGS ?=
+ACCELERATE_CONFIG ?= train/accelerate/ddp.yaml
 NGPU = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 train: setup
 	@test -n "$(TARGET)" -a -n "$(MODEL)" || { echo "train: set TARGET=<held-out domain> MODEL=<checkpoint>, e.g. make train DATASET=PACS TARGET=sketch MODEL=OpenGVLab/InternVL3-2B-hf"; exit 2; }
-	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file train/accelerate/ddp.yaml --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
+	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
 		train $(DATASET) --data $(DATA) --target "$(TARGET)" --model "$(MODEL)" --method $(METHOD) \
 		--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS) \
 		$(if $(SARR_ROUNDS),--sarr-rounds $(SARR_ROUNDS)) $(if $(SARR_INIT),--sarr-init $(SARR_INIT)) \

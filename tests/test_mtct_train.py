@@ -463,7 +463,8 @@ def test_train_stage_end_to_end_then_reload_generate_and_resume(
     assert not any("/sketch/" in row_id for row_id in split.filter(pl.col("split") != "test")["id"])
     steps = [entry["step"] for entry in result.metrics["log_history"] if "loss_cls" in entry]
     assert steps == [1, 2] and result.metrics["train_loss"] > 0
-    assert "base_model:" in (run_dir / "adapter" / "README.md").read_text()
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert "base_model:" in card and "the vision-language projector is frozen" in card
     # every image of every split is counted; only the reasoning path needs a chain
     scanned = _scanned(export_dir)
     info = json.loads((run_dir / "run.json").read_text())
@@ -542,7 +543,8 @@ def test_full_fine_tuning_saves_a_model_that_engines_and_evaluation_load(
     run_dir = out / "SynthDG" / "sketch" / "cls"
     assert result.weights.model == str(run_dir / "model") and result.weights.adapter is None
     assert not (run_dir / "adapter").exists()
-    assert "fully fine-tuned" in (run_dir / "model" / "README.md").read_text()
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "fully fine-tuned" in card and "projector included" in card
     base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl).state_dict()
     tuned = AutoModelForImageTextToText.from_pretrained(run_dir / "model").state_dict()
     changed = [name for name in base if not torch.equal(base[name], tuned[name])]

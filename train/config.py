@@ -64,6 +64,7 @@ class TrainConfig:
     image_max_pixels: int | None = 1003520
     vllm_max_model_len: int = 8192
     vllm_tensor_parallel_size: int = 1
+    generation_batch_size: int = 8
     seed: int = 0
     sarr_rounds: int = 3
     sarr_init: str = "base"
@@ -133,6 +134,7 @@ def _check_runtime(config: TrainConfig) -> None:
         "distributed_timeout_s",
         "vllm_max_model_len",
         "vllm_tensor_parallel_size",
+        "generation_batch_size",
         "image_max_tiles",
         "image_max_pixels",
     ):

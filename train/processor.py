@@ -35,20 +35,21 @@ class ImageLimits:
 
 
 def limit_images(processor: ProcessorMixin, limits: ImageLimits) -> dict[str, Any]:
-    """Apply `limits` to the processor in place; returns the image-processor settings it now has
-    for them (what a vLLM server must be given as `--mm-processor-kwargs` to agree)."""
+    """Apply `limits` to the processor in place; returns the image-processor settings it changed
+    (what a vLLM server, which loads the checkpoint's own processor, must be given as
+    `--mm-processor-kwargs` to agree)."""
     image_processor = processor.image_processor
-    applied: dict[str, Any] = {}
-    if limits.max_tiles is not None and hasattr(image_processor, "max_patches"):
-        image_processor.max_patches = min(image_processor.max_patches, limits.max_tiles)
-        applied["max_patches"] = image_processor.max_patches
+    changed: dict[str, Any] = {}
+    tiles = getattr(image_processor, "max_patches", None)
+    if limits.max_tiles is not None and tiles is not None and limits.max_tiles < tiles:
+        image_processor.max_patches = changed["max_patches"] = limits.max_tiles
     size = getattr(image_processor, "size", None)
-    if limits.max_pixels is not None and hasattr(image_processor, "merge_size") and size:
-        size = dict(size)
-        size["longest_edge"] = min(size["longest_edge"], limits.max_pixels)
-        image_processor.size = size
-        applied["size"] = {key: size[key] for key in ("shortest_edge", "longest_edge")}
-    return applied
+    pixels = size["longest_edge"] if size and hasattr(image_processor, "merge_size") else None
+    if limits.max_pixels is not None and pixels is not None and limits.max_pixels < pixels:
+        size = {key: size[key] for key in ("shortest_edge", "longest_edge")}
+        size["longest_edge"] = limits.max_pixels
+        image_processor.size = changed["size"] = size
+    return changed
 
 
 def load_processor(model: str, limits: ImageLimits | None = None) -> ProcessorMixin:

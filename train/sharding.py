@@ -24,6 +24,7 @@ from typing import Any
 
 import datasets
 import polars as pl
+import torch
 from accelerate import PartialState
 from datasets import Dataset
 
@@ -35,10 +36,15 @@ CHUNK_ROWS = 512  # rows per generate() call: enough to keep an engine's batches
 
 def process_state(timeout_s: int | None = None) -> PartialState:
     """The run's processes; the first call creates the process group, with `timeout_s` as its
-    collective timeout (every later call, the Trainer's included, reuses that group)."""
-    if timeout_s is None:
-        return PartialState()
-    return PartialState(timeout=timedelta(seconds=timeout_s))
+    collective timeout (every later call, the Trainer's included, reuses that group).
+
+    Without CUDA the processes talk over gloo (`cpu=True`, as the Trainer's `use_cpu`); else
+    accelerate would take a CPU-only launch for one process.
+    """
+    options = {"cpu": not torch.cuda.is_available()}
+    if timeout_s is not None:
+        options["timeout"] = timedelta(seconds=timeout_s)
+    return PartialState(**options)
 
 
 def shard_rows(total: int, rank: int, world: int, unit: int = 1) -> range:

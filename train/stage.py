@@ -310,12 +310,21 @@ def model_card(request: TrainRequest, prepared: Prepared) -> str:
         else "AutoModelForImageTextToText.from_pretrained(folder)"
     )
     settings = "\n".join(f"| {key} | {value} |" for key, value in config.to_dict().items())
+    counts = prepared.counts["train"]
+    trained = (
+        f"LoRA (rank {config.lora_rank}) on the language model"
+        + (" and the vision encoder" if config.train_vision else "")
+        + "; the vision-language projector is frozen (the same rule on every architecture)."
+        if lora
+        else "Every weight was trained, the vision-language projector included."
+    )
     return (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
         f"# {prepared.spec.name} / held-out {request.target} / {config.method}\n\n"
         f"{what}, trained with RD-MLDG stage 1 ({config.method}) on "
         f"DomainBed-Reasoning {prepared.spec.name}, every domain except **{request.target}** "
-        f"({len(prepared.splits['train'])} training images, {len(prepared.train_examples)} examples). "
+        f"({counts.images} training images, {counts.with_chain} of them with a teacher chain for the "
+        f"reasoning path; {len(prepared.train_examples)} examples). {trained} "
         f"The held-out domain is the test split; `split.parquet` beside this folder lists every image's split.\n\n"
         f"Load with `{load}`.\n\n"
         f"| setting | value |\n|---|---|\n{settings}\n"

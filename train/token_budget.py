@@ -48,7 +48,7 @@ class Budget:
         return self.needed <= self.context
 
 
-def _probe_size(ratio: tuple[int, int]) -> tuple[int, int]:
+def probe_size(ratio: tuple[int, int]) -> tuple[int, int]:
     """(height, width) of PROBE_PIXELS pixels at `ratio` (width:height)."""
     width = round(math.sqrt(PROBE_PIXELS * ratio[0] / ratio[1]))
     return round(PROBE_PIXELS / width), width
@@ -65,7 +65,7 @@ def longest_prompt(processor: ProcessorMixin, prompt: str) -> int:
     small = Image.new("RGB", (32, 32))
     with_small = processor(images=[[small]], text=[text], add_special_tokens=False)["input_ids"][0]
     text_only = len(with_small) - image_tokens(processor, [(32, 32)])[0]
-    return text_only + max(image_tokens(processor, [_probe_size(r) for r in PROBE_RATIOS]))
+    return text_only + max(image_tokens(processor, [probe_size(r) for r in PROBE_RATIOS]))
 
 
 def model_context(model: str) -> int:

@@ -48,6 +48,7 @@ def config_options(config: TrainConfig, kind: str) -> dict[str, Any]:
         return {
             "image_limits": config.image_limits(),
             "attn_implementation": config.attn_implementation,
+            "batch_size": config.generation_batch_size,
         }
     if kind == "vllm":
         return {

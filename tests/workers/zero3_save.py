@@ -1,0 +1,86 @@
+"""One MTCT step of a LoRA model under DeepSpeed ZeRO-3, then `stage.save_weights` from every rank.
+
+Rank 0 records, for each LoRA tensor, its shape in the saved adapter, the shape rank 0's
+own (sharded) parameter has, whether the saved values equal the gathered parameter, and
+what the main process alone would have saved (`model.save_pretrained` on rank 0, the old
+way): tests/test_distributed.py checks the adapter is whole and right.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import SFTConfig
+
+from tests.workers.mtct_step import CLASSES, rows
+from train.lora import lora_config
+from train.mtct_data import build_examples
+from train.mtct_trainer import MTCTTrainer
+from train.stage import save_weights
+
+
+def main(model_dir: Path, out: Path) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=6,
+        max_steps=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        ddp_backend="gloo",  # DeepSpeed on the CPU: without it accelerate sees one process
+        seed=0,
+    )
+    trainer = MTCTTrainer(
+        model=model,
+        args=args,
+        train_dataset=build_examples(rows(), "mtct", CLASSES),
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+        peft_config=lora_config(model, 8, 16, 0.0, train_vision=True),
+    )
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        trainer.model.save_pretrained(out / "main-process-alone")
+    target = out / "adapter"
+    save_weights(trainer, trainer.processing_class, target, "card")
+    lora = {name: p for name, p in trainer.model.named_parameters() if "lora_" in name}
+    local = {name: p.numel() for name, p in lora.items()}
+    with deepspeed.zero.GatheredParameters(list(lora.values())):
+        gathered = {name: p.detach().clone() for name, p in lora.items()}
+    if trainer.accelerator.is_main_process:
+        saved = load_file(target / "adapter_model.safetensors")
+        alone = load_file(out / "main-process-alone" / "adapter_model.safetensors")
+        report = {
+            "alone_elements": sum(value.numel() for value in alone.values()),
+            "saved_elements": sum(value.numel() for value in saved.values()),
+            "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
+            "processes": trainer.accelerator.num_processes,
+            "saved": {key: list(value.shape) for key, value in saved.items()},
+            "local": local,
+            "equal": all(
+                torch.equal(saved[key], gathered[name])
+                for name in gathered
+                for key in saved
+                if name.replace(".default", "").endswith(key.removeprefix("base_model.model."))
+            ),
+            "matched": sum(
+                1
+                for name in gathered
+                for key in saved
+                if name.replace(".default", "").endswith(key.removeprefix("base_model.model."))
+            ),
+        }
+        (out / "report.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
