@@ -137,7 +137,7 @@ def train_tokenizer(
         additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)],
         chat_template=chat_template,
         model_max_length=4096,
-        extra_special_tokens=dict(token_roles or {}),
+        **({"extra_special_tokens": dict(token_roles)} if token_roles else {}),
     )
 
 

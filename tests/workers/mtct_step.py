@@ -54,37 +54,48 @@ def rows() -> datasets.Dataset:
     return datasets.Dataset.from_list(records, features=features)
 
 
-def main(model_dir: Path, out: Path, batch: int) -> None:
+def mtct_trainer(model_dir: Path, out: Path, **settings: object) -> MTCTTrainer:
+    """An MTCT trainer with LoRA on vision and language over `rows()`, for one step."""
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=batch,
         max_steps=1,
-        optim="sgd",
-        learning_rate=1.0,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
         logging_steps=1,
         report_to="none",
         save_strategy="no",
-        use_cpu=True,
         seed=0,
+        **settings,
     )
-    trainer = MTCTTrainer(
+    return MTCTTrainer(
         model=model,
         args=args,
         train_dataset=build_examples(rows(), "mtct", CLASSES),
         processing_class=AutoProcessor.from_pretrained(model_dir),
         peft_config=lora_config(model, 8, 16, 0.0, train_vision=True),
     )
+
+
+def main(model_dir: Path, out: Path, batch: int) -> None:
+    trainer = mtct_trainer(
+        model_dir,
+        out,
+        per_device_train_batch_size=batch,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        use_cpu=True,
+    )
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
     trainer.train()
     if trainer.accelerator.is_main_process:
         after = dict(trainer.model.named_parameters())
-        save_file({k: (after[k].detach() - v).contiguous() for k, v in before.items()}, out / "update.safetensors")
+        update = {k: (after[k].detach() - v).contiguous() for k, v in before.items()}
+        save_file(update, out / "update.safetensors")
         logs = [entry for entry in trainer.state.log_history if "loss_cls" in entry]
-        (out / "logs.json").write_text(json.dumps({"processes": trainer.accelerator.num_processes, "logs": logs}))
+        report = {"processes": trainer.accelerator.num_processes, "logs": logs}
+        (out / "logs.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

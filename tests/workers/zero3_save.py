@@ -15,37 +15,19 @@ from pathlib import Path
 import deepspeed
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from trl import SFTConfig
 
-from tests.workers.mtct_step import CLASSES, rows
-from train.lora import lora_config
-from train.mtct_data import build_examples
-from train.mtct_trainer import MTCTTrainer
+from tests.workers.mtct_step import mtct_trainer
 from train.stage import save_weights
 
 
 def main(model_dir: Path, out: Path) -> None:
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
+    trainer = mtct_trainer(
+        model_dir,
+        out,
         per_device_train_batch_size=6,
-        max_steps=1,
         learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
         bf16=False,
         ddp_backend="gloo",  # DeepSpeed on the CPU: without it accelerate sees one process
-        seed=0,
-    )
-    trainer = MTCTTrainer(
-        model=model,
-        args=args,
-        train_dataset=build_examples(rows(), "mtct", CLASSES),
-        processing_class=AutoProcessor.from_pretrained(model_dir),
-        peft_config=lora_config(model, 8, 16, 0.0, train_vision=True),
     )
     trainer.train()
     if trainer.accelerator.is_main_process:

@@ -60,9 +60,10 @@ def config_options(config: TrainConfig, kind: str) -> dict[str, Any]:
 
 
 def engine_context(kind: str, model: str, options: dict[str, Any]) -> int | None:
-    """The longest sequence an engine holds: vLLM's max_model_len, the model's own for transformers."""
+    """The longest sequence an engine holds: vLLM's max_model_len (at most the model's own), the
+    model's own for transformers."""
     if kind == "vllm":
-        return options.get("max_model_len", DEFAULT_MAX_MODEL_LEN)
+        return min(options.get("max_model_len", DEFAULT_MAX_MODEL_LEN), model_context(model))
     if kind == "transformers":
         return model_context(model)
     return None

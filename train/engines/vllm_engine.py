@@ -47,6 +47,7 @@ from train.engines.remote_engine import RemoteEngine
 from train.engines.transformers_engine import load_merged
 from train.lora import VISION_PARTS, linear_layer_names
 from train.processor import ImageLimits, limit_images, load_processor
+from train.token_budget import model_context
 
 SERVED_NAME = "model"
 LORA_NAME = "adapter"
@@ -154,6 +155,8 @@ class VLLMEngine(ClosingEngine):
         check_model(model)
         python = resolve_vllm_python(vllm_python)
         rank = max_lora_rank(adapter) if adapter is not None else 8
+        # vLLM refuses a context beyond the model's own; the budget check used the same bound.
+        max_model_len = min(max_model_len, model_context(model))
         self.server: VLLMServer | None = None
         self.work_dir = Path(tempfile.mkdtemp(prefix="dbr-vllm-engine-", dir=work_dir))
         try:
