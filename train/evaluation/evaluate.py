@@ -624,7 +624,8 @@ def evaluate_command(
     if (run is None) == (zero_shot is None):
         raise UserError("pass --run RUN_DIR (a trained run) or --model MODEL (any model, zero-shot), not both")
     metrics = evaluate_run(run, settings) if run is not None else evaluate_model(zero_shot, settings)
-    print_metrics(metrics)
+    if process_state().is_main_process:
+        print_metrics(metrics)
     return metrics
 
 
