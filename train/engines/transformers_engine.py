@@ -41,6 +41,7 @@ from train.processor import ImageLimits, load_processor
 
 Decoded = tuple[int, GenRequest, Image.Image]
 DEFAULT_BATCH_SIZE = 8
+REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
 
 
 def load_merged(
@@ -173,7 +174,12 @@ class TransformersEngine(ClosingEngine):
             generation_config=generation_config(sampling, list(self.eos_ids), self.pad_id),
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        # An answer cut inside a multi-byte character ends in U+FFFD here; vLLM's detokenizer never
+        # emits those pending bytes, so they are dropped and both engines return the same text.
+        texts = [
+            text.rstrip(REPLACEMENT)
+            for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        ]
         finished = [bool(self.eos_ids & set(row.tolist())) for row in new_tokens]
         n = sampling.n
         return [
