@@ -101,10 +101,11 @@ ENGINE ?=
 DATA ?= domainbed-reasoning
 TRAIN_CONFIG ?= train/configs/mtct.yaml
 TRAIN_ARGS ?=
+ACCELERATE_CONFIG ?= train/accelerate/ddp.yaml
 NGPU = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 train: setup
 	@test -n "$(TARGET)" -a -n "$(MODEL)" || { echo "train: set TARGET=<held-out domain> MODEL=<checkpoint>, e.g. make train DATASET=PACS TARGET=sketch MODEL=OpenGVLab/InternVL3-2B-hf"; exit 2; }
-	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file train/accelerate/ddp.yaml --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
+	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
 		train $(DATASET) --data $(DATA) --target "$(TARGET)" --model "$(MODEL)" --method $(METHOD) \
 		--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS) \
 		$(if $(SARR_ROUNDS),--sarr-rounds $(SARR_ROUNDS)) $(if $(SARR_INIT),--sarr-init $(SARR_INIT)) \
@@ -147,6 +148,11 @@ bench-prefix-cache: setup vllm-env
 .PHONY: bench-selflabel
 bench-selflabel: setup vllm-env
 	$(PY) bench/bench_selflabel.py --vllm-python $(VLLM_VENV)/bin/python
+
+# Evaluation peak memory, a held-out domain of 1,000 vs 10,000 images (goal: within 1.2x).
+.PHONY: bench-eval-memory
+bench-eval-memory: setup
+	$(PY) bench/bench_eval_memory.py
 
 clean:
 	rm -rf $(RUNS) domainbed-reasoning .pytest_cache

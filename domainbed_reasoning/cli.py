@@ -358,6 +358,8 @@ def eval_command(
     api_key_env: str | None = typer.Option(None, help="remote engine: environment variable holding the API key."),
     batch_size: int | None = typer.Option(None, help="transformers engine: images per batch."),
     vllm_python: Path | None = typer.Option(None, help="vllm engine: Python of the vLLM env."),
+    max_model_len: int | None = typer.Option(None, help="vllm engine: context length (default: the run's vllm_max_model_len, 8192)."),
+    tensor_parallel_size: int | None = typer.Option(None, help="vllm engine: GPUs per server (default: the run's, 1)."),
     modes: str | None = typer.Option(None, help="direct,reasoning (default: the mode(s) the method trained)."),
     splits: str | None = typer.Option(None, help="test,validation (default: both; test only with --model)."),
     direct_tokens: int = typer.Option(32, help="Token limit of a direct (class name) answer."),
@@ -375,7 +377,9 @@ def eval_command(
     )
     settings = evaluate.EvalSettings(
         engine=engine,
-        engine_options=evaluate.engine_options(engine, base_url, api_key_env, batch_size, vllm_python),
+        engine_options=evaluate.engine_options(
+            engine, base_url, api_key_env, batch_size, vllm_python, max_model_len, tensor_parallel_size
+        ),
         modes=_csv(modes),
         splits=_csv(splits),
         direct_tokens=direct_tokens,

@@ -11,8 +11,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import polars as pl
 import pytest
+import yaml
 from PIL import Image
 
 from domainbed_reasoning import artefacts
@@ -21,6 +23,7 @@ from domainbed_reasoning.chains.prompt_templates import load_prompt
 from domainbed_reasoning.data.registry import SPECS, get_spec
 from domainbed_reasoning.offline import synth
 from domainbed_reasoning.offline.tiny_models import (
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_qwen2vl,
     cached_tiny_model,
@@ -63,6 +66,12 @@ def tiny_qwen2vl() -> Path:
 def tiny_llava() -> Path:
     """A second architecture (CLIP tower + Qwen2 LM, LLaVA-1.5 layout) for per-architecture code."""
     return cached_tiny_model(build_tiny_llava, TINY_MODELS, vocab_words=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl() -> Path:
+    """The paper's backbone family: InternVL3's `*-hf` layout (InternViT, pixel-shuffle projector, Qwen2 LM)."""
+    return cached_tiny_model(build_tiny_internvl, TINY_MODELS, vocab_words=TINY_VOCAB)
 
 
 @pytest.fixture(scope="session")
@@ -212,17 +221,72 @@ FAST_TRAIN = {
     "save_steps": 1,
     "logging_steps": 1,
     "learning_rate": 1e-2,
+    "dataloader_num_workers": 0,
 }
+
+
+PENDING_DOMAIN = "photo"  # its image without a chain is "pending" (never resolved), the others "exhausted"
+
+
+def keep_unchained_images(export: Path, chains_folder: Path) -> None:
+    """Every manifest image a row, as the export contract says (contracts.md, issue 12.1).
+
+    An export that already keeps them (a `chain_status` column) is left alone; one that
+    holds only accepted chains gets the other images added with null chain fields and
+    their `chain_status`, the bytes embedded as the export embeds them (the card's
+    feature list is dropped: `load_dataset` reads the features from the Parquet files).
+    """
+    from domainbed_reasoning.hub.export import CHAIN_FIELDS
+
+    manifest = pl.read_parquet(artefacts.manifest_path(chains_folder))
+    shards = sorted(export.glob("*.parquet"))
+    if "chain_status" in datasets.Dataset.from_parquet(str(shards[0])).column_names:
+        return
+    card = export.parent / "README.md"
+    _, front, body = card.read_text(encoding="utf-8").split("---\n", 2)
+    meta = yaml.safe_load(front)
+    meta.pop("dataset_info", None)
+    card.write_text(f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n{body}", encoding="utf-8")
+    for shard in shards:
+        rows = datasets.Dataset.from_parquet(str(shard))
+        rows = rows.add_column("chain_status", ["accepted"] * len(rows))
+        domain = rows[0]["domain"]
+        missing = manifest.filter(
+            (pl.col("domain") == domain) & ~pl.col("id").is_in(rows["id"])
+        ).to_dicts()
+        status = "pending" if domain == PENDING_DOMAIN else "exhausted"
+        added = {
+            "id": [row["id"] for row in missing],
+            "dataset": [row["dataset"] for row in missing],
+            "domain": [domain] * len(missing),
+            "label": [row["label"] for row in missing],
+            "class_name": [row["class_name"] for row in missing],
+            "image": [{"bytes": Path(row["path"]).read_bytes(), "path": Path(row["path"]).name} for row in missing],
+            **{field: [None] * len(missing) for field in CHAIN_FIELDS},
+            "teacher": [None] * len(missing),
+            "prompt_version": [None] * len(missing),
+            "attempts": [0 if status == "pending" else 12] * len(missing),
+            "chain_status": [status] * len(missing),
+        }
+        every = datasets.concatenate_datasets(
+            [rows, datasets.Dataset.from_dict(added, features=rows.features)]
+        ).sort("id")
+        every.to_parquet(str(shard))
 
 
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """DomainBed-Reasoning SynthDG (4 domains x 5 classes x 2 images), exported for real."""
+    """DomainBed-Reasoning SynthDG (4 domains x 5 classes x 2 images), exported for real.
+
+    Every image is a row; one per domain has no accepted chain (`chain: null`), "pending"
+    in photo and "exhausted" elsewhere.
+    """
     from domainbed_reasoning.hub.export import export
 
     root = tmp_path_factory.mktemp("export")
-    write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
+    chains = write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
     export(root / "chains", root / "data", root / "domainbed-reasoning", ["SynthDG"], progress=False)
+    keep_unchained_images(root / "domainbed-reasoning" / "SynthDG", chains)
     return root / "domainbed-reasoning"
 
 

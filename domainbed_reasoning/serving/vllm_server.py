@@ -44,6 +44,8 @@ class ServerConfig:
     cpu_kvcache_gib: int = 1
     lora_modules: Mapping[str, Path] = field(default_factory=dict)
     max_lora_rank: int = 8
+    mm_processor_kwargs: Mapping[str, object] = field(default_factory=dict)
+    cuda_visible_devices: str | None = None
     extra_args: Sequence[str] = ()
     vllm_python: Path | None = None
     log_path: Path = Path("runs/vllm/server.log")
@@ -109,6 +111,8 @@ def command(config: ServerConfig, python: Path) -> list[str]:
     if config.lora_modules:
         argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--lora-modules"]
         argv += [f"{name}={path}" for name, path in config.lora_modules.items()]
+    if config.mm_processor_kwargs:
+        argv += ["--mm-processor-kwargs", json.dumps(dict(config.mm_processor_kwargs))]
     return argv + list(config.extra_args)
 
 
@@ -177,6 +181,8 @@ class VLLMServer:
         _check_inputs(config)
         config.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_gib)}
+        if config.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
         with open(config.log_path, "wb") as log:
             # A session of its own lets stop() reach vLLM's engine workers through the group.
             self.process = subprocess.Popen(
