@@ -93,14 +93,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def command(config: ServerConfig, python: Path) -> list[str]:
-    """The argv for vLLM's OpenAI server; pure, so the flag mapping is testable without vLLM."""
+def engine_args(config: ServerConfig) -> list[str]:
+    """The model and engine flags, shared by the server and the offline batch runner."""
     argv = [
-        str(python), "-m", ENTRY_MODULE,
         "--model", config.model,
         "--served-model-name", config.served_model_name,
-        "--host", config.host,
-        "--port", str(config.port),
         "--tensor-parallel-size", str(config.tensor_parallel_size),
         "--max-model-len", str(config.max_model_len),
         "--dtype", config.dtype,
@@ -112,7 +109,14 @@ def command(config: ServerConfig, python: Path) -> list[str]:
     return argv + list(config.extra_args)
 
 
-def _check_inputs(config: ServerConfig) -> None:
+def command(config: ServerConfig, python: Path) -> list[str]:
+    """The argv for vLLM's OpenAI server; pure, so the flag mapping is testable without vLLM."""
+    address = ["--host", config.host, "--port", str(config.port)]
+    return [str(python), "-m", ENTRY_MODULE, *address, *engine_args(config)]
+
+
+def check_model(config: ServerConfig) -> None:
+    """A local model folder must be a saved model, and each adapter a saved adapter."""
     looks_local = config.model.startswith((".", "/", "~")) or Path(config.model).exists()
     if looks_local and not (Path(config.model).expanduser() / "config.json").is_file():
         raise UserError(
@@ -124,6 +128,10 @@ def _check_inputs(config: ServerConfig) -> None:
             raise UserError(
                 f"LoRA adapter {name}={path} has no adapter_config.json: pass a saved adapter folder"
             )
+
+
+def _check_inputs(config: ServerConfig) -> None:
+    check_model(config)
     with socket.socket() as sock:
         if sock.connect_ex((config.host, config.port)) == 0:
             raise UserError(

@@ -1,0 +1,165 @@
+"""Batch input and output files in the OpenAI Batch format, and the journal of parts sent.
+
+OpenAI's Batch API and vLLM's offline runner (`run_batch`) read the same JSONL (one
+`{"custom_id", "method", "url", "body"}` request a line) and write the same results
+(`{"custom_id", "response": {"status_code", "body"}, "error"}`), so one writer and one
+parser serve both. A round's requests are split into parts under the API's limits
+(50,000 requests and 200 MB a file). The journal records what happened to each part
+(file and batch ids, downloaded results, ingestion) the moment it happens, atomically:
+a killed run reads it back and carries on from there instead of sending twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from domainbed_reasoning import atomic
+from domainbed_reasoning.errors import UserError
+
+ENDPOINT = "/v1/chat/completions"
+MAX_REQUESTS = 50_000
+MAX_BYTES = 200 * 1000 * 1000
+JOURNAL = "batches.json"
+ERROR_DETAIL_CHARS = 300
+
+
+def custom_id(image_id: str, round_: int, temperature: float) -> str:
+    """`r<round>-t<temperature>-<image id>`: what a result line needs to become a candidate."""
+    return f"r{round_}-t{temperature:g}-{image_id}"
+
+
+def parse_custom_id(text: str) -> tuple[str, int, float]:
+    """(image id, round, temperature) of a custom_id written by `custom_id`."""
+    try:
+        round_part, temperature_part, image_id = text.split("-", 2)
+        if not (round_part.startswith("r") and temperature_part.startswith("t")):
+            raise ValueError(text)
+        return image_id, int(round_part[1:]), float(temperature_part[1:])
+    except ValueError:
+        raise ValueError(f"custom_id {text!r} was not written by this builder") from None
+
+
+def request_line(custom: str, body: bytes) -> bytes:
+    """One JSONL line; `body` is an already encoded chat-completion body (the image's base64
+    is most of it, so it is spliced in, not decoded and encoded again)."""
+    head = {"custom_id": custom, "method": "POST", "url": ENDPOINT}
+    return json.dumps(head).encode()[:-1] + b', "body": ' + body + b"}\n"
+
+
+def write_parts(
+    lines: Iterable[bytes],
+    folder: Path,
+    stem: str,
+    max_requests: int = MAX_REQUESTS,
+    max_bytes: int = MAX_BYTES,
+) -> list[Path]:
+    """Write `lines` into `<stem>-NNN.jsonl` files of at most `max_requests` lines and
+    `max_bytes` bytes each; every file appears whole (atomic rename) or not at all."""
+    paths: list[Path] = []
+    chunk: list[bytes] = []
+    size = 0
+
+    def flush() -> None:
+        path = Path(folder) / f"{stem}-{len(paths):03d}.jsonl"
+        atomic.write_with(path, lambda tmp: tmp.write_bytes(b"".join(chunk)))
+        paths.append(path)
+
+    for line in lines:
+        if len(line) > max_bytes:
+            raise UserError(
+                f"one batch request is {len(line):,} bytes, over the {max_bytes:,}-byte file limit: "
+                "lower --max-side so images are sent smaller"
+            )
+        if chunk and (len(chunk) >= max_requests or size + len(line) > max_bytes):
+            flush()
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        flush()
+    return paths
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's outcome: the chat completion, or why there is none."""
+
+    custom_id: str
+    completion: dict | None
+    error: str | None
+
+
+def error_text(error: object, status: int | None) -> str:
+    if isinstance(error, dict):
+        inner = error.get("error", error)
+        if isinstance(inner, dict):
+            error = f"{inner.get('code') or inner.get('type') or ''}: {inner.get('message', '')}"
+    text = str(error) if error else f"HTTP {status}"
+    return text[:ERROR_DETAIL_CHARS]
+
+
+def parse_results(text: str) -> Iterator[BatchResult]:
+    """Result lines of an output or error file; a line without a 200 body is an error."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            custom = row["custom_id"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"batch result line {number} is not a result: {line[:80]!r}") from None
+        response = row.get("response") or {}
+        status = response.get("status_code")
+        body = response.get("body")
+        if status == 200 and isinstance(body, dict) and not row.get("error"):
+            yield BatchResult(custom, body, None)
+        else:
+            yield BatchResult(custom, None, error_text(row.get("error") or body, status))
+
+
+@dataclass
+class Part:
+    """One JSONL part and everything known about its trip through a batch runner."""
+
+    input_path: str
+    round: int
+    requests: int
+    input_file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None
+    output_path: str | None = None
+    errors_path: str | None = None
+    seconds: float | None = None
+    ingested: bool = False
+
+
+@dataclass
+class Journal:
+    """The parts of every batch this output folder has sent, saved after each change."""
+
+    path: Path
+    parts: list[Part] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, folder: Path) -> Journal:
+        path = Path(folder) / JOURNAL
+        if not path.is_file():
+            return cls(path)
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))["parts"]
+            return cls(path, [Part(**row) for row in rows])
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(
+                f"batch journal {path} is unreadable ({type(err).__name__}): restore it, or move it "
+                "away to forget the batches it lists (they may then be paid for again)"
+            ) from None
+
+    def save(self) -> None:
+        atomic.write_json(self.path, {"parts": [asdict(part) for part in self.parts]})
+
+    def open_parts(self) -> list[Part]:
+        """Parts sent or written but not yet ingested: a resumed run finishes these first."""
+        return [part for part in self.parts if not part.ingested]
