@@ -10,7 +10,14 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from builders.candidate_store import CANDIDATE_SCHEMA
-from builders.dry_run import ASSUMED_ANSWER_TOKENS, DryRunInputs, Measured, estimate, measure, render
+from builders.dry_run import (
+    ASSUMED_ANSWER_TOKENS,
+    DryRunInputs,
+    Measured,
+    estimate,
+    measure,
+    render,
+)
 from builders.pricing import GPT_4O, resolve_price
 from builders.token_estimate import (
     high_detail_tiles,
