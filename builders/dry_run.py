@@ -157,7 +157,7 @@ def estimate(inputs: DryRunInputs) -> Estimate:
         answer_source = f"measured over {measured.requests:,} answered requests"
     else:
         answer_tokens = float(min(ASSUMED_ANSWER_TOKENS, inputs.max_tokens))
-        answer_source = "assumed: no answers measured yet (a --limit trial measures it)"
+        answer_source = "assumed; none measured yet, a --limit trial measures them"
     return Estimate(
         dataset=inputs.dataset,
         mode=inputs.mode,
@@ -180,8 +180,8 @@ def millions(tokens: float) -> str:
     return f"{tokens / 1e6:,.2f}M" if tokens >= 1e5 else f"{tokens:,.0f}"
 
 
-def dollars(amount: float | None) -> str:
-    return "-" if amount is None else f"${amount:,.2f}"
+def dollars(amount: float) -> str:
+    return f"${amount:,.2f}"
 
 
 def row(label: str, text: str) -> str:

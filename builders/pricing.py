@@ -30,7 +30,12 @@ class Price:
         return (prompt_tokens * self.input + completion_tokens * self.output) / PER_TOKENS
 
     def describe(self) -> str:
-        return f"${self.input:g} in / ${self.output:g} out per 1M tokens ({self.source})"
+        return f"{price_text(self.input)} in / {price_text(self.output)} out per 1M tokens ({self.source})"
+
+
+def price_text(amount: float) -> str:
+    """Cents always, more digits only where a price has them: $2.50, $0.075."""
+    return f"${amount:,.2f}" if round(amount, 2) == amount else f"${amount:g}"
 
 
 GPT_4O = Price(2.50, 10.00, f"OpenAI list price since 2024-08-06, see {PRICE_PAGE}")

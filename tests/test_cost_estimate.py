@@ -68,7 +68,8 @@ def test_prices_list_batch_user_and_unknown() -> None:
     assert resolve_price("gpt-4o", None, None, batch=False) == GPT_4O
     batch = resolve_price("gpt-4o", None, None, batch=True)
     assert (batch.input, batch.output) == (1.25, 5.0) and "Batch API" in batch.source
-    assert "2024-08-06" in GPT_4O.describe()
+    assert GPT_4O.describe().startswith("$2.50 in / $10.00 out per 1M tokens (OpenAI list price since 2024-08-06")
+    assert "$0.075 in / $0.30 out" in resolve_price("gpt-4o-mini", None, None, batch=True).describe()
     assert resolve_price("teacher", None, None, batch=False) is None
     mine = resolve_price("teacher", 0.1, 0.2, batch=True)
     assert (mine.input, mine.output) == (0.1, 0.2)  # typed prices are taken as given
@@ -110,7 +111,7 @@ def test_dry_run_ranges_and_cost_for_gpt4o() -> None:
     text = "\n".join(render(result))
     assert "100 (every image accepted at its next round) to 300" in text
     assert f"${low:,.2f} to" in text and "at most $" in text
-    assert "assumed: no answers measured yet" in text and "Left out" in text
+    assert "assumed; none measured yet" in text and "Left out" in text
 
 
 def test_unknown_price_and_unknown_tokens_are_said_not_guessed() -> None:
