@@ -1,0 +1,52 @@
+"""The budget: measured spend per mode, reservations for requests in flight, a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import polars as pl
+import pytest
+
+from builders.budget import Budget, spent_usd
+from builders.pricing import resolve_price
+from domainbed_reasoning.errors import UserError
+
+
+def test_spend_prices_each_mode_at_its_own_price() -> None:
+    requests = pl.DataFrame(
+        {
+            "prompt_tokens": [1_000_000, 1_000_000],
+            "completion_tokens": [100_000, 100_000],
+            "mode": ["online", "batch"],
+        }
+    )
+    online = resolve_price("gpt-4o", None, None, batch=False)
+    batch = resolve_price("gpt-4o", None, None, batch=True)
+    assert spent_usd(requests, online, batch) == pytest.approx((2.5 + 1.0) * 1.5)
+
+
+async def test_reservations_hold_back_requests_that_would_pass_the_budget() -> None:
+    budget = Budget(limit_usd=1.0)
+    assert await budget.reserve(0.4) and await budget.reserve(0.4)
+    third = asyncio.create_task(budget.reserve(0.4))  # would pass 1.0 beside the two in flight
+    await asyncio.sleep(0.01)
+    assert not third.done()
+    budget.settle(0.4, 0.3)
+    budget.settle(0.4, 0.3)
+    assert await asyncio.wait_for(third, 1.0)  # 0.6 spent + 0.4 fits
+    budget.settle(0.4, 0.5)
+    assert budget.exhausted and budget.spent_usd == pytest.approx(1.1)
+    assert not await budget.reserve(0.01)
+
+
+async def test_a_lone_request_may_reach_the_budget() -> None:
+    budget = Budget(limit_usd=1.0, spent_usd=0.9)
+    assert await budget.reserve(0.5)  # nothing in flight: it goes, and the budget is reached
+    budget.settle(0.5, 0.5)
+    assert not await budget.reserve(0.5)
+    assert "nothing was sent" in budget.spent_line("runs/chains/PACS")
+
+
+def test_a_budget_must_be_positive() -> None:
+    with pytest.raises(UserError, match="--budget-usd 0"):
+        Budget(0)
