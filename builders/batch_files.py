@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import polars as pl
+
 from domainbed_reasoning import atomic
 from domainbed_reasoning.errors import UserError
 
@@ -26,20 +28,40 @@ JOURNAL = "batches.json"
 ERROR_DETAIL_CHARS = 300
 
 
-def custom_id(image_id: str, round_: int, temperature: float) -> str:
-    """`r<round>-t<temperature>-<image id>`: what a result line needs to become a candidate."""
-    return f"r{round_}-t{temperature:g}-{image_id}"
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    """What a result line needs, besides the answer, to become candidate records."""
+
+    id: str
+    round: int
+    temperature: float
+    seed: int | None = None
+    downscaled: bool = False
 
 
-def parse_custom_id(text: str) -> tuple[str, int, float]:
-    """(image id, round, temperature) of a custom_id written by `custom_id`."""
-    try:
-        round_part, temperature_part, image_id = text.split("-", 2)
-        if not (round_part.startswith("r") and temperature_part.startswith("t")):
-            raise ValueError(text)
-        return image_id, int(round_part[1:]), float(temperature_part[1:])
-    except ValueError:
-        raise ValueError(f"custom_id {text!r} was not written by this builder") from None
+REQUEST_SCHEMA = {
+    "custom_id": pl.String,
+    "id": pl.String,
+    "round": pl.Int32,
+    "temperature": pl.Float64,
+    "seed": pl.Int64,
+    "downscaled": pl.Boolean,
+}
+
+
+def requests_path(part: Path) -> Path:
+    """The sidecar naming what each custom_id of a part asked: short ids travel, not paths
+    (some OpenAI-compatible batch APIs cap custom_id at 64 characters)."""
+    return Path(part).with_suffix(".requests.parquet")
+
+
+def read_requests(part: Path) -> pl.DataFrame:
+    return pl.read_parquet(requests_path(part), schema=REQUEST_SCHEMA)
+
+
+def custom_id(round_: int, index: int) -> str:
+    """Unique within a part, and of one length for every index a part can hold."""
+    return f"r{round_}-{index:06d}"
 
 
 def request_line(custom: str, body: bytes) -> bytes:
@@ -50,35 +72,42 @@ def request_line(custom: str, body: bytes) -> bytes:
 
 
 def write_parts(
-    lines: Iterable[bytes],
+    requests: Iterable[tuple[BatchRequest, bytes]],
     folder: Path,
     stem: str,
     max_requests: int = MAX_REQUESTS,
     max_bytes: int = MAX_BYTES,
 ) -> list[Path]:
-    """Write `lines` into `<stem>-NNN.jsonl` files of at most `max_requests` lines and
-    `max_bytes` bytes each; every file appears whole (atomic rename) or not at all."""
+    """Write (request, encoded body) pairs into `<stem>-NNN.jsonl` parts of at most
+    `max_requests` lines and `max_bytes` bytes, each with its sidecar of requests; every
+    file appears whole (atomic rename) or not at all, the sidecar first."""
     paths: list[Path] = []
-    chunk: list[bytes] = []
+    lines: list[bytes] = []
+    rows: list[dict] = []
     size = 0
 
     def flush() -> None:
         path = Path(folder) / f"{stem}-{len(paths):03d}.jsonl"
-        atomic.write_with(path, lambda tmp: tmp.write_bytes(b"".join(chunk)))
+        sidecar = pl.DataFrame(rows, schema=REQUEST_SCHEMA, orient="row")
+        atomic.write_parquet(requests_path(path), sidecar)
+        atomic.write_with(path, lambda tmp: tmp.write_bytes(b"".join(lines)))
         paths.append(path)
 
-    for line in lines:
-        if len(line) > max_bytes:
+    for request, body in requests:
+        length = len(request_line(custom_id(request.round, 0), body))
+        if length > max_bytes:
             raise UserError(
-                f"one batch request is {len(line):,} bytes, over the {max_bytes:,}-byte file limit: "
+                f"one batch request is {length:,} bytes, over the {max_bytes:,}-byte file limit: "
                 "lower --max-side so images are sent smaller"
             )
-        if chunk and (len(chunk) >= max_requests or size + len(line) > max_bytes):
+        if lines and (len(lines) >= max_requests or size + length > max_bytes):
             flush()
-            chunk, size = [], 0
-        chunk.append(line)
-        size += len(line)
-    if chunk:
+            lines, rows, size = [], [], 0
+        custom = custom_id(request.round, len(rows))
+        lines.append(request_line(custom, body))
+        rows.append({"custom_id": custom} | asdict(request))
+        size += length
+    if lines:
         flush()
     return paths
 

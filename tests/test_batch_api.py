@@ -8,15 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import openai
+import polars as pl
 import pytest
 
 from builders.batch_files import (
+    BatchRequest,
     Journal,
     Part,
-    custom_id,
-    parse_custom_id,
     parse_results,
-    request_line,
+    read_requests,
     write_parts,
 )
 from builders.image_payload import PayloadPolicy, image_data_url
@@ -40,39 +40,38 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def batch_lines(data_dir: Path, count: int, model: str = MODEL) -> list[bytes]:
+def batch_requests(data_dir: Path, count: int, model: str = MODEL) -> list[tuple[BatchRequest, bytes]]:
     manifest = scan_dataset(get_spec("SynthDG"), data_dir).frame.head(count)
-    lines = []
+    requests = []
     for image_id, path in manifest.select("id", "path").iter_rows():
         messages = encode_messages("Which shape?", image_data_url(path, PayloadPolicy()))
         body = request_body(messages, {"model": model, "n": 2, "temperature": 0.7, "max_tokens": 512})
-        lines.append(request_line(custom_id(image_id, 1, 0.7), body))
-    return lines
+        requests.append((BatchRequest(image_id, 1, 0.7, seed=11), body))
+    return requests
 
 
-def test_custom_ids_round_trip_even_with_dashes_in_the_id() -> None:
-    text = custom_id("OfficeHome/Real World/Alarm_Clock/00-1.jpg", 2, 0.9)
-    assert parse_custom_id(text) == ("OfficeHome/Real World/Alarm_Clock/00-1.jpg", 2, 0.9)
-    with pytest.raises(ValueError, match="not written by this builder"):
-        parse_custom_id("request-1")
-
-
-def test_request_lines_are_the_batch_format(data_dir: Path) -> None:
-    row = json.loads(batch_lines(data_dir, 1)[0])
-    assert set(row) == {"custom_id", "method", "url", "body"}
-    assert (row["method"], row["url"]) == ("POST", "/v1/chat/completions")
-    assert row["body"]["n"] == 2 and row["body"]["messages"][0]["role"] == "user"
+def test_parts_are_the_batch_format_with_a_sidecar_of_requests(data_dir: Path, tmp_path: Path) -> None:
+    part = write_parts(batch_requests(data_dir, 3), tmp_path, "round-1")[0]
+    rows = [json.loads(line) for line in part.read_text().splitlines()]
+    assert [set(row) for row in rows] == [{"custom_id", "method", "url", "body"}] * 3
+    assert {(row["method"], row["url"]) for row in rows} == {("POST", "/v1/chat/completions")}
+    assert rows[0]["body"]["n"] == 2 and rows[0]["body"]["messages"][0]["role"] == "user"
+    sidecar = read_requests(part)
+    assert sidecar["custom_id"].to_list() == [row["custom_id"] for row in rows]
+    assert sidecar["id"].to_list() == scan_dataset(get_spec("SynthDG"), data_dir).frame["id"].head(3).to_list()
+    assert set(sidecar["seed"]) == {11} and max(len(custom) for custom in sidecar["custom_id"]) <= 64
 
 
 def test_parts_split_under_the_request_and_size_limits(tmp_path: Path) -> None:
-    lines = [b"x" * 9 + b"\n"] * 25  # 10 bytes each
-    by_count = write_parts(lines, tmp_path, "r1", max_requests=10, max_bytes=1000)
+    requests = [(BatchRequest(f"img-{i}", 1, 0.7), b"{}") for i in range(25)]
+    line = len(write_parts(requests[:1], tmp_path, "one")[0].read_bytes())
+    by_count = write_parts(requests, tmp_path, "r1", max_requests=10)
     assert [len(p.read_bytes().splitlines()) for p in by_count] == [10, 10, 5]
-    by_size = write_parts(lines, tmp_path, "r2", max_requests=100, max_bytes=45)
-    assert [len(p.read_bytes()) for p in by_size] == [40] * 6 + [10]
-    assert b"".join(p.read_bytes() for p in by_size) == b"".join(lines)
+    by_size = write_parts(requests, tmp_path, "r2", max_bytes=4 * line + 1)
+    assert [read_requests(p).height for p in by_size] == [4] * 6 + [1]
+    assert pl.concat([read_requests(p) for p in by_size])["id"].to_list() == [f"img-{i}" for i in range(25)]
     with pytest.raises(UserError, match="lower --max-side"):
-        write_parts([b"y" * 100], tmp_path, "r3", max_bytes=50)
+        write_parts(requests, tmp_path, "r3", max_bytes=line - 1)
 
 
 def test_results_and_errors_are_parsed() -> None:
@@ -114,7 +113,7 @@ def batch_api(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
 
 def sent_part(data_dir: Path, folder: Path, count: int) -> tuple[Journal, Part]:
     journal = Journal.load(folder)
-    path = write_parts(batch_lines(data_dir, count), folder, "round-1")[0]
+    path = write_parts(batch_requests(data_dir, count), folder, "round-1")[0]
     part = Part(input_path=str(path), round=1, requests=count)
     journal.parts.append(part)
     return journal, part
@@ -135,8 +134,8 @@ def test_a_batch_is_uploaded_run_and_downloaded(batch_api: str, data_dir: Path, 
     assert Journal.load(tmp_path).parts[0].batch_id == part.batch_id
     results = list(parse_results(Path(part.output_path).read_text()))
     assert len(results) == 4 and part.errors_path is None
+    assert {result.custom_id for result in results} == set(read_requests(Path(part.input_path))["custom_id"])
     for result in results:
-        parse_custom_id(result.custom_id)
         answers = [choice["message"]["content"] for choice in result.completion["choices"]]
         assert len(answers) == 2 and all(parse_chain(answer).conclusion for answer in answers)
 
@@ -183,8 +182,10 @@ def test_a_failed_batch_has_no_results(batch_api: str, data_dir: Path, tmp_path:
 def test_the_simulated_api_validates_input_files_as_openai_does(
     batch_api: str, data_dir: Path, tmp_path: Path
 ) -> None:
-    mixed = batch_lines(data_dir, 1) + batch_lines(data_dir, 1, model="other")  # same custom_id too
+    mixed = batch_requests(data_dir, 1) + batch_requests(data_dir, 1, model="other")
     path = write_parts(mixed, tmp_path, "bad")[0]
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1].replace("r1-000001", "r1-000000")]) + "\n")
     journal = Journal.load(tmp_path)
     part = Part(input_path=str(path), round=1, requests=2)
     batches = OpenAIBatches(batch_api, "EMPTY", poll_s=0.01)

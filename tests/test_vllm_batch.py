@@ -7,13 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from builders.batch_files import (
-    custom_id,
-    parse_custom_id,
-    parse_results,
-    request_line,
-    write_parts,
-)
+from builders.batch_files import BatchRequest, parse_results, read_requests, write_parts
 from builders.image_payload import PayloadPolicy, image_data_url
 from builders.teacher_client import encode_messages, request_body
 from domainbed_reasoning.data.registry import get_spec
@@ -56,19 +50,20 @@ def test_run_batch_answers_a_batch_file_with_the_tiny_model(
     data_dir = tmp_path / "data"
     generate(data_dir, images_per_class=1, seed=3)
     manifest = scan_dataset(get_spec("SynthDG"), data_dir).frame.head(3)
-    lines = []
+    requests = []
     for image_id, path in manifest.select("id", "path").iter_rows():
         messages = encode_messages("Which shape is it?", image_data_url(path, PayloadPolicy()))
         fields = {"model": "tiny-teacher", "n": 2, "temperature": 0.8, "max_tokens": 12}
-        lines.append(request_line(custom_id(image_id, 1, 0.8), request_body(messages, fields)))
+        requests.append((BatchRequest(image_id, 1, 0.8), request_body(messages, fields)))
     unknown = request_body(messages, {"model": "not-served", "n": 1, "max_tokens": 4})
-    lines.append(request_line(custom_id("SynthDG/unknown", 1, 0.8), unknown))
-    part = write_parts(lines, tmp_path, "round-1")[0]
+    requests.append((BatchRequest("SynthDG/unknown", 1, 0.8), unknown))
+    part = write_parts(requests, tmp_path, "round-1")[0]
     output = tmp_path / "round-1-000.output.jsonl"
 
     run_batch(tiny_config(tiny_qwen2vl, vllm_python, tmp_path / "vllm.log"), part, output)
 
-    results = {parse_custom_id(r.custom_id)[0]: r for r in parse_results(output.read_text())}
+    image_of = dict(read_requests(part).select("custom_id", "id").iter_rows())
+    results = {image_of[r.custom_id]: r for r in parse_results(output.read_text())}
     assert set(results) == set(manifest["id"]) | {"SynthDG/unknown"}
     for image_id in manifest["id"]:
         completion = results[image_id].completion
