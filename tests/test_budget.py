@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from builders.budget import Budget, spent_usd
+from builders.pacing import BudgetSpent, Pacing, RunningUsage
 from builders.pricing import resolve_price
 from domainbed_reasoning.errors import UserError
 
@@ -50,3 +51,24 @@ async def test_a_lone_request_may_reach_the_budget() -> None:
 def test_a_budget_must_be_positive() -> None:
     with pytest.raises(UserError, match="--budget-usd 0"):
         Budget(0)
+
+
+def test_running_usage_follows_the_measured_means() -> None:
+    usage = RunningUsage(prompt_tokens=500)
+    assert usage.tokens(4) == 500 + 4 * 400  # before anything is measured: the assumption
+    usage.update(prompt_tokens=600, completion_tokens=1200, answers=4)
+    usage.update(prompt_tokens=800, completion_tokens=2000, answers=4)
+    assert (usage.prompt_tokens, usage.answer_tokens) == (700, 400)
+
+
+async def test_pacing_measures_spend_and_stops_at_the_budget() -> None:
+    price = resolve_price("gpt-4o", None, None, batch=False)
+    pacing = Pacing(RunningUsage(prompt_tokens=1_000_000, answer_tokens=0), 1, price, Budget(limit_usd=5.0))
+    estimate = await pacing.reserve()
+    assert estimate == pytest.approx(2.5)
+    pacing.settle(estimate, prompt_tokens=1_000_000, completion_tokens=300_000)  # $2.50 + $3.00
+    assert pacing.spend.usd == pytest.approx(5.5) and pacing.spend.completion_tokens == 300_000
+    assert pacing.usage.answer_tokens == 300_000
+    with pytest.raises(BudgetSpent):
+        await pacing.reserve()
+    assert await Pacing(RunningUsage(100), 4).acquire() is None  # no limits: nothing to wait for
