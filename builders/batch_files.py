@@ -154,7 +154,6 @@ class Part:
     """One JSONL part and everything known about its trip through a batch runner."""
 
     input_path: str
-    round: int
     requests: int
     input_file_id: str | None = None
     batch_id: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import openai
 
@@ -28,6 +29,7 @@ class OpenAIBatches:
         self,
         base_url: str,
         api_key: str,
+        metadata: dict[str, str] | None = None,
         poll_s: float = 30.0,
         timeout: float = 600.0,
         max_retries: int = 5,
@@ -37,6 +39,8 @@ class OpenAIBatches:
             base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
         )
         self.base_url = base_url
+        self.host = urlsplit(base_url).netloc
+        self.metadata = metadata or {}
         self.poll_s = poll_s
         self.sleep = sleep
 
@@ -53,7 +57,7 @@ class OpenAIBatches:
         )
         return UserError(f"Batch API at {self.base_url}: {doing} failed ({code}): {fix}")
 
-    def submit(self, part: Part, journal: Journal, metadata: dict[str, str]) -> None:
+    def submit(self, part: Part, journal: Journal) -> None:
         """Upload the part and create its batch, unless the journal says that is done."""
         try:
             if part.input_file_id is None:
@@ -65,7 +69,7 @@ class OpenAIBatches:
                     input_file_id=part.input_file_id,
                     endpoint=ENDPOINT,
                     completion_window=COMPLETION_WINDOW,
-                    metadata=metadata,
+                    metadata=self.metadata,
                 ).id
                 journal.save()
         except openai.APIError as err:

@@ -93,7 +93,7 @@ def test_results_and_errors_are_parsed() -> None:
 
 def test_the_journal_survives_a_restart_and_refuses_garbage(tmp_path: Path) -> None:
     journal = Journal.load(tmp_path)
-    journal.parts.append(Part(input_path="p.jsonl", round=1, requests=3, batch_id="batch-1"))
+    journal.parts.append(Part(input_path="p.jsonl", requests=3, batch_id="batch-1"))
     journal.save()
     again = Journal.load(tmp_path)
     assert again.parts == journal.parts and again.open_parts() == journal.parts
@@ -114,7 +114,7 @@ def batch_api(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
 def sent_part(data_dir: Path, folder: Path, count: int) -> tuple[Journal, Part]:
     journal = Journal.load(folder)
     path = write_parts(batch_requests(data_dir, count), folder, "round-1")[0]
-    part = Part(input_path=str(path), round=1, requests=count)
+    part = Part(input_path=str(path), requests=count)
     journal.parts.append(part)
     return journal, part
 
@@ -126,9 +126,9 @@ def stats(url: str) -> dict:
 
 def test_a_batch_is_uploaded_run_and_downloaded(batch_api: str, data_dir: Path, tmp_path: Path) -> None:
     journal, part = sent_part(data_dir, tmp_path, 4)
-    batches = OpenAIBatches(batch_api, "EMPTY", poll_s=0.01)
+    batches = OpenAIBatches(batch_api, "EMPTY", {"dataset": "SynthDG"}, poll_s=0.01)
     progress: list[tuple[int, int]] = []
-    batches.submit(part, journal, {"dataset": "SynthDG"})
+    batches.submit(part, journal)
     batches.wait(part, journal, lambda _, done, total: progress.append((done, total)))
     assert part.status == "completed" and progress[-1] == (4, 4)
     assert Journal.load(tmp_path).parts[0].batch_id == part.batch_id
@@ -144,13 +144,13 @@ def test_a_killed_run_polls_its_batch_instead_of_paying_twice(
     batch_api: str, data_dir: Path, tmp_path: Path
 ) -> None:
     journal, part = sent_part(data_dir, tmp_path, 2)
-    batches = OpenAIBatches(batch_api, "EMPTY", poll_s=0.01)
-    batches.submit(part, journal, {})
+    batches = OpenAIBatches(batch_api, "EMPTY", {"dataset": "SynthDG"}, poll_s=0.01)
+    batches.submit(part, journal)
     created = part.batch_id
     part.batch_id = None  # killed after the API created the batch, before the journal said so
-    batches.submit(part, journal, {})
+    batches.submit(part, journal)
     assert part.batch_id == created
-    batches.submit(part, journal, {})  # and a journal that knows it sends nothing at all
+    batches.submit(part, journal)  # and a journal that knows it sends nothing at all
     assert stats(batch_api)["batches_created"] == 1 and stats(batch_api)["files_uploaded"] == 1
 
 
@@ -161,8 +161,8 @@ def test_an_expired_batch_returns_what_it_finished_and_errors_for_the_rest(
     batch_api: str, data_dir: Path, tmp_path: Path
 ) -> None:
     journal, part = sent_part(data_dir, tmp_path, 3)
-    batches = OpenAIBatches(batch_api, "EMPTY", poll_s=0.01)
-    batches.submit(part, journal, {})
+    batches = OpenAIBatches(batch_api, "EMPTY", {"dataset": "SynthDG"}, poll_s=0.01)
+    batches.submit(part, journal)
     batches.wait(part, journal, lambda *_: None)
     assert part.status == "expired"
     assert len(list(parse_results(Path(part.output_path).read_text()))) == 1
@@ -173,8 +173,8 @@ def test_an_expired_batch_returns_what_it_finished_and_errors_for_the_rest(
 @pytest.mark.parametrize("batch_api", [SimBatchConfig(outcome="failed")], indirect=True)
 def test_a_failed_batch_has_no_results(batch_api: str, data_dir: Path, tmp_path: Path) -> None:
     journal, part = sent_part(data_dir, tmp_path, 2)
-    batches = OpenAIBatches(batch_api, "EMPTY", poll_s=0.01)
-    batches.submit(part, journal, {})
+    batches = OpenAIBatches(batch_api, "EMPTY", {"dataset": "SynthDG"}, poll_s=0.01)
+    batches.submit(part, journal)
     batches.wait(part, journal, lambda *_: None)
     assert part.status == "failed" and part.output_path is None and part.errors_path is None
 
@@ -187,9 +187,9 @@ def test_the_simulated_api_validates_input_files_as_openai_does(
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], lines[1].replace("r1-000001", "r1-000000")]) + "\n")
     journal = Journal.load(tmp_path)
-    part = Part(input_path=str(path), round=1, requests=2)
-    batches = OpenAIBatches(batch_api, "EMPTY", poll_s=0.01)
-    batches.submit(part, journal, {})
+    part = Part(input_path=str(path), requests=2)
+    batches = OpenAIBatches(batch_api, "EMPTY", {"dataset": "SynthDG"}, poll_s=0.01)
+    batches.submit(part, journal)
     batch = batches.client.batches.retrieve(part.batch_id)
     while batch.status == "validating":
         batch = batches.client.batches.retrieve(part.batch_id)
@@ -203,4 +203,4 @@ def test_an_unreachable_api_is_one_line(tmp_path: Path, data_dir: Path) -> None:
     journal, part = sent_part(data_dir, tmp_path, 1)
     batches = OpenAIBatches("http://127.0.0.1:9/v1", "EMPTY", max_retries=0, timeout=2)
     with pytest.raises(UserError, match="Batch API at http://127.0.0.1:9/v1: sending round-1-000.jsonl failed"):
-        batches.submit(part, journal, {})
+        batches.submit(part, journal)
