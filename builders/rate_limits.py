@@ -35,6 +35,10 @@ MAX_PAUSE_S = 600.0
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 KINDS = ("requests", "tokens")
+HEADERS = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in KINDS
+}
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class RateLimiter:
         return max(0.0, *waits)
 
     async def acquire(self, tokens: float) -> Permit:
+        if not self._queue and self.delay(tokens, self.clock()) == 0:
+            return self._take(tokens)  # the common case: no queue, no future
         loop = asyncio.get_running_loop()
         ticket = loop.create_future()
         self._queue.append(ticket)
@@ -204,6 +210,9 @@ class RateLimiter:
             self._queue.remove(ticket)
             if head and self._queue and not self._queue[0].done():
                 self._queue[0].set_result(None)
+        return self._take(tokens)
+
+    def _take(self, tokens: float) -> Permit:
         now = self.clock()
         for kind, amount in zip(KINDS, (1, tokens), strict=True):
             if bucket := self.buckets.get(kind):
@@ -225,18 +234,22 @@ class RateLimiter:
     def observe(self, permit: Permit, status: int, headers: Mapping[str, str]) -> None:
         """What one HTTP attempt's answer says about the limits (header names in lower case)."""
         now = self.clock()
-        for kind in KINDS:
-            self._sync(kind, headers, now)
+        for kind, names in HEADERS.items():
+            if names[1] in headers or names[0] in headers:
+                self._sync(kind, names, headers, now)
         if status == 429:
             self.stats.throttled += 1
             self.concurrency.throttled(permit.sent_at, now)
             self.pause(retry_after_seconds(headers) or DEFAULT_PAUSE_S, now)
         self._poke()
 
-    def _sync(self, kind: str, headers: Mapping[str, str], now: float) -> None:
-        limit = header_number(headers, f"x-ratelimit-limit-{kind}")
-        remaining = header_number(headers, f"x-ratelimit-remaining-{kind}")
-        reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+    def _sync(
+        self, kind: str, names: tuple[str, str, str], headers: Mapping[str, str], now: float
+    ) -> None:
+        limit_name, remaining_name, reset_name = names
+        limit = header_number(headers, limit_name)
+        remaining = header_number(headers, remaining_name)
+        reset = parse_duration(headers.get(reset_name))
         bucket = self.buckets.get(kind)
         if limit and (bucket is None or limit < bucket.per_minute):
             bucket = self.buckets[kind] = Bucket(limit, now)
