@@ -138,7 +138,7 @@ def per_image_prompt_tokens(inputs: DryRunInputs) -> tuple[pl.Series | None, str
         source = f"counted by the processor of {inputs.processor}"
         return pl.Series([counts[size] for size in sizes], dtype=pl.Float64), source
     return None, (
-        f"unknown for model {inputs.model!r}: pass --processor (the teacher's checkpoint) "
+        f"unknown for model {inputs.model!r}: pass --teacher-checkpoint (the teacher's weights) "
         "or measure with a --limit trial"
     )
 

@@ -100,8 +100,8 @@ def processor_prompt_tokens(
         processor = AutoProcessor.from_pretrained(processor_ref)
     except (OSError, ValueError) as err:
         raise UserError(
-            f"--processor {processor_ref!r} cannot be loaded ({type(err).__name__}): pass the "
-            "teacher's checkpoint folder or Hub id"
+            f"--teacher-checkpoint {processor_ref!r}: no processor loads from it "
+            f"({type(err).__name__}): pass the teacher's checkpoint folder or Hub id"
         ) from None
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}

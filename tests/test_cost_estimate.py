@@ -119,7 +119,7 @@ def test_unknown_price_and_unknown_tokens_are_said_not_guessed() -> None:
     text = "\n".join(render(result))
     assert result.prompt_tokens is None and result.cost(0, 400) is None
     assert "no price known for model 'teacher': pass --price-in and --price-out" in text
-    assert "unknown for model 'teacher': pass --processor" in text
+    assert "unknown for model 'teacher': pass --teacher-checkpoint" in text
     assert "cost " not in text
 
 
@@ -167,5 +167,5 @@ def test_a_local_teachers_prompt_is_counted_by_its_processor(tiny_qwen2vl: Path)
     local = inputs(model="teacher", price=None, prompt=prompt, processor=str(tiny_qwen2vl), images=images(3, size=112))
     result = estimate(local)
     assert result.prompt_tokens == (3 * counts[(112, 112)], 9 * counts[(112, 112)])
-    with pytest.raises(UserError, match="--processor"):
+    with pytest.raises(UserError, match="--teacher-checkpoint .* no processor loads from it"):
         processor_prompt_tokens(str(tiny_qwen2vl / "missing"), prompt, [(8, 8)])

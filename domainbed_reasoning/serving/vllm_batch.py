@@ -8,21 +8,18 @@ flags; its output appears whole (written beside, then renamed) or not at all.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 from domainbed_reasoning import atomic
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.serving.vllm_server import (
     ServerConfig,
-    _group_gone_within,
-    _log_tail,
-    _signal_group,
     check_model,
     engine_args,
+    log_tail,
     resolve_vllm_python,
+    spawn,
+    stop_group,
 )
 
 BATCH_MODULE = "vllm.entrypoints.openai.run_batch"
@@ -43,28 +40,16 @@ def run_batch(config: ServerConfig, input_path: Path, output_path: Path) -> Path
     python = resolve_vllm_python(config.vllm_python)
     check_model(config)
     config.log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_gib)}
     with atomic.atomic_path(output_path) as partial, open(config.log_path, "wb") as log:
-        # Its own session, so an interrupted build takes vLLM's engine workers down with it.
-        process = subprocess.Popen(
-            batch_command(config, python, input_path, partial),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+        process = spawn(batch_command(config, python, input_path, partial), config, log)
         try:
             code = process.wait()
-        except BaseException:
-            _signal_group(process.pid, signal.SIGTERM)
-            if not _group_gone_within(process, STOP_GRACE_S):
-                _signal_group(process.pid, signal.SIGKILL)
-            process.wait()
+        except BaseException:  # an interrupted build takes vLLM's engine workers down with it
+            stop_group(process, STOP_GRACE_S)
             raise
         if code != 0:
             raise UserError(
                 f"vLLM's batch runner exited with code {code} on {Path(input_path).name}: "
-                f"{_log_tail(config.log_path)} (full log: {config.log_path})"
+                f"{log_tail(config.log_path)} (full log: {config.log_path})"
             )
     return Path(output_path)

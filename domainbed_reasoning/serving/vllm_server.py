@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self
 
 import httpx
 from rich.console import Console
@@ -158,7 +158,33 @@ def _group_gone_within(process: subprocess.Popen[bytes], timeout_s: float) -> bo
     return False
 
 
-def _log_tail(log_path: Path, lines: int = 3) -> str:
+def spawn(argv: list[str], config: ServerConfig, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """vLLM in a session of its own, so that `stop_group` reaches its engine workers too."""
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_gib)}
+    return subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def stop_group(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace_s`; return once every member is gone.
+
+    Waiting for the whole group (not just our child) matters: vLLM's engine
+    worker holds the memory and the next server may need it at once.
+    """
+    _signal_group(process.pid, signal.SIGTERM)
+    if not _group_gone_within(process, grace_s):
+        _signal_group(process.pid, signal.SIGKILL)
+        _group_gone_within(process, grace_s)
+    process.wait()
+
+
+def log_tail(log_path: Path, lines: int = 3) -> str:
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(tail) or "(empty log)"
@@ -184,17 +210,8 @@ class VLLMServer:
         python = resolve_vllm_python(config.vllm_python)
         _check_inputs(config)
         config.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_gib)}
         with open(config.log_path, "wb") as log:
-            # A session of its own lets stop() reach vLLM's engine workers through the group.
-            self.process = subprocess.Popen(
-                command(config, python),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
+            self.process = spawn(command(config, python), config, log)
         try:
             self._wait_ready()
         except BaseException:
@@ -216,7 +233,7 @@ class VLLMServer:
                 time.sleep(1.0)
         raise UserError(
             f"vLLM server for {self.config.model} was not ready after {self.config.startup_timeout_s:.0f} s: "
-            f"see {self.config.log_path} (last lines: {_log_tail(self.config.log_path)})"
+            f"see {self.config.log_path} (last lines: {log_tail(self.config.log_path)})"
         )
 
     def check_alive(self) -> None:
@@ -224,22 +241,14 @@ class VLLMServer:
         if self.process is not None and (code := self.process.poll()) is not None:
             raise UserError(
                 f"vLLM server for {self.config.model} exited with code {code}: "
-                f"{_log_tail(self.config.log_path)} (full log: {self.config.log_path})"
+                f"{log_tail(self.config.log_path)} (full log: {self.config.log_path})"
             )
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `grace_s`; return once every member is gone.
-
-        Waiting for the whole group (not just our child) matters: vLLM's engine
-        worker holds the memory and the next server may need it at once.
-        """
+        """Stop the server's whole process group (`stop_group`)."""
         if self.process is None:
             return
-        _signal_group(self.process.pid, signal.SIGTERM)
-        if not _group_gone_within(self.process, grace_s):
-            _signal_group(self.process.pid, signal.SIGKILL)
-            _group_gone_within(self.process, grace_s)
-        self.process.wait()
+        stop_group(self.process, grace_s)
         self.process = None
 
     def __enter__(self) -> Self:
