@@ -22,7 +22,7 @@ from builders.token_estimate import (
     text_tokens,
     tile_cost,
 )
-from domainbed_reasoning.chains.chain_format import RejectReason
+from domainbed_reasoning.chains.rules import RejectReason
 
 ASSUMED_ANSWER_TOKENS = 400  # a five-stage chain of a few sentences per stage
 LEFT_OUT = (

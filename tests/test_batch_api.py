@@ -44,7 +44,7 @@ def batch_requests(data_dir: Path, count: int, model: str = MODEL) -> list[tuple
     manifest = scan_dataset(get_spec("SynthDG"), data_dir).frame.head(count)
     requests = []
     for image_id, path in manifest.select("id", "path").iter_rows():
-        messages = encode_messages("Which shape?", image_data_url(path, PayloadPolicy()))
+        messages = encode_messages("Which shape?", image_data_url(path, PayloadPolicy()).data_url)
         body = request_body(messages, {"model": model, "n": 2, "temperature": 0.7, "max_tokens": 512})
         requests.append((BatchRequest(image_id, 1, 0.7, seed=11), body))
     return requests

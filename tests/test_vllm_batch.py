@@ -52,7 +52,7 @@ def test_run_batch_answers_a_batch_file_with_the_tiny_model(
     manifest = scan_dataset(get_spec("SynthDG"), data_dir).frame.head(3)
     requests = []
     for image_id, path in manifest.select("id", "path").iter_rows():
-        messages = encode_messages("Which shape is it?", image_data_url(path, PayloadPolicy()))
+        messages = encode_messages("Which shape is it?", image_data_url(path, PayloadPolicy()).data_url)
         fields = {"model": "tiny-teacher", "n": 2, "temperature": 0.8, "max_tokens": 12}
         requests.append((BatchRequest(image_id, 1, 0.8), request_body(messages, fields)))
     unknown = request_body(messages, {"model": "not-served", "n": 1, "max_tokens": 4})
