@@ -17,14 +17,26 @@ import polars as pl
 from builders.pricing import Price
 from domainbed_reasoning.errors import UserError
 
+MODES = ("online", "batch")
 
-def spent_usd(requests: pl.DataFrame, online: Price, batch: Price) -> float:
-    """Cost of `requests` (one row per answered request: prompt_tokens, completion_tokens, mode)."""
-    total = 0.0
-    for mode, price in (("online", online), ("batch", batch)):
-        rows = requests.filter(pl.col("mode") == mode)
-        total += price.cost(rows["prompt_tokens"].sum(), rows["completion_tokens"].sum())
-    return total
+
+def spend_by_mode(requests: pl.DataFrame, prices: dict[str, Price | None]) -> dict:
+    """Requests, tokens and dollars per mode of `requests` (one row per answered request:
+    prompt_tokens, completion_tokens, mode; a null mode is online, as stores before modes
+    were). `usd` is None where the mode's price is unknown, and in the total if any is."""
+    modes = requests.with_columns(pl.col("mode").fill_null("online"))
+    rows = {}
+    for mode in MODES:
+        chosen = modes.filter(pl.col("mode") == mode)
+        if chosen.is_empty():
+            continue
+        prompt, completion = int(chosen["prompt_tokens"].sum()), int(chosen["completion_tokens"].sum())
+        price = prices.get(mode)
+        usd = None if price is None else round(price.cost(prompt, completion), 4)
+        rows[mode] = {"requests": chosen.height, "prompt": prompt, "completion": completion, "usd": usd}
+    costs = [row["usd"] for row in rows.values()]
+    total = None if None in costs else round(sum(costs), 4)
+    return {"by_mode": rows, "usd": total}
 
 
 class Budget:

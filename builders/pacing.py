@@ -9,13 +9,13 @@ limiter reads the answer's headers and the reply's `usage` corrects every estima
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from builders.budget import Budget
 from builders.dry_run import ASSUMED_ANSWER_TOKENS
 from builders.pricing import Price
-from builders.rate_limits import Permit, RateLimiter
+from builders.rate_limits import Permit, RateLimiter, RateLimits
 
 
 class BudgetSpent(Exception):
@@ -47,6 +47,43 @@ class Spend:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     usd: float = 0.0
+
+    @classmethod
+    def total(cls, spends: Iterable[Spend]) -> Spend:
+        spends = list(spends)
+        return cls(
+            sum(s.prompt_tokens for s in spends),
+            sum(s.completion_tokens for s in spends),
+            sum(s.usd for s in spends),
+        )
+
+    def describe(self) -> str:
+        tokens = f"{(self.prompt_tokens + self.completion_tokens) / 1e6:.2f}M tokens"
+        return f"{tokens}, ${self.usd:,.2f}" if self.usd else tokens
+
+
+@dataclass(frozen=True)
+class PacingPlan:
+    """What each client process builds its Pacing from; `--workers` processes split the
+    budget and the rate limits evenly, as they split the concurrency."""
+
+    usage: RunningUsage
+    answers: int
+    concurrency: int
+    price: Price | None = None
+    budget_left_usd: float | None = None
+    limits: RateLimits = field(default_factory=RateLimits)
+
+    def divided(self, parts: int, concurrency: int) -> PacingPlan:
+        left = None if self.budget_left_usd is None else self.budget_left_usd / parts
+        return replace(
+            self, concurrency=concurrency, budget_left_usd=left, limits=self.limits.divided(parts)
+        )
+
+    def build(self) -> Pacing:
+        budget = None if self.budget_left_usd is None else Budget(max(self.budget_left_usd, 1e-9))
+        limiter = RateLimiter(self.limits, self.concurrency)
+        return Pacing(replace(self.usage), self.answers, self.price, budget, limiter)
 
 
 class Pacing:

@@ -7,7 +7,7 @@ import asyncio
 import polars as pl
 import pytest
 
-from builders.budget import Budget, spent_usd
+from builders.budget import Budget, spend_by_mode
 from builders.pacing import BudgetSpent, Pacing, RunningUsage
 from builders.pricing import resolve_price
 from domainbed_reasoning.errors import UserError
@@ -23,7 +23,11 @@ def test_spend_prices_each_mode_at_its_own_price() -> None:
     )
     online = resolve_price("gpt-4o", None, None, batch=False)
     batch = resolve_price("gpt-4o", None, None, batch=True)
-    assert spent_usd(requests, online, batch) == pytest.approx((2.5 + 1.0) * 1.5)
+    spend = spend_by_mode(requests, {"online": online, "batch": batch})
+    assert spend["usd"] == pytest.approx((2.5 + 1.0) * 1.5)
+    assert spend["by_mode"]["batch"] == {"requests": 1, "prompt": 1_000_000, "completion": 100_000, "usd": 1.75}
+    unknown = spend_by_mode(requests.with_columns(mode=pl.lit(None, pl.String)), {"online": None})
+    assert unknown["usd"] is None and unknown["by_mode"]["online"]["requests"] == 2
 
 
 async def test_reservations_hold_back_requests_that_would_pass_the_budget() -> None:
