@@ -40,7 +40,7 @@ def budget_left(spend: dict, config: BuildConfig, folder: Path) -> float | None:
     limit = config.spending.budget_usd
     if limit is None:
         return None
-    if spend["usd"] is None:
+    if spend["usd"] is None or config.spending.prices(config.teacher.model)[config.mode] is None:
         raise UserError(
             f"--budget-usd needs a price for model {config.teacher.model!r}: pass --price-in and "
             "--price-out (dollars per million tokens)"
