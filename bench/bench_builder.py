@@ -58,10 +58,10 @@ from builders.workers import worker_count
 measured = {}
 sample = build.sample
 
-def timed_sample(share, config, console):
+def timed_sample(share, config, console, selection):
     measured["workers"] = worker_count(config.workers, len(share.tasks), config.teacher.concurrency)
     before = cpu_seconds()
-    counters = sample(share, config, console)
+    counters = sample(share, config, console, selection)
     measured["cpu"] = cpu_seconds() - before
     return counters
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import polars as pl
 from rich.console import Console
 
+from builders.batch_mode import BatchPlan, runner_for, sample_in_batches
 from builders.build_config import BuildConfig, Shard
 from builders.build_report import RunInfo, write_outputs
 from builders.candidate_store import compact, scan_candidates, store_lock
@@ -26,6 +27,7 @@ from builders.progress import progress_bar
 from builders.rejection_sampling import Judging, pending_tasks, progress_by_image
 from builders.rejudge import rejudge_and_summarise, require_current_judge
 from builders.sampling import Counters, Share, check_teacher, sample_share
+from builders.spending import budget_left, dry_run_lines, folder_spend, pacing_plan
 from builders.teacher_client import (
     DEFAULT_KEY_ENV,
     MessagesTemplate,
@@ -60,17 +62,27 @@ def select_images(manifest: pl.DataFrame, shard: Shard, limit: int | None) -> pl
     return chosen if limit is None else chosen.head(limit)
 
 
-def sample(share: Share, config: BuildConfig, console: Console | None) -> Counters:
-    """One process when one suffices (or is asked for), else `worker_count` spawned processes."""
+def sample(
+    share: Share, config: BuildConfig, console: Console | None, selection: pl.DataFrame
+) -> Counters:
+    """Batches in batch mode; online, one process when one suffices (or is asked for), else
+    `worker_count` spawned processes."""
     workers = worker_count(config.workers, len(share.tasks), config.teacher.concurrency)
     with progress_bar(console, config.show_progress) as progress:
         bar = progress.add_task(f"{config.dataset} chains", total=len(share.tasks), accepted=0)
 
         def show(counters: Counters) -> None:
             progress.update(
-                bar, completed=counters.images, accepted=counters.accepted, failed=counters.failed
+                bar,
+                completed=counters.images,
+                accepted=counters.accepted,
+                failed=counters.failed,
+                spend=counters.spend.describe(),
             )
 
+        if config.mode == "batch":
+            batch = BatchPlan(runner_for(config, share.folder.parent), selection, share.pacing.build())
+            return sample_in_batches(share, batch, show)
         if workers == 1:
             return asyncio.run(sample_share(share, show, check=True))
         asyncio.run(check_teacher(config.teacher))
@@ -92,8 +104,9 @@ def refuse_mixing(store: Path, teacher: str, prompt_version: str) -> None:
         )
 
 
-def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
-    """Build (or resume) the chains of one dataset; returns the stats written to stats.json."""
+def build_chains(config: BuildConfig, console: Console | None = None) -> dict | None:
+    """Build (or resume) the chains of one dataset; returns the stats written to stats.json
+    (None for a dry run, which prints its estimate and sends nothing)."""
     spec = get_spec(config.dataset)
     folder = chains_dir(config.out, spec)
     require_current_judge(folder, spec.name)
@@ -109,18 +122,31 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
         selection = select_images(manifest, config.shard, config.limit)
         matcher = ClassMatcher(spec.classes)
         teacher = config.teacher
+        prompt = template.render(classes=class_list(spec.classes))
+        pending = pending_tasks(
+            selection, progress_by_image(scan_candidates(store)), config.plan, config.policy
+        )
+        if config.dry_run:
+            for line in dry_run_lines(config, store, prompt, selection, pending):
+                err_console.print(line, highlight=False, soft_wrap=True)
+            return None
+        left = budget_left(folder_spend(store, config), config, folder)
         share = Share(
             config=config,
-            tasks=pending_tasks(
-                selection, progress_by_image(scan_candidates(store)), config.plan, config.policy
-            ),
+            tasks=pending,
             messages=MessagesTemplate.for_prompt(
-                template.render(classes=class_list(spec.classes)), text_first=True
+                prompt, text_first=True, detail=teacher.detail if teacher.openai else None
             ),
             judging=Judging(
-                matcher, teacher.model, template.version, teacher.top_p, teacher.max_tokens
+                matcher,
+                teacher.model,
+                template.version,
+                teacher.top_p,
+                teacher.max_tokens,
+                config.mode,
             ),
             folder=store,
+            pacing=pacing_plan(config, store, prompt, selection, left),
         )
         for url in withheld_key_urls(teacher):
             err_console.print(
@@ -129,7 +155,7 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
                 highlight=False,
             )
         start = time.perf_counter()
-        counters = sample(share, config, console) if len(share.tasks) else Counters()
+        counters = sample(share, config, console, selection) if len(share.tasks) else Counters()
         run = RunInfo(
             dataset=spec.name,
             teacher=teacher.model,
@@ -147,6 +173,9 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict:
             requests=counters.requests,
             seconds=round(time.perf_counter() - start, 3),
             stopped=counters.stopped,
+            mode=config.mode,
+            prices=config.spending.prices(teacher.model),
+            spent_usd=round(counters.spend.usd, 4),
         )
         return write_outputs(folder, manifest, selection["id"], store, matcher, run)
 
@@ -159,6 +188,8 @@ def build_and_summarise(config: BuildConfig, rejudge: bool = False) -> int:
         rejudge_and_summarise(config)
         return 0
     stats = build_chains(config, console=err_console)
+    if stats is None:
+        return 0
     images, run = stats["images"], stats["run"]
     report = report_path(chains_dir(config.out, get_spec(config.dataset)))
     console.print(

@@ -9,12 +9,14 @@ accepted candidates, so a store of millions of candidates derives in seconds.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from builders.budget import spend_by_mode
 from builders.candidate_store import scan_candidates
+from builders.pricing import Price, unknown_price_note
 from builders.rejection_sampling import ACCEPTED, REQUEST_ERROR, progress_by_image
 from domainbed_reasoning import atomic
 from domainbed_reasoning.artefacts import chains_path, report_path, stats_path
@@ -59,6 +61,9 @@ class RunInfo:
     seconds: float
     stopped: str | None = None
     action: str = "sample"  # or "rejudge": stored candidates judged again, no teacher requests
+    mode: str = "online"  # or "batch": each pending image's next round sent as a batch
+    prices: dict[str, Price | None] = field(default_factory=dict)  # per mode; None: unknown
+    spent_usd: float = 0.0  # measured over this run's answers
 
 
 def derive_chains(manifest: pl.DataFrame, store: Path, matcher: ClassMatcher) -> pl.DataFrame:
@@ -164,7 +169,9 @@ def compute_stats(
     run: RunInfo,
 ) -> dict:
     status = image_status(manifest, progress, run.max_rounds)
-    columns = ["id", "candidate_index", "reason", "prompt_version", "prompt_tokens", "completion_tokens"]
+    columns = [
+        "id", "candidate_index", "reason", "prompt_version", "prompt_tokens", "completion_tokens", "mode",
+    ]  # fmt: skip
     answers = scan_candidates(store, columns).filter(pl.col("reason") != REQUEST_ERROR).collect()
     requests = answers.filter(pl.col("candidate_index") == 0)
     prompt_tokens = int(requests["prompt_tokens"].sum())
@@ -209,6 +216,7 @@ def compute_stats(
             if chains.height
             else None,
         },
+        "cost": spend_by_mode(requests, run.prices),
         "exhausted": {
             id_: {row["reason"]: row["len"] for row in reasons}
             for id_, reasons in exhausted.iter_rows()
@@ -272,6 +280,33 @@ def _failures_section(stats: dict) -> str:
     )
 
 
+def _cost_section(stats: dict) -> str:
+    """Tokens and dollars per mode over the whole folder, and the prices they were taken at."""
+    cost, run = stats["cost"], stats["run"]
+    rows = [
+        (mode, row["requests"], row["prompt"], row["completion"], _usd(row["usd"]))
+        for mode, row in cost["by_mode"].items()
+    ]
+    prices = [
+        f"- {mode}: "
+        + (unknown_price_note(run["teacher"]) if price is None else Price(**price).describe())
+        for mode, price in run["prices"].items()
+        if mode in cost["by_mode"]
+    ]
+    total = (
+        f"Cost of every answer in this folder: {_usd(cost['usd'])} (measured `usage`;"
+        f" this run: ${run['spent_usd']:,.2f}). Prices:"
+    )
+    header = ("mode", "requests", "prompt tokens", "completion tokens", "cost")
+    return "\n\n".join(
+        ["## Tokens and cost", _table(header, rows), "\n".join([total, *prices])]
+    )
+
+
+def _usd(amount: float | None) -> str:
+    return "unknown" if amount is None else f"${amount:,.2f}"
+
+
 def render_report(stats: dict) -> str:
     run, images, tokens = stats["run"], stats["images"], stats["tokens"]
     headline = (
@@ -311,6 +346,7 @@ def render_report(stats: dict) -> str:
         f"Mean candidates seen until acceptance: {stats['attempts_mean']}.",
         "## Tokens and throughput\n\n" + _table(TOKEN_HEADER, [token_row]),
         throughput,
+        _cost_section(stats),
         _failures_section(stats),
         _exhausted_section(stats["exhausted"]),
     ]

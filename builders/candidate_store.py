@@ -69,6 +69,7 @@ CANDIDATE_SCHEMA = {
     "system_fingerprint": pl.String,
     "timestamp": pl.Datetime("us", "UTC"),
     "downscaled": pl.Boolean,
+    "mode": pl.String,
 }
 
 
@@ -106,6 +107,7 @@ class CandidateRecord:
     system_fingerprint: str | None
     timestamp: datetime
     downscaled: bool
+    mode: str  # online, or batch (billed at the Batch API's price)
 
 
 def shards(folder: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""The build's progress bar: images done, images/s, the share accepted, images whose request failed."""
+"""The build's progress bar: images done, images/s, the share accepted, images whose request
+failed, and the tokens and dollars spent so far."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ class RateColumn(ProgressColumn):
         share = f"{100 * accepted / task.completed:.1f}%" if task.completed else "-"
         failed = task.fields.get("failed", 0)
         pending = f", {failed} left pending by failed requests" if failed else ""
-        return Text(f"{speed or 0:.1f} img/s, accepted {share}{pending}")
+        spend = task.fields.get("spend")
+        spent = f", {spend}" if spend else ""
+        return Text(f"{speed or 0:.1f} img/s, accepted {share}{pending}{spent}")
 
 
 def progress_bar(console: Console | None, show: bool) -> Progress:

@@ -139,6 +139,7 @@ class Judging:
     prompt_version: str
     top_p: float
     max_tokens: int
+    mode: str = "online"
 
     def records(
         self, task: ImageTask, round_: int, request: Request, reply: Reply
@@ -160,6 +161,7 @@ class Judging:
             "system_fingerprint": reply.system_fingerprint,
             "timestamp": datetime.fromtimestamp(reply.timestamp, UTC),
             "downscaled": request.downscaled,
+            "mode": self.mode,
         }
         if reply.error is not None:
             return [

@@ -12,18 +12,20 @@ import asyncio
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from builders.build_config import BuildConfig
 from builders.candidate_store import CandidateRecord, CandidateWriter
+from builders.pacing import BudgetSpent, PacingPlan, Spend
 from builders.rejection_sampling import Judging, Outcome, image_tasks, resolve_image
 from builders.replicas import AllReplicasDown
 from builders.teacher_client import MessagesTemplate, TeacherConfig, TeacherPool
 
 REPORT_SECONDS = 0.1
+BUDGET_SPENT = "--budget-usd is spent: raise it and run the same command to go on"
 SAMPLING_GC_THRESHOLDS = (50_000, 50, 100)  # CPython's defaults are (700, 10, 10)
 
 
@@ -33,7 +35,8 @@ class Counters:
     accepted: int = 0
     failed: int = 0  # images left pending by a request that failed after its retries
     requests: int = 0
-    stopped: str | None = None  # why sampling stopped early: every replica stayed down
+    stopped: str | None = None  # why sampling stopped early: replicas down, budget spent
+    spend: Spend = field(default_factory=Spend)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Share:
     messages: MessagesTemplate  # the prompt first, then the image: vLLM caches the prompt
     judging: Judging
     folder: Path
+    pacing: PacingPlan
 
 
 async def sample_all(
@@ -61,9 +65,13 @@ async def sample_all(
 
     async def slot() -> None:
         for task in queue:
-            outcome = await resolve_image(
-                task, plan, policy, share.messages, pool.send, share.judging, emit
-            )
+            try:
+                outcome = await resolve_image(
+                    task, plan, policy, share.messages, pool.send, share.judging, emit
+                )
+            except BudgetSpent:
+                counters.stopped = BUDGET_SPENT
+                return
             counters.images += 1
             counters.accepted += outcome is Outcome.ACCEPTED
             counters.failed += outcome is Outcome.FAILED
@@ -118,8 +126,9 @@ async def sample_share(share: Share, report: Callable[[Counters], None], check: 
 
 
 async def _sample_share(share: Share, report: Callable[[Counters], None], check: bool) -> Counters:
-    counters = Counters()
-    async with TeacherPool(share.config.teacher) as pool:
+    pacing = share.pacing.build()
+    counters = Counters(spend=pacing.spend)
+    async with TeacherPool(share.config.teacher, pacing=pacing) as pool:
         if check:
             await pool.check()
         config = share.config

@@ -30,8 +30,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from builders.pacing import Pacing, RunningUsage
+from builders.rate_limits import Permit
 from builders.replicas import HealthPolicy, Replica, ReplicaSet
 from builders.retry_policy import retry_delay, should_retry
+from builders.token_estimate import check_detail
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.terminal import err_console
 
@@ -64,8 +67,15 @@ class TeacherConfig:
     max_tokens: int = 1024
     top_p: float = 1.0
     health: HealthPolicy = field(default_factory=HealthPolicy)
+    detail: str = "auto"  # OpenAI's image `detail`, sent to OpenAI's API only
+
+    @property
+    def openai(self) -> bool:
+        """Every URL is OpenAI's own API, which takes `detail` and `max_completion_tokens`."""
+        return all(is_openai(url) for url in self.urls)
 
     def __post_init__(self) -> None:
+        check_detail(self.detail)
         checks = (
             ("--timeout", self.timeout, self.timeout > 0, "more than 0 seconds"),
             ("--max-retries", self.max_retries, self.max_retries >= 0, "0 or more"),
@@ -130,6 +140,11 @@ def url_host(url: str) -> str:
     return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
 
 
+def is_openai(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host == "openai.com" or host.endswith(".openai.com")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -153,7 +168,9 @@ def withheld_key_urls(config: TeacherConfig) -> list[str]:
     return [url for url in config.urls if not key_travels(url, config.api_key_explicit)]
 
 
-def request_messages(prompt: str, data_url: str, text_first: bool = False) -> list[dict]:
+def request_messages(
+    prompt: str, data_url: str, text_first: bool = False, detail: str | None = None
+) -> list[dict]:
     """The whole request content: the prompt and the image. Nothing about the label exists here.
 
     The teacher gets the text first, so every request of a dataset starts with the same
@@ -161,14 +178,17 @@ def request_messages(prompt: str, data_url: str, text_first: bool = False) -> li
     order is part of its version. The student keeps the image first, as it was trained.
     """
     text = {"type": "text", "text": prompt}
-    image = {"type": "image_url", "image_url": {"url": data_url}}
+    url = {"url": data_url} if detail is None else {"url": data_url, "detail": detail}
+    image = {"type": "image_url", "image_url": url}
     return [{"role": "user", "content": [text, image] if text_first else [image, text]}]
 
 
-def encode_messages(prompt: str, data_url: str, text_first: bool = False) -> bytes:
+def encode_messages(
+    prompt: str, data_url: str, text_first: bool = False, detail: str | None = None
+) -> bytes:
     """The messages as JSON, made once per image: the image's base64 is the bulk of every
     body, and re-encoding it for each round and each request costs more than the rest."""
-    return json.dumps(request_messages(prompt, data_url, text_first)).encode()
+    return json.dumps(request_messages(prompt, data_url, text_first, detail)).encode()
 
 
 IMAGE_SLOT = "\x00image\x00"
@@ -184,13 +204,29 @@ class MessagesTemplate:
     tail: bytes
 
     @classmethod
-    def for_prompt(cls, prompt: str, text_first: bool) -> MessagesTemplate:
+    def for_prompt(
+        cls, prompt: str, text_first: bool, detail: str | None = None
+    ) -> MessagesTemplate:
         slot = json.dumps(IMAGE_SLOT).encode()[1:-1]
-        head, tail = encode_messages(prompt, IMAGE_SLOT, text_first).split(slot)
+        head, tail = encode_messages(prompt, IMAGE_SLOT, text_first, detail).split(slot)
         return cls(head, tail)
 
     def fill(self, data_url: str) -> bytes:
         return self.head + data_url.encode("ascii") + self.tail
+
+
+def request_fields(config: TeacherConfig, n: int, temperature: float, seed: int | None) -> dict:
+    """A request's parameters besides the messages; OpenAI's API takes the completion limit as
+    `max_completion_tokens` (`max_tokens` is deprecated there), vLLM as `max_tokens`."""
+    limit = "max_completion_tokens" if config.openai else "max_tokens"
+    fields = {
+        "model": config.model,
+        "n": n,
+        "temperature": temperature,
+        "top_p": config.top_p,
+        limit: config.max_tokens,
+    }
+    return fields if seed is None else fields | {"seed": seed}
 
 
 def request_body(messages: bytes, fields: dict) -> bytes:
@@ -238,8 +274,14 @@ def served_models(raw: bytes) -> list[str] | None:
 class TeacherPool:
     """One HTTP session over every replica; each attempt goes to a healthy replica (replicas.py)."""
 
-    def __init__(self, config: TeacherConfig, say: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: TeacherConfig,
+        say: Callable[[str], None] | None = None,
+        pacing: Pacing | None = None,
+    ) -> None:
         self.config = config
+        self.pacing = pacing or Pacing(RunningUsage(prompt_tokens=0.0), answers=1)
         self.say = say or (lambda text: err_console.print(f"[yellow]{text}[/]", highlight=False))
         self.replicas: ReplicaSet | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -322,16 +364,6 @@ class TeacherPool:
         )
         return f"teacher at {replica.url} refused the API key (HTTP {status}): {fix}"
 
-    def fields(self, n: int, temperature: float, seed: int | None) -> dict:
-        fields = {
-            "model": self.config.model,
-            "n": n,
-            "temperature": temperature,
-            "top_p": self.config.top_p,
-            "max_tokens": self.config.max_tokens,
-        }
-        return fields if seed is None else fields | {"seed": seed}
-
     async def complete(self, prompt: str, data_url: str, n: int, temperature: float) -> Reply:
         """`n` samples from one image prefill (image first, as the student was trained)."""
         return await self.send(encode_messages(prompt, data_url), n, temperature)
@@ -345,22 +377,33 @@ class TeacherPool:
         one, at once; a retry on the same replica first waits as the SDK would (backoff, or
         the server's Retry-After), which gives a struggling server room and nothing else.
         """
-        body = request_body(messages, self.fields(n, temperature, seed))
+        body = request_body(messages, request_fields(self.config, n, temperature, seed))
+        estimate = await self.pacing.reserve()
+        reply = await self._send(body)
+        self.pacing.settle(estimate, reply.prompt_tokens, reply.completion_tokens)
+        return reply
+
+    async def _send(self, body: bytes) -> Reply:
         start = time.perf_counter()
         failed, delay = None, 0.0
         for retries_taken in range(self.config.max_retries + 1):
             replica = await self.replicas.acquire(avoid=failed)
             if replica is failed:
                 await asyncio.sleep(delay)
-            outcome = await self._attempt(replica, body, start)
+            permit = await self.pacing.acquire()
+            outcome = await self._attempt(replica, body, start, permit)
             if isinstance(outcome, Reply):
+                self.pacing.release(permit, outcome.prompt_tokens + outcome.completion_tokens)
                 return outcome
+            self.pacing.release(permit, None)
             if not outcome.retryable:
                 break
             failed, delay = replica, retry_delay(retries_taken, outcome.headers)
         return Reply((), 0, 0, time.perf_counter() - start, replica.host, outcome.detail)
 
-    async def _attempt(self, replica: Replica, body: bytes, start: float) -> Reply | Failure:
+    async def _attempt(
+        self, replica: Replica, body: bytes, start: float, permit: Permit | None
+    ) -> Reply | Failure:
         replica.in_flight += 1
         try:
             async with self.session.post(
@@ -379,6 +422,7 @@ class TeacherPool:
             )
         finally:
             replica.in_flight -= 1
+        self.pacing.observe(permit, status, headers)
         if status == 200:
             return self._answer(replica, raw, start)
         name = STATUS_ERRORS.get(

@@ -27,6 +27,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from queue import Empty
 
+from builders.pacing import Spend
 from builders.sampling import REPORT_SECONDS, Counters, Share, sample_share
 from domainbed_reasoning.errors import UserError
 
@@ -64,17 +65,15 @@ def split_shares(share: Share, workers: int) -> list[Share]:
     """Deal the (hash-ordered) images round-robin and the concurrency evenly: the total
     in flight stays `concurrency` and every process sees every domain and class."""
     total = share.config.teacher.concurrency
+    slots = [total // workers + (index < total % workers) for index in range(workers)]
     return [
         replace(
             share,
             tasks=share.tasks.gather_every(workers, offset=index),
             config=replace(
-                share.config,
-                teacher=replace(
-                    share.config.teacher,
-                    concurrency=total // workers + (index < total % workers),
-                ),
+                share.config, teacher=replace(share.config.teacher, concurrency=slots[index])
             ),
+            pacing=share.pacing.divided(workers, slots[index]),
         )
         for index in range(workers)
     ]
@@ -150,6 +149,7 @@ def total(reports: Iterable[Report]) -> Counters:
         failed=sum(c.failed for c in counters),
         requests=sum(c.requests for c in counters),
         stopped=next((c.stopped for c in counters if c.stopped), None),
+        spend=Spend.total(c.spend for c in counters),
     )
 
 

@@ -225,11 +225,32 @@ def build_chains_command(
     rejudge: bool = typer.Option(
         False, help="Judge the stored candidates again with this dbr's judge; no teacher requests."
     ),
+    mode: str = typer.Option(
+        "online", help="online (requests as they go), or batch (OpenAI's Batch API, half price; with "
+        "--teacher-checkpoint, vLLM's offline runner)."
+    ),
+    dry_run: bool = typer.Option(False, help="Print the requests, tokens and cost this would take; send nothing."),
+    budget_usd: float | None = typer.Option(
+        None, help="Stop (resumably) once the folder's measured teacher cost reaches this many dollars."
+    ),
+    max_requests_per_minute: float | None = typer.Option(None, help="Stay under this many requests a minute."),
+    max_tokens_per_minute: float | None = typer.Option(None, help="Stay under this many tokens a minute."),
+    detail: str = typer.Option("auto", help="OpenAI's image detail, low, high or auto (sent to OpenAI's API only)."),
+    price_in: float | None = typer.Option(None, help="Dollars per million prompt tokens (default: list price)."),
+    price_out: float | None = typer.Option(None, help="Dollars per million completion tokens (default: list price)."),
+    teacher_checkpoint: str | None = typer.Option(
+        None, help="The local teacher's checkpoint: --dry-run counts with its processor; --mode batch runs it."
+    ),
+    vllm_arg: list[str] = typer.Option(
+        [], help="An argument for vLLM's offline runner in --mode batch, e.g. --vllm-arg=--dtype=float32."
+    ),
+    batch_poll_s: float = typer.Option(30.0, help="--mode batch: seconds between polls of the Batch API."),
 ) -> None:
     """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
     from builders.build import build_and_summarise
-    from builders.build_config import BuildConfig, Shard
+    from builders.build_config import BatchRunner, BuildConfig, Shard, Spending
     from builders.image_payload import PayloadPolicy
+    from builders.rate_limits import RateLimits
     from builders.rejection_sampling import SamplingPlan, parse_temperatures
     from builders.replicas import HealthPolicy
     from builders.teacher_client import TeacherConfig, resolve_api_key
@@ -245,6 +266,7 @@ def build_chains_command(
         max_tokens=max_tokens,
         top_p=top_p,
         health=HealthPolicy(outage_wait_s=outage_wait),
+        detail=detail,
     )
     code = build_and_summarise(
         BuildConfig(
@@ -259,6 +281,12 @@ def build_chains_command(
             show_progress=progress,
             workers=workers,
             allow_mixed=allow_mixed,
+            mode=mode,
+            dry_run=dry_run,
+            spending=Spending(price_in, price_out, budget_usd),
+            limits=RateLimits(max_requests_per_minute, max_tokens_per_minute),
+            batch=BatchRunner(tuple(vllm_arg), batch_poll_s),
+            teacher_checkpoint=teacher_checkpoint,
         ),
         rejudge=rejudge,
     )

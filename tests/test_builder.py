@@ -28,6 +28,8 @@ from builders.build import build_chains, select_images
 from builders.build_config import BuildConfig, Shard
 from builders.candidate_store import KEY, read_candidates
 from builders.image_payload import PayloadPolicy
+from builders.pacing import PacingPlan, RunningUsage
+from builders.rate_limits import RateLimits
 from builders.rejection_sampling import SamplingPlan, parse_temperatures
 from builders.sampling import SAMPLING_GC_THRESHOLDS, Share, rare_collections
 from builders.teacher_client import (
@@ -330,9 +332,14 @@ def test_workers_are_capped_by_images_and_request_slots(monkeypatch: pytest.Monk
 def test_shares_partition_the_images_and_the_concurrency(teacher: str, data_dir: Path) -> None:
     whole = config(teacher, data_dir, Path("unused"), concurrency=7)
     tasks = pl.DataFrame({"id": [f"image-{index}" for index in range(IMAGES)]})
-    shares = split_shares(Share(whole, tasks, "prompt", None, Path("unused")), 3)
+    pacing = PacingPlan(RunningUsage(100), 2, 7, budget_left_usd=3.0, limits=RateLimits(600, 9000))
+    shares = split_shares(Share(whole, tasks, "prompt", None, Path("unused"), pacing), 3)
     assert sorted(id_ for share in shares for id_ in share.tasks["id"]) == sorted(tasks["id"])
     assert [share.config.teacher.concurrency for share in shares] == [3, 2, 2]
+    assert [share.pacing.concurrency for share in shares] == [3, 2, 2]
+    assert {(share.pacing.budget_left_usd, share.pacing.limits) for share in shares} == {
+        (1.0, RateLimits(200, 3000))
+    }
     assert all(share.config.teacher.urls == whole.teacher.urls for share in shares)
 
 

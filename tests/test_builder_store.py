@@ -39,7 +39,7 @@ def record(index: int) -> CandidateRecord:
         predicted="star", detail="concluded 'star'", prompt_tokens=10, completion_tokens=20,
         latency_s=0.3, teacher="t", teacher_url="127.0.0.1:8000", prompt_version="v", seed=index,
         top_p=1.0, max_tokens=1024, server_model="t", system_fingerprint=None,
-        timestamp=datetime.now(UTC), downscaled=False,
+        timestamp=datetime.now(UTC), downscaled=False, mode="online",
     )  # fmt: skip
 
 
