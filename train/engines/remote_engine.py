@@ -17,6 +17,7 @@ from dataclasses import replace
 from rich.progress import Progress
 
 from builders.image_payload import sniff_mime, to_data_url
+from builders.replicas import HealthPolicy
 from builders.teacher_client import Reply, TeacherConfig, TeacherPool, resolve_api_key
 from domainbed_reasoning.errors import UserError
 from train.engines.base import ClosingEngine, Generation, GenRequest, SamplingSpec, decode_image
@@ -55,6 +56,7 @@ class RemoteEngine(ClosingEngine):
         concurrency: int = 64,
         timeout: float = 600.0,
         max_retries: int = 3,
+        health: HealthPolicy | None = None,
     ) -> None:
         self.base = TeacherConfig(
             urls=(base_url,),
@@ -63,6 +65,7 @@ class RemoteEngine(ClosingEngine):
             timeout=timeout,
             max_retries=max_retries,
             concurrency=concurrency,
+            health=health or HealthPolicy(),
         )
         try:
             asyncio.run(self._check())

@@ -28,6 +28,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from builders.replicas import AllReplicasDown, HealthPolicy
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.serving.vllm_server import (
     ServerConfig,
@@ -56,6 +57,9 @@ NEUTRAL_DECODING = ("--generation-config", "vllm")
 # One image per request and no video: an unlisted modality makes vLLM profile 999 of them at start-up.
 IMAGE_ONLY = {"image": 1, "video": 0}
 DEFAULT_MAX_MODEL_LEN = 8192
+# The engine's own server does not come back once it has died (`check_alive` names the exit),
+# so an outage is waited out for a minute, not the builder's half hour.
+OWN_SERVER_HEALTH = HealthPolicy(outage_wait_s=60.0)
 
 
 def vision_layer_names(model: str) -> list[str]:
@@ -188,6 +192,7 @@ class VLLMEngine(ClosingEngine):
                 concurrency=concurrency,
                 timeout=timeout,
                 max_retries=max_retries,
+                health=OWN_SERVER_HEALTH,
             )
         except BaseException:
             self.close()
@@ -197,7 +202,12 @@ class VLLMEngine(ClosingEngine):
         self, requests: Sequence[GenRequest], sampling: SamplingSpec, progress: bool = True
     ) -> list[Generation]:
         """Per-request failures come back as values; a server that died meanwhile is a UserError."""
-        generations = self.client.generate(requests, sampling, progress)
+        self.server.check_alive()
+        try:
+            generations = self.client.generate(requests, sampling, progress)
+        except AllReplicasDown:
+            self.server.check_alive()
+            raise
         self.server.check_alive()
         return generations
 
