@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 EXPORT_DIR ?= domainbed-reasoning
 REPO ?=
 
-.PHONY: setup vllm-env test demo datasets download build-chains export publish serve-teacher sim-teacher bench lint clean train
+.PHONY: setup vllm-env chromium test demo datasets download build-chains browse export publish serve-teacher sim-teacher bench lint clean train
 
 # The stamp is keyed on pyproject.toml, so re-running `make setup` is instant when nothing changed.
 $(VENV)/.stamp: pyproject.toml
@@ -47,7 +47,12 @@ $(VLLM_VENV)/.stamp:
 
 vllm-env: $(VLLM_VENV)/.stamp
 
-test: setup vllm-env
+# The browser tests/test_browse.py renders `dbr browse`'s page in: Debian's chromium package,
+# never a downloaded browser build. Skipped when it is already there.
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: setup vllm-env chromium
 	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 # ruff, then the structure: no import circles, no stage importing a later one (tests/test_architecture.py).
@@ -64,6 +69,9 @@ download: setup
 build-chains: setup
 	$(DBR) build-chains $(DATASET) --data-dir $(DATA_DIR) --out $(RUNS)/chains \
 		--teacher-url $(TEACHER_URL) --teacher-model $(TEACHER_MODEL)
+
+browse: setup
+	$(DBR) browse $(RUNS)/chains/$(DATASET)
 
 export: setup
 	$(DBR) export $(DATASET) --chains-dir $(RUNS)/chains --data-dir $(DATA_DIR) --out $(EXPORT_DIR)
@@ -93,10 +101,11 @@ ENGINE ?=
 DATA ?= domainbed-reasoning
 TRAIN_CONFIG ?= train/configs/mtct.yaml
 TRAIN_ARGS ?=
+ACCELERATE_CONFIG ?= train/accelerate/ddp.yaml
 NGPU = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 train: setup
 	@test -n "$(TARGET)" -a -n "$(MODEL)" || { echo "train: set TARGET=<held-out domain> MODEL=<checkpoint>, e.g. make train DATASET=PACS TARGET=sketch MODEL=OpenGVLab/InternVL3-2B-hf"; exit 2; }
-	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file train/accelerate/ddp.yaml --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
+	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
 		train $(DATASET) --data $(DATA) --target "$(TARGET)" --model "$(MODEL)" --method $(METHOD) \
 		--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS) \
 		$(if $(SARR_ROUNDS),--sarr-rounds $(SARR_ROUNDS)) $(if $(SARR_INIT),--sarr-init $(SARR_INIT)) \
@@ -107,14 +116,43 @@ train: setup
 report: setup
 	$(DBR) report $(RUNS)/train --out $(RUNS)/report
 
+# The paper's Table 1 and Table 2: every (dataset, held-out domain, method, seed) trial and the base
+# model zero-shot, resumable (re-run to continue), then the report. LAUNCHER=local|local-gpus|slurm;
+# SWEEP_ARGS takes any other `dbr sweep` option, e.g. SWEEP_ARGS="--partition gpu --gpus-per-job 4".
+DATASETS ?= PACS VLCS OfficeHome TerraIncognita
+METHODS ?= cls,reasoning,mtct,rd-mldg
+SEEDS ?= 0,1,2
+LAUNCHER ?= local
+SWEEP ?= $(RUNS)/sweep
+SWEEP_ARGS ?=
+REPORT_SWEEP = $(DBR) report $(SWEEP) --out $(SWEEP)/report
+.PHONY: reproduce
+reproduce: setup
+	@test -n "$(MODEL)" || { echo "reproduce: set MODEL=<checkpoint>, e.g. make reproduce MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; }
+	$(DBR) sweep $(DATASETS) --model "$(MODEL)" --data $(DATA) --methods $(METHODS) --seeds $(SEEDS) \
+		--zero-shot --launcher $(LAUNCHER) --out $(SWEEP) $(SWEEP_ARGS)
+	$(if $(filter slurm,$(LAUNCHER)),@echo "jobs submitted: follow them with $(DBR) sweep --status --out $(SWEEP) and then run $(REPORT_SWEEP)",$(REPORT_SWEEP))
+
 bench: setup
 	$(PY) bench/bench_scan.py
 	$(PY) bench/bench_builder.py
+	$(PY) bench/bench_replicas.py
+	$(PY) bench/bench_store.py
+
+# vLLM's prefix-cache hit rate with the prompt before or after the image (real vLLM server).
+.PHONY: bench-prefix-cache
+bench-prefix-cache: setup vllm-env
+	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) bench/bench_prefix_cache.py
 
 # SARR self-labelling throughput, transformers vs vLLM engine (needs the vLLM environment).
 .PHONY: bench-selflabel
 bench-selflabel: setup vllm-env
 	$(PY) bench/bench_selflabel.py --vllm-python $(VLLM_VENV)/bin/python
+
+# Evaluation peak memory, a held-out domain of 1,000 vs 10,000 images (goal: within 1.2x).
+.PHONY: bench-eval-memory
+bench-eval-memory: setup
+	$(PY) bench/bench_eval_memory.py
 
 clean:
 	rm -rf $(RUNS) domainbed-reasoning .pytest_cache

@@ -1,4 +1,5 @@
-"""What one `dbr build-chains` is asked to do: its dataset, teacher, sampling plan and shard."""
+"""What one `dbr build-chains` is asked to do: its dataset, teacher, sampling plan, shard,
+mode (online or batch) and what it may spend."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builders.image_payload import PayloadPolicy
+from builders.pricing import Price, resolve_price
+from builders.rate_limits import RateLimits
 from builders.rejection_sampling import SamplingPlan
 from builders.teacher_client import TeacherConfig, url_host
 from domainbed_reasoning.errors import UserError
 
 SHARD_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+MODES = ("online", "batch")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,31 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class Spending:
+    """`--price-in` / `--price-out` (dollars per million tokens) and `--budget-usd`."""
+
+    price_in: float | None = None
+    price_out: float | None = None
+    budget_usd: float | None = None
+
+    def prices(self, model: str) -> dict[str, Price | None]:
+        """The price of each mode: the user's for both, else the model's list prices."""
+        return {
+            mode: resolve_price(model, self.price_in, self.price_out, batch=mode == "batch")
+            for mode in MODES
+        }
+
+
+@dataclass(frozen=True)
+class BatchRunner:
+    """`--mode batch`: the Batch API at --teacher-url, polled every `poll_s`; or, given
+    --teacher-checkpoint, vLLM's offline runner on it, with `vllm_args` passed on."""
+
+    vllm_args: tuple[str, ...] = ()
+    poll_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     dataset: str
     data_dir: Path
@@ -47,11 +76,22 @@ class BuildConfig:
     flush_rows: int = 2048
     flush_seconds: float = 2.0
     show_progress: bool = True
-    workers: int = 1
+    workers: int = 0  # 0: chosen from the free cores (workers.py)
+    allow_mixed: bool = False  # add to a store that holds another teacher's or prompt's answers
+    mode: str = "online"
+    dry_run: bool = False
+    spending: Spending = field(default_factory=Spending)
+    limits: RateLimits = field(default_factory=RateLimits)
+    batch: BatchRunner = field(default_factory=BatchRunner)
+    teacher_checkpoint: str | None = None  # the local teacher's weights: its processor, run_batch
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise UserError(f"--workers {self.workers}: must be at least 1 (1 is one process)")
+        if self.mode not in MODES:
+            raise UserError(f"--mode {self.mode!r}: choose online or batch")
+        if self.workers < 0:
+            raise UserError(
+                f"--workers {self.workers}: must be 0 (choose from the free cores) or more"
+            )
         if self.limit is not None and self.limit < 1:
             raise UserError(
                 f"--limit {self.limit}: must be at least 1 (leave it out for every image)"

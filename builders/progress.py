@@ -1,4 +1,5 @@
-"""The build's progress bar: images done, images/s and the share accepted so far."""
+"""The build's progress bar: images done, images/s, the share accepted, images whose request
+failed, and the tokens and dollars spent so far."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ class RateColumn(ProgressColumn):
         speed = task.finished_speed or task.speed
         accepted = task.fields.get("accepted", 0)
         share = f"{100 * accepted / task.completed:.1f}%" if task.completed else "-"
-        return Text(f"{speed or 0:.1f} img/s, accepted {share}")
+        failed = task.fields.get("failed", 0)
+        pending = f", {failed} left pending by failed requests" if failed else ""
+        spend = task.fields.get("spend")
+        spent = f", {spend}" if spend else ""
+        return Text(f"{speed or 0:.1f} img/s, accepted {share}{pending}{spent}")
 
 
 def progress_bar(console: Console | None, show: bool) -> Progress:

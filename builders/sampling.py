@@ -2,6 +2,8 @@
 
 Each slot takes the next unresolved image and samples its rounds; answers stream
 into the candidate shards. Progress is reported every REPORT_SECONDS, not per image.
+When every teacher replica stays down past --outage-wait, the slots stop, what was
+answered is flushed, and the counters say why the share stopped.
 """
 
 from __future__ import annotations
@@ -10,15 +12,20 @@ import asyncio
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import polars as pl
 
 from builders.build_config import BuildConfig
 from builders.candidate_store import CandidateRecord, CandidateWriter
-from builders.rejection_sampling import ImageTask, Judging, Outcome, resolve_image
-from builders.teacher_client import TeacherConfig, TeacherPool
+from builders.pacing import BudgetSpent, PacingPlan, Spend
+from builders.rejection_sampling import Judging, Outcome, image_tasks, resolve_image
+from builders.replicas import AllReplicasDown
+from builders.teacher_client import MessagesTemplate, TeacherConfig, TeacherPool
 
 REPORT_SECONDS = 0.1
+BUDGET_SPENT = "--budget-usd is spent: raise it and run the same command to go on"
 SAMPLING_GC_THRESHOLDS = (50_000, 50, 100)  # CPython's defaults are (700, 10, 10)
 
 
@@ -26,25 +33,30 @@ SAMPLING_GC_THRESHOLDS = (50_000, 50, 100)  # CPython's defaults are (700, 10, 1
 class Counters:
     images: int = 0
     accepted: int = 0
+    failed: int = 0  # images left pending by a request that failed after its retries
     requests: int = 0
+    stopped: str | None = None  # why sampling stopped early: replicas down, budget spent
+    spend: Spend = field(default_factory=Spend)
 
 
 @dataclass(frozen=True)
 class Share:
-    """One process's part of a build: its images, and its slice of the concurrency in `config`."""
+    """One process's part of a build: its images (`pending_tasks` rows), and its slice of the
+    concurrency in `config`."""
 
     config: BuildConfig
-    tasks: list[ImageTask]
-    prompt: str
+    tasks: pl.DataFrame
+    messages: MessagesTemplate  # the prompt first, then the image: vLLM caches the prompt
     judging: Judging
     folder: Path
+    pacing: PacingPlan
 
 
 async def sample_all(
     share: Share, pool: TeacherPool, writer: CandidateWriter, counters: Counters
 ) -> None:
     """Fill `concurrency` request slots from the task list; the first unexpected error stops them all."""
-    queue = iter(share.tasks)
+    queue = image_tasks(share.tasks)
     plan, policy = share.config.plan, share.config.policy
 
     def emit(records: list[CandidateRecord]) -> None:
@@ -53,11 +65,16 @@ async def sample_all(
 
     async def slot() -> None:
         for task in queue:
-            outcome = await resolve_image(
-                task, plan, policy, share.prompt, pool.send, share.judging, emit
-            )
+            try:
+                outcome = await resolve_image(
+                    task, plan, policy, share.messages, pool.send, share.judging, emit
+                )
+            except BudgetSpent:
+                counters.stopped = BUDGET_SPENT
+                return
             counters.images += 1
             counters.accepted += outcome is Outcome.ACCEPTED
+            counters.failed += outcome is Outcome.FAILED
 
     slots = [
         asyncio.create_task(slot())
@@ -109,8 +126,9 @@ async def sample_share(share: Share, report: Callable[[Counters], None], check: 
 
 
 async def _sample_share(share: Share, report: Callable[[Counters], None], check: bool) -> Counters:
-    counters = Counters()
-    async with TeacherPool(share.config.teacher) as pool:
+    pacing = share.pacing.build()
+    counters = Counters(spend=pacing.spend)
+    async with TeacherPool(share.config.teacher, pacing=pacing) as pool:
         if check:
             await pool.check()
         config = share.config
@@ -118,6 +136,8 @@ async def _sample_share(share: Share, report: Callable[[Counters], None], check:
             reporter = asyncio.create_task(report_every(REPORT_SECONDS, counters, report))
             try:
                 await sample_all(share, pool, writer, counters)
+            except AllReplicasDown as err:
+                counters.stopped = str(err)
             finally:
                 reporter.cancel()
     report(counters)

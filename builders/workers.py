@@ -1,9 +1,14 @@
 """`--workers W`: the images dealt to W spawned client processes, their counts added up here.
 
-One event loop spends most of a core on the HTTP client alone at a few hundred
-requests a second; where a machine has cores to spare, each worker runs its own
-loop, client pool and shard writer (shards are uuid-named and append-only, so
+One event loop spends up to a core on the HTTP client at several hundred requests a
+second; where a machine has cores to spare, each worker runs its own loop, client pool
+and shard writer (shards are uuid-named and each writer merges only its own, so
 writers never collide). Workers die with the parent and flush on SIGTERM.
+
+`--workers 0` (the default) chooses from the free cores: the cores this process may
+run on less the 1-minute load average, but no more than one worker per
+SLOTS_PER_WORKER request slots or per MIN_IMAGES_PER_WORKER images, below which a
+process costs more in start-up than it saves.
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from queue import Empty
 
+from builders.pacing import Spend
 from builders.sampling import REPORT_SECONDS, Counters, Share, sample_share
 from domainbed_reasoning.errors import UserError
 
 STOP_SECONDS = 10.0
 PR_SET_PDEATHSIG = 1
+AUTO = 0
+SLOTS_PER_WORKER = 64
+MIN_IMAGES_PER_WORKER = 2000
 
 
 @dataclass(frozen=True)
@@ -39,8 +48,16 @@ class Report:
     error: Exception | None = None
 
 
+def free_cores() -> int:
+    """Cores this process may use that other work is not already using, at least one."""
+    return max(1, len(os.sched_getaffinity(0)) - round(os.getloadavg()[0]))
+
+
 def worker_count(requested: int, tasks: int, concurrency: int) -> int:
-    """Never more processes than there are images or request slots."""
+    """Never more processes than there are images or request slots; AUTO asks free_cores()."""
+    if requested == AUTO:
+        worth = min(concurrency // SLOTS_PER_WORKER, tasks // MIN_IMAGES_PER_WORKER)
+        return max(1, min(free_cores(), worth))
     return max(1, min(requested, tasks, concurrency))
 
 
@@ -48,17 +65,15 @@ def split_shares(share: Share, workers: int) -> list[Share]:
     """Deal the (hash-ordered) images round-robin and the concurrency evenly: the total
     in flight stays `concurrency` and every process sees every domain and class."""
     total = share.config.teacher.concurrency
+    slots = [total // workers + (index < total % workers) for index in range(workers)]
     return [
         replace(
             share,
-            tasks=share.tasks[index::workers],
+            tasks=share.tasks.gather_every(workers, offset=index),
             config=replace(
-                share.config,
-                teacher=replace(
-                    share.config.teacher,
-                    concurrency=total // workers + (index < total % workers),
-                ),
+                share.config, teacher=replace(share.config.teacher, concurrency=slots[index])
             ),
+            pacing=share.pacing.divided(workers, slots[index]),
         )
         for index in range(workers)
     ]
@@ -129,9 +144,12 @@ def sample_in_workers(shares: list[Share], show: Callable[[Counters], None]) -> 
 def total(reports: Iterable[Report]) -> Counters:
     counters = [report.counters for report in reports]
     return Counters(
-        sum(c.images for c in counters),
-        sum(c.accepted for c in counters),
-        sum(c.requests for c in counters),
+        images=sum(c.images for c in counters),
+        accepted=sum(c.accepted for c in counters),
+        failed=sum(c.failed for c in counters),
+        requests=sum(c.requests for c in counters),
+        stopped=next((c.stopped for c in counters if c.stopped), None),
+        spend=Spend.total(c.spend for c in counters),
     )
 
 

@@ -42,6 +42,11 @@ def report_path(chains: Path) -> Path:
     return chains / "report.md"
 
 
+def rejudge_path(chains: Path) -> Path:
+    """What the last `--rejudge` changed; a readable rejudge.md sits beside it."""
+    return chains / "rejudge.json"
+
+
 def image_id(spec: DatasetSpec, domain: str, class_name: str, filename: str) -> str:
     """Stable record id `dataset/domain/class/file`: the key that joins every stage."""
     return f"{spec.name}/{domain}/{class_name}/{filename}"

@@ -49,6 +49,18 @@ def prompt(
     print_prompt(name, get_spec(dataset).classes)
 
 
+@app.command("judge")
+def judge_command(
+    text: str = typer.Argument(..., help="A conclusion, or a whole five-stage answer; '-' reads stdin."),
+    dataset: str = typer.Option(..., help="Dataset whose classes the text is read against, e.g. OfficeHome."),
+    label: str | None = typer.Option(None, help="The true class: also say whether the answer would be kept."),
+) -> None:
+    """Probe the label filter: the class a text names, the verdict, and the rule that decided it."""
+    from domainbed_reasoning.chains.probe import print_judgement
+
+    print_judgement(get_spec(dataset).classes, text, label)
+
+
 @app.command()
 def scan(
     dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
@@ -91,6 +103,8 @@ def sim_teacher(
     p_drop: float = typer.Option(0.0, help="Per request: connection closed without a response."),
     p_stall: float = typer.Option(0.0, help="Per request: answer only after --stall-s seconds."),
     stall_s: float = typer.Option(30.0, help="How long a stalled request sleeps."),
+    outage_after: int | None = typer.Option(None, help="Chat requests answered before an outage begins."),
+    outage_s: float = typer.Option(0.0, help="How long the outage lasts: every endpoint answers 503."),
     seed: int = typer.Option(0, help="Seed of the fault and wording draws."),
 ) -> None:
     """Serve an OpenAI-compatible simulated teacher for SynthDG, with optional fault injection."""
@@ -99,7 +113,7 @@ def sim_teacher(
     config = SimTeacherConfig(
         model=model, latency_ms=latency_ms, jitter_ms=jitter_ms, p_wrong=p_wrong, p_malformed=p_malformed,
         p_empty=p_empty, p_429=p_429, retry_after=retry_after, p_500=p_500, p_drop=p_drop, p_stall=p_stall,
-        stall_s=stall_s, seed=seed,
+        stall_s=stall_s, outage_after=outage_after, outage_s=outage_s, seed=seed,
     )  # fmt: skip
     serve(config, data_dir, host, port)
 
@@ -165,7 +179,12 @@ def serve_teacher(
     )
 
 
-@app.command("build-chains")
+@app.command(
+    "build-chains",
+    epilog="Exit codes: 0 every selected image accepted or exhausted; 2 bad input (one line); "
+    "3 some selected images are unresolved because their requests failed (transport errors, "
+    "an outage past --outage-wait): run the same command again to retry exactly those.",
+)
 def build_chains_command(
     dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
     data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
@@ -175,51 +194,103 @@ def build_chains_command(
     ),
     teacher_model: str = typer.Option("teacher", help="Model name the teacher serves."),
     candidates: int = typer.Option(4, help="Samples per request (the `n` parameter): one prefill, K answers."),
-    max_rounds: int = typer.Option(3, help="Requests per image at most before it counts as exhausted."),
+    max_rounds: int = typer.Option(3, help="Answered requests per image at most before it counts as exhausted."),
     temperatures: str = typer.Option("0.7,0.9,1.0", help="Temperature per round; the last one repeats."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling top_p, sent with every request."),
+    seed: int = typer.Option(0, help="Base of the per-request seed (derived from it, the image and the round)."),
     concurrency: int = typer.Option(256, help="Requests in flight at once, over all replicas."),
     timeout: float = typer.Option(120.0, help="Seconds per request attempt."),
-    max_retries: int = typer.Option(3, help="Client retries on 429/5xx/timeouts/connection errors."),
+    max_retries: int = typer.Option(
+        3, help="Retries on 429/5xx/timeouts/connection errors, each on a healthy replica."
+    ),
+    outage_wait: float = typer.Option(
+        1800.0, help="Seconds to wait for a replica when every one is down, then stop (exit 3)."
+    ),
     shard: str = typer.Option("0/1", help="i/n: this machine takes the ids whose hash mod n is i."),
     limit: int | None = typer.Option(None, help="Only the first N images of this shard (a trial run)."),
     max_side: int = typer.Option(1024, help="Images with a longer side are downscaled to it before sending."),
     max_tokens: int = typer.Option(1024, help="Completion token limit per answer."),
     api_key_env: str | None = typer.Option(
-        None, help="Environment variable holding the API key (default OPENAI_API_KEY, else 'EMPTY')."
+        None,
+        help="Environment variable holding the API key (default OPENAI_API_KEY, else 'EMPTY'). "
+        "OPENAI_API_KEY goes over plain http only to this machine; naming it here sends it anywhere.",
+    ),
+    allow_mixed: bool = typer.Option(
+        False, help="Add to an --out folder that holds another teacher's or prompt version's answers."
     ),
     progress: bool = typer.Option(True, help="Show the progress bar."),
-    workers: int = typer.Option(1, help="Client processes sharing --concurrency; more only pays on idle cores."),
+    workers: int = typer.Option(
+        0, help="Client processes sharing --concurrency; 0 chooses from the free cores."
+    ),
+    rejudge: bool = typer.Option(
+        False, help="Judge the stored candidates again with this dbr's judge; no teacher requests."
+    ),
+    mode: str = typer.Option(
+        "online", help="online (requests as they go), or batch (OpenAI's Batch API, half price; with "
+        "--teacher-checkpoint, vLLM's offline runner)."
+    ),
+    dry_run: bool = typer.Option(False, help="Print the requests, tokens and cost this would take; send nothing."),
+    budget_usd: float | None = typer.Option(
+        None, help="Stop (resumably) once the folder's measured teacher cost reaches this many dollars."
+    ),
+    max_requests_per_minute: float | None = typer.Option(None, help="Stay under this many requests a minute."),
+    max_tokens_per_minute: float | None = typer.Option(None, help="Stay under this many tokens a minute."),
+    detail: str = typer.Option("auto", help="OpenAI's image detail, low, high or auto (sent to OpenAI's API only)."),
+    price_in: float | None = typer.Option(None, help="Dollars per million prompt tokens (default: list price)."),
+    price_out: float | None = typer.Option(None, help="Dollars per million completion tokens (default: list price)."),
+    teacher_checkpoint: str | None = typer.Option(
+        None, help="The local teacher's checkpoint: --dry-run counts with its processor; --mode batch runs it."
+    ),
+    vllm_arg: list[str] = typer.Option(
+        [], help="An argument for vLLM's offline runner in --mode batch, e.g. --vllm-arg=--dtype=float32."
+    ),
+    batch_poll_s: float = typer.Option(30.0, help="--mode batch: seconds between polls of the Batch API."),
 ) -> None:
     """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
     from builders.build import build_and_summarise
-    from builders.build_config import BuildConfig, Shard
+    from builders.build_config import BatchRunner, BuildConfig, Shard, Spending
     from builders.image_payload import PayloadPolicy
+    from builders.rate_limits import RateLimits
     from builders.rejection_sampling import SamplingPlan, parse_temperatures
+    from builders.replicas import HealthPolicy
     from builders.teacher_client import TeacherConfig, resolve_api_key
 
     teacher = TeacherConfig(
         urls=tuple(teacher_url),
         model=teacher_model,
         api_key=resolve_api_key(api_key_env),
+        api_key_explicit=api_key_env is not None,
         timeout=timeout,
         max_retries=max_retries,
         concurrency=concurrency,
         max_tokens=max_tokens,
+        top_p=top_p,
+        health=HealthPolicy(outage_wait_s=outage_wait),
+        detail=detail,
     )
-    build_and_summarise(
+    code = build_and_summarise(
         BuildConfig(
             dataset=dataset,
             data_dir=data_dir,
             out=out,
             teacher=teacher,
-            plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures)),
+            plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures), seed),
             policy=PayloadPolicy(max_side=max_side),
             shard=Shard.parse(shard),
             limit=limit,
             show_progress=progress,
             workers=workers,
-        )
+            allow_mixed=allow_mixed,
+            mode=mode,
+            dry_run=dry_run,
+            spending=Spending(price_in, price_out, budget_usd),
+            limits=RateLimits(max_requests_per_minute, max_tokens_per_minute),
+            batch=BatchRunner(tuple(vllm_arg), batch_poll_s),
+            teacher_checkpoint=teacher_checkpoint,
+        ),
+        rejudge=rejudge,
     )
+    raise typer.Exit(code)
 
 
 @app.command("train")
@@ -286,6 +357,20 @@ def publish(
     publish_or_plan(folder, repo_id, private=private, revision=revision, dry_run=dry_run)
 
 
+@app.command()
+def browse(
+    folder: Path = typer.Argument(..., help="A build folder `dbr build-chains` wrote, e.g. runs/chains/PACS."),
+    out: Path | None = typer.Option(None, help="HTML file to write; default <folder>/browse.html."),
+    per_class: int = typer.Option(6, help="Answered images shown per domain and class."),
+    seed: int = typer.Option(0, help="Which images are sampled: same seed, same images."),
+    thumb_size: int = typer.Option(192, help="Longest side of the inline thumbnails, in pixels."),
+) -> None:
+    """Write one self-contained HTML page to look at the chains: acceptance, accepted and rejected answers."""
+    from domainbed_reasoning.hub.browse import BrowseOptions, write_browser_page
+
+    write_browser_page(folder, out, BrowseOptions(per_class, seed, thumb_size))
+
+
 @app.command("eval")
 def eval_command(
     run: Path | None = typer.Option(None, help="A finished `dbr train` run folder: evaluates its adapter."),
@@ -301,6 +386,8 @@ def eval_command(
     api_key_env: str | None = typer.Option(None, help="remote engine: environment variable holding the API key."),
     batch_size: int | None = typer.Option(None, help="transformers engine: images per batch."),
     vllm_python: Path | None = typer.Option(None, help="vllm engine: Python of the vLLM env."),
+    max_model_len: int | None = typer.Option(None, help="vllm engine: context length (default: the run's vllm_max_model_len, 8192)."),
+    tensor_parallel_size: int | None = typer.Option(None, help="vllm engine: GPUs per server (default: the run's, 1)."),
     modes: str | None = typer.Option(None, help="direct,reasoning (default: the mode(s) the method trained)."),
     splits: str | None = typer.Option(None, help="test,validation (default: both; test only with --model)."),
     direct_tokens: int = typer.Option(32, help="Token limit of a direct (class name) answer."),
@@ -318,7 +405,9 @@ def eval_command(
     )
     settings = evaluate.EvalSettings(
         engine=engine,
-        engine_options=evaluate.engine_options(engine, base_url, api_key_env, batch_size, vllm_python),
+        engine_options=evaluate.engine_options(
+            engine, base_url, api_key_env, batch_size, vllm_python, max_model_len, tensor_parallel_size
+        ),
         modes=_csv(modes),
         splits=_csv(splits),
         direct_tokens=direct_tokens,
@@ -338,6 +427,56 @@ def report(
     from train.evaluation.report import report_command
 
     report_command(runs, out)
+
+
+@app.command()
+def sweep(
+    datasets: list[str] = typer.Argument(
+        None, help="Datasets, e.g. PACS VLCS OfficeHome TerraIncognita (none with --status: the sweep in --out)."
+    ),
+    model: str = typer.Option("", help="Base MLLM of every trial: a checkpoint folder or a Hub id."),
+    methods: str = typer.Option("cls,reasoning,mtct,rd-mldg", help="Methods to train, comma-separated."),
+    seeds: str = typer.Option("0,1,2", help="Trials: one run per seed, e.g. 0,1,2."),
+    targets: str | None = typer.Option(None, help="Held-out domains (default: every domain of each dataset)."),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="Also evaluate the base model as is."),
+    zero_shot_remote: tuple[str, str] | None = typer.Option(
+        None, "--zero-shot-remote", metavar="URL MODEL", help="Also evaluate MODEL behind an OpenAI-compatible URL."
+    ),
+    api_key_env: str | None = typer.Option(None, help="--zero-shot-remote: environment variable with the API key."),
+    data: str = typer.Option("domainbed-reasoning", help="DomainBed-Reasoning export folder or Hub repo id."),
+    out: Path = typer.Option(Path("runs/sweep"), help="The sweep folder: every run, log, record and job id."),
+    config: Path | None = typer.Option(None, help="YAML training settings (default: the paper's)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a training setting, KEY=VALUE; repeatable."),
+    engine: str | None = typer.Option(None, help="Generation engine for SARR and evaluation: transformers or vllm."),
+    direct_tokens: int = typer.Option(32, help="Evaluation: token limit of a direct answer."),
+    max_new_tokens: int = typer.Option(1024, help="Evaluation: token limit of a reasoning answer."),
+    launcher: str = typer.Option("local", help="local (one after another), local-gpus (one per GPU) or slurm."),
+    partition: str | None = typer.Option(None, help="slurm: partition."),
+    gpus_per_job: int = typer.Option(1, help="slurm: GPUs per trial (training runs one process per GPU)."),
+    time: str = typer.Option("24:00:00", help="slurm: time limit per trial, minutes or [D-]HH:MM:SS."),
+    account: str | None = typer.Option(None, help="slurm: account to charge."),
+    slurm: list[str] = typer.Option([], "--slurm", help="slurm: any other submitit Slurm parameter, KEY=VALUE."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, folders, state, GPU-hours); start nothing."),
+    status: bool = typer.Option(False, "--status", help="Print each trial's state and Slurm job; start nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run or --status: print the plan as JSON."),
+) -> None:
+    """Every (dataset, held-out domain, method, seed) run and zero-shot row of the paper's tables; resumable."""
+    from train.sweep.launchers import SlurmOptions
+    from train.sweep.plan import RemoteModel, SweepSpec, parse_seeds
+    from train.sweep.sweep import LaunchOptions, sweep_command
+
+    remote = RemoteModel(*zero_shot_remote, api_key_env) if zero_shot_remote else None
+    spec = None
+    if datasets:
+        spec = SweepSpec(
+            datasets=tuple(datasets), model=model, out=out, methods=_csv(methods) or (),
+            seeds=parse_seeds(seeds), data=data, targets=_csv(targets), config=config,
+            overrides=tuple(set_), zero_shot=zero_shot, remote=remote, engine=engine,
+            direct_tokens=direct_tokens, reasoning_tokens=max_new_tokens,
+        )  # fmt: skip
+    slurm_options = SlurmOptions(partition, gpus_per_job, time, account, tuple(slurm))
+    action = "status" if status else "dry-run" if dry_run else "run"
+    sweep_command(spec, out, LaunchOptions(launcher, slurm_options), action, as_json)
 
 
 @app.command()

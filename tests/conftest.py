@@ -11,8 +11,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import polars as pl
 import pytest
+import yaml
 from PIL import Image
 
 from domainbed_reasoning import artefacts
@@ -21,6 +23,7 @@ from domainbed_reasoning.chains.prompt_templates import load_prompt
 from domainbed_reasoning.data.registry import SPECS, get_spec
 from domainbed_reasoning.offline import synth
 from domainbed_reasoning.offline.tiny_models import (
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_qwen2vl,
     cached_tiny_model,
@@ -66,6 +69,12 @@ def tiny_llava() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_internvl() -> Path:
+    """The paper's backbone family: InternVL3's `*-hf` layout (InternViT, pixel-shuffle projector, Qwen2 LM)."""
+    return cached_tiny_model(build_tiny_internvl, TINY_MODELS, vocab_words=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
 def vllm_teacher(
     tiny_qwen2vl: Path, vllm_python: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Endpoint]:
@@ -87,6 +96,8 @@ def vllm_teacher(
 
 CHAIN_DROPPED_INDEX = 1  # images with this index in class 0 get no accepted chain: acceptance < 100%
 TEACHER_PROMPT = load_prompt("teacher")
+TEMPERATURES = (0.7, 0.9, 1.0)
+MAX_ROUNDS = 3
 
 
 def _write_png(path: Path, colour: tuple[int, int, int]) -> None:
@@ -94,13 +105,43 @@ def _write_png(path: Path, colour: tuple[int, int, int]) -> None:
     Image.new("RGB", (8, 6), colour).save(path)
 
 
+def _candidate(id_: str, round_: int, index: int, reason: str, text: str, predicted: str | None) -> dict:
+    return {
+        "id": id_, "round": round_, "candidate_index": index, "temperature": TEMPERATURES[round_ - 1],
+        "text": text, "finish_reason": "stop", "reason": reason, "predicted": predicted,
+        "detail": None if reason == "accepted" else f"{reason} in the fixture",
+        "prompt_tokens": 100, "completion_tokens": 40, "latency_s": 0.1,
+        "teacher": "tiny-teacher", "teacher_url": "127.0.0.1", "prompt_version": TEACHER_PROMPT.version,
+    }  # fmt: skip
+
+
+def _answers(id_: str, chain: str, wrong: str, accepted: bool, odd: bool) -> list[dict]:
+    """What the teacher said about one image: accepted images need one round (even index) or two
+    (odd index: round 1 was all wrong), with 2 candidates per request; the others use up every round."""
+    rounds = (2 if odd else 1) if accepted else MAX_ROUNDS
+    out = []
+    for round_ in range(1, rounds + 1):
+        last = accepted and round_ == rounds
+        out.append(_candidate(id_, round_, 0, "wrong_class", chain.replace(">", ">?", 0), wrong))
+        out.append(
+            _candidate(id_, round_, 1, "accepted", chain, None)
+            if last
+            else _candidate(id_, round_, 1, "missing_stage", "<SUMMARY>cut short", None)
+        )
+    return out
+
+
 def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_class: int, classes: int) -> Path:
-    """Images under `data_dir` plus manifest/chains/stats as `dbr build-chains` writes them."""
+    """Images under `data_dir` plus manifest/candidates/chains/stats as `dbr build-chains` writes them.
+
+    In class 0 the image with index CHAIN_DROPPED_INDEX has no chain: in the first domain it is
+    pending (never sent, plus one transport failure), elsewhere exhausted after every round.
+    """
     spec = get_spec(dataset)
     root = artefacts.dataset_root(data_dir, spec)
     if spec.name == "SynthDG":
         synth.generate(data_dir, images_per_class, seed=0, size=synth.MIN_SIZE)
-    manifest, chains = [], []
+    manifest, chains, candidates, exhausted = [], [], [], {}
     for d, domain in enumerate(spec.domains):
         for c, class_name in enumerate(spec.classes[:classes]):
             for index in range(images_per_class):
@@ -117,8 +158,6 @@ def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_
                     "path": str(path.resolve()),
                 }
                 manifest.append(record | {"width": 8, "height": 6, "bytes": path.stat().st_size})
-                if c == 0 and index == CHAIN_DROPPED_INDEX:
-                    continue
                 stages = {
                     "summary": f"I will decide which class the {domain} image shows.",
                     "caption": f"A {domain} rendering of a single object.",
@@ -126,16 +165,32 @@ def write_chain_run(chains_root: Path, data_dir: Path, dataset: str, images_per_
                     "reflection": "No other class fits the outline as well.",
                     "conclusion": class_name,
                 }
+                chain = format_chain(stages)
+                wrong = spec.classes[(c + 1) % len(spec.classes)]
+                if c == 0 and index == CHAIN_DROPPED_INDEX:
+                    if d == 0:
+                        candidates.append(_candidate(record["id"], 1, 0, "request_error", "", None))
+                    else:
+                        candidates += _answers(record["id"], chain, wrong, accepted=False, odd=False)
+                        exhausted[record["id"]] = {"missing_stage": MAX_ROUNDS, "wrong_class": MAX_ROUNDS}
+                    continue
+                answers = _answers(record["id"], chain, wrong, accepted=True, odd=index % 2 == 1)
+                candidates += answers
                 chains.append(
                     record
-                    | {"chain": format_chain(stages), **stages, "teacher": "tiny-teacher", "prompt_version": TEACHER_PROMPT.version}
-                    | {"attempts": 1 + index, "round": 1}
+                    | {"chain": chain, **stages, "teacher": "tiny-teacher", "prompt_version": TEACHER_PROMPT.version}
+                    | {"attempts": len(answers), "round": answers[-1]["round"]}
                 )
     folder = artefacts.chains_dir(chains_root, spec)
-    folder.mkdir(parents=True, exist_ok=True)
+    artefacts.candidates_dir(folder).mkdir(parents=True, exist_ok=True)
     pl.DataFrame(manifest).write_parquet(artefacts.manifest_path(folder))
+    pl.DataFrame(candidates).write_parquet(artefacts.candidates_dir(folder) / "part-fixture.parquet")
     pl.DataFrame(chains).write_parquet(artefacts.chains_path(folder))
-    stats = {"run": {"candidates": 4, "max_rounds": 3, "shard": "0/1"}, "candidates": 4 * len(manifest)}
+    stats = {
+        "run": {"candidates": 2, "max_rounds": MAX_ROUNDS, "shard": "0/1"},
+        "candidates": len(candidates),
+        "exhausted": exhausted,
+    }
     artefacts.stats_path(folder).write_text(json.dumps(stats))
     return folder
 
@@ -166,17 +221,72 @@ FAST_TRAIN = {
     "save_steps": 1,
     "logging_steps": 1,
     "learning_rate": 1e-2,
+    "dataloader_num_workers": 0,
 }
+
+
+PENDING_DOMAIN = "photo"  # its image without a chain is "pending" (never resolved), the others "exhausted"
+
+
+def keep_unchained_images(export: Path, chains_folder: Path) -> None:
+    """Every manifest image a row, as the export contract says (contracts.md, issue 12.1).
+
+    An export that already keeps them (a `chain_status` column) is left alone; one that
+    holds only accepted chains gets the other images added with null chain fields and
+    their `chain_status`, the bytes embedded as the export embeds them (the card's
+    feature list is dropped: `load_dataset` reads the features from the Parquet files).
+    """
+    from domainbed_reasoning.hub.export import CHAIN_FIELDS
+
+    manifest = pl.read_parquet(artefacts.manifest_path(chains_folder))
+    shards = sorted(export.glob("*.parquet"))
+    if "chain_status" in datasets.Dataset.from_parquet(str(shards[0])).column_names:
+        return
+    card = export.parent / "README.md"
+    _, front, body = card.read_text(encoding="utf-8").split("---\n", 2)
+    meta = yaml.safe_load(front)
+    meta.pop("dataset_info", None)
+    card.write_text(f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n{body}", encoding="utf-8")
+    for shard in shards:
+        rows = datasets.Dataset.from_parquet(str(shard))
+        rows = rows.add_column("chain_status", ["accepted"] * len(rows))
+        domain = rows[0]["domain"]
+        missing = manifest.filter(
+            (pl.col("domain") == domain) & ~pl.col("id").is_in(rows["id"])
+        ).to_dicts()
+        status = "pending" if domain == PENDING_DOMAIN else "exhausted"
+        added = {
+            "id": [row["id"] for row in missing],
+            "dataset": [row["dataset"] for row in missing],
+            "domain": [domain] * len(missing),
+            "label": [row["label"] for row in missing],
+            "class_name": [row["class_name"] for row in missing],
+            "image": [{"bytes": Path(row["path"]).read_bytes(), "path": Path(row["path"]).name} for row in missing],
+            **{field: [None] * len(missing) for field in CHAIN_FIELDS},
+            "teacher": [None] * len(missing),
+            "prompt_version": [None] * len(missing),
+            "attempts": [0 if status == "pending" else 12] * len(missing),
+            "chain_status": [status] * len(missing),
+        }
+        every = datasets.concatenate_datasets(
+            [rows, datasets.Dataset.from_dict(added, features=rows.features)]
+        ).sort("id")
+        every.to_parquet(str(shard))
 
 
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """DomainBed-Reasoning SynthDG (4 domains x 5 classes x 2 images), exported for real."""
+    """DomainBed-Reasoning SynthDG (4 domains x 5 classes x 2 images), exported for real.
+
+    Every image is a row; one per domain has no accepted chain (`chain: null`), "pending"
+    in photo and "exhausted" elsewhere.
+    """
     from domainbed_reasoning.hub.export import export
 
     root = tmp_path_factory.mktemp("export")
-    write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
+    chains = write_chain_run(root / "chains", root / "data", "SynthDG", images_per_class=2, classes=5)
     export(root / "chains", root / "data", root / "domainbed-reasoning", ["SynthDG"], progress=False)
+    keep_unchained_images(root / "domainbed-reasoning" / "SynthDG", chains)
     return root / "domainbed-reasoning"
 
 

@@ -1,4 +1,8 @@
-"""The chain builder against the simulated teacher on SynthDG: faults, resume, shards, secrets."""
+"""The chain builder against the simulated teacher on SynthDG: faults, resume, shards, secrets.
+
+Transport (retries, replica health, outages) and the candidate store's merging have their own
+files: test_builder_transport.py, test_builder_store.py.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +26,14 @@ from typer.testing import CliRunner
 
 from builders.build import build_chains, select_images
 from builders.build_config import BuildConfig, Shard
-from builders.candidate_store import KEY, SHARD_GLOB
+from builders.candidate_store import KEY, read_candidates
 from builders.image_payload import PayloadPolicy
+from builders.pacing import PacingPlan, RunningUsage
+from builders.rate_limits import RateLimits
 from builders.rejection_sampling import SamplingPlan, parse_temperatures
 from builders.sampling import SAMPLING_GC_THRESHOLDS, Share, rare_collections
 from builders.teacher_client import (
+    MessagesTemplate,
     Sample,
     TeacherConfig,
     encode_messages,
@@ -35,7 +42,7 @@ from builders.teacher_client import (
     request_messages,
     resolve_api_key,
 )
-from builders.workers import split_shares, worker_count
+from builders.workers import AUTO, split_shares, worker_count
 from domainbed_reasoning import artefacts
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.data.registry import get_spec
@@ -60,10 +67,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def config(url: str, data_dir: Path, out: Path, **overrides) -> BuildConfig:
     teacher = TeacherConfig(
         urls=overrides.pop("urls", (url,)),
-        model="sim-teacher",
+        model=overrides.pop("model", "sim-teacher"),
         timeout=overrides.pop("timeout", 5.0),
         max_retries=overrides.pop("max_retries", 0),
         concurrency=overrides.pop("concurrency", 8),
+        **{
+            key: overrides.pop(key)
+            for key in ("health", "api_key", "api_key_explicit")
+            if key in overrides
+        },
     )
     plan = overrides.pop("plan", SamplingPlan(candidates=2, max_rounds=2, temperatures=(0.5, 0.8)))
     workers = overrides.pop("workers", 1)
@@ -82,16 +94,25 @@ def teacher(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
 
 def outputs(out: Path) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     folder = artefacts.chains_dir(out, SPEC)
-    raw = pl.read_parquet(artefacts.candidates_dir(folder) / SHARD_GLOB)
+    raw = read_candidates(artefacts.candidates_dir(folder))
     chains = pl.read_parquet(artefacts.chains_path(folder))
     return raw, chains, json.loads(artefacts.stats_path(folder).read_text())
 
 
+def answers(raw: pl.DataFrame) -> pl.DataFrame:
+    return raw.filter(pl.col("reason") != "request_error")
+
+
 def assert_consistent(out: Path, expected_ids: set[str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """Every image accepted or exhausted, once; no record duplicated or lost."""
+    """Every image accepted or exhausted, once; no answer duplicated or lost, no round skipped."""
     raw, chains, stats = outputs(out)
-    assert raw.height == raw.unique(subset=list(KEY)).height, "a candidate row was written twice"
-    assert set(raw["id"]) == expected_ids
+    answered = answers(raw)
+    assert answered.height == answered.unique(subset=list(KEY)).height, (
+        "an answer was written twice"
+    )
+    assert set(answered["id"]) == expected_ids
+    rounds = answered.group_by("id").agg(pl.col("round").unique().sort())["round"].to_list()
+    assert all(r == list(range(1, len(r) + 1)) for r in rounds), "a round was skipped or repeated"
     assert chains["id"].is_unique().all() and set(chains["id"]) <= expected_ids
     assert stats["images"]["attempted"] == len(expected_ids)
     assert stats["images"].get("pending", 0) == 0
@@ -118,6 +139,7 @@ def test_clean_teacher_gives_one_well_formed_chain_per_image(
     assert (row["attempts"], row["round"], row["teacher"]) == (1, 1, "sim-teacher")
     assert row["label"] == SPEC.label_of(row["class_name"])
     assert set(raw["teacher_url"]) == {teacher.removeprefix("http://").removesuffix("/v1")}
+    assert stats["run"]["unresolved"] == 0 and stats["request_failures"]["requests"] == 0
     report = (tmp_path / "SynthDG" / "report.md").read_text()
     assert (
         "**20 of 20 attempted images accepted (100.0%)**" in report
@@ -141,16 +163,23 @@ def bodies(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 def test_the_label_never_travels_in_a_request(
     data_dir: Path, tmp_path: Path, bodies: list[dict]
 ) -> None:
+    """Only the pixels and the per-image seed differ between requests; the text comes first."""
     with run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as url:
         build_chains(config(url, data_dir, tmp_path))
     assert len(bodies) == IMAGES
-    images = set()
+    images, seeds = set(), set()
     for body in bodies:
-        images.add(body["messages"][0]["content"][0]["image_url"]["url"])
-        body["messages"][0]["content"][0]["image_url"]["url"] = "IMAGE"
+        text, image = body["messages"][0]["content"]
+        assert (text["type"], image["type"]) == ("text", "image_url"), (
+            "the image must follow the text"
+        )
+        images.add(image["image_url"]["url"])
+        seeds.add(body.pop("seed"))
+        image["image_url"]["url"] = "IMAGE"
     assert len(images) == IMAGES, "each request carries its own image"
+    assert len(seeds) == IMAGES, "each image's round has its own seed"
     assert all(body == bodies[0] for body in bodies), (
-        "something besides the pixels differs between images"
+        "something besides the pixels and the seed differs between images"
     )
     text = json.dumps(bodies[0])
     assert not re.search(r"SynthDG/|\.png|label", text)
@@ -161,49 +190,71 @@ def test_images_over_the_caps_are_downscaled_within_the_build(
 ) -> None:
     with run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as url:
         build_chains(config(url, data_dir, tmp_path, policy=PayloadPolicy(max_side=24)))
-    assert_consistent(tmp_path, all_ids(data_dir))
+    raw, _, _ = assert_consistent(tmp_path, all_ids(data_dir))
+    assert raw["downscaled"].all(), "the records must say the teacher saw fewer pixels"
     assert len(bodies) >= IMAGES
     for body in bodies:
-        data_url = body["messages"][0]["content"][0]["image_url"]["url"]
+        data_url = body["messages"][0]["content"][1]["image_url"]["url"]
         assert data_url.startswith("data:image/jpeg;base64,")
         with Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))) as image:
             assert max(image.size) == 24
 
 
-FAULTS = [
+CONTENT_FAULTS = [
     ({"p_wrong": 0.5}, {"wrong_class"}),
     ({"p_malformed": 0.5}, {"missing_stage", "order", "unclosed_tag", "no_conclusion"}),
     ({"p_empty": 0.5}, {"empty_response"}),
-    ({"p_429": 0.4}, {"request_error"}),
-    ({"p_500": 0.4}, {"request_error"}),
-    ({"p_drop": 0.4}, {"request_error"}),
-    ({"p_stall": 0.4, "stall_s": 5.0}, {"request_error"}),
 ]
-DETAILS = {  # openai's aiohttp transport reports a dropped connection as a connect timeout
-    "p_429": "^RateLimitError: ",
-    "p_500": "^InternalServerError: ",
-    "p_drop": "^(APIConnectionError|APITimeoutError): ",
-    "p_stall": "^APITimeoutError: ",
-}
 
 
 @pytest.mark.parametrize(
-    ("teacher", "reasons"), FAULTS, indirect=["teacher"], ids=[next(iter(f)) for f, _ in FAULTS]
+    ("teacher", "reasons"),
+    CONTENT_FAULTS,
+    indirect=["teacher"],
+    ids=[next(iter(f)) for f, _ in CONTENT_FAULTS],
 )
-def test_every_fault_ends_resolved_or_exhausted_with_its_reason_recorded(
-    teacher: str, reasons: set[str], data_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
+def test_every_bad_answer_ends_resolved_or_exhausted_with_its_reason_recorded(
+    teacher: str, reasons: set[str], data_dir: Path, tmp_path: Path
 ) -> None:
-    build_chains(config(teacher, data_dir, tmp_path, timeout=0.5))
-    raw, _, stats = assert_consistent(tmp_path, all_ids(data_dir))
+    build_chains(config(teacher, data_dir, tmp_path))
+    _, _, stats = assert_consistent(tmp_path, all_ids(data_dir))
     assert reasons & set(stats["reasons"]), stats["reasons"]
     assert stats["reasons"]["accepted"] > 0
-    fault = next(iter(request.node.callspec.params["teacher"]))
-    if fault in DETAILS:
-        details = raw.filter(pl.col("reason") == "request_error")["detail"]
-        assert details.str.contains(DETAILS[fault]).all(), details.to_list()
-        assert stats["exhausted"] == {} or all(
-            "request_error" in r for r in stats["exhausted"].values()
-        )
+
+
+TRANSPORT_FAULTS = {  # the detail recorded for each, named as the openai SDK names the error
+    "p_429": "^RateLimitError: HTTP 429: simulated rate limit$",
+    "p_500": "^InternalServerError: HTTP 500: simulated server error$",
+    "p_drop": "^APIConnectionError: (ServerDisconnectedError|ClientOSError|ClientPayloadError): ",
+    "p_stall": "^APITimeoutError: no answer within 0.5 s$",
+}
+
+
+@pytest.mark.parametrize("fault", TRANSPORT_FAULTS)
+def test_a_failed_request_leaves_its_image_pending_and_a_rerun_retries_exactly_those(
+    fault: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """Item 1 of issue 13: transport failures never use up an image's rounds."""
+    faulty = SimTeacherConfig(**FAST | {fault: 0.4, "stall_s": 5.0})
+    with run_sim_teacher(faulty, data_dir) as url:
+        first = build_chains(config(url, data_dir, tmp_path, timeout=0.5))
+    raw, _, _ = outputs(tmp_path)
+    failures = raw.filter(pl.col("reason") == "request_error")
+    assert failures.height > 0 and (failures["candidate_index"] == -1).all()
+    assert failures["detail"].str.contains(TRANSPORT_FAULTS[fault]).all(), failures["detail"]
+    assert first["exhausted"] == {}, "a failed request used up a round"
+    pending = first["images"].get("pending", 0) + IMAGES - first["images"]["attempted"]
+    assert first["run"]["unresolved"] == pending > 0
+    assert first["request_failures"]["pending_images"] == first["images"].get("pending", 0)
+    retried = set(failures["id"]) - set(answers(raw).filter(pl.col("reason") == "accepted")["id"])
+
+    with run_sim_teacher(SimTeacherConfig(**FAST), data_dir) as url:
+        again = build_chains(config(url, data_dir, tmp_path))
+    _, chains, _ = assert_consistent(tmp_path, all_ids(data_dir))
+    assert again["run"]["requests"] == len(retried) and again["run"]["unresolved"] == 0
+    assert again["images"] == {"attempted": IMAGES, "accepted": IMAGES}
+    accepted_round = dict(chains.select("id", "round").iter_rows())
+    assert all(accepted_round[id_] == 1 for id_ in retried), "a failed round was not asked again"
 
 
 @pytest.mark.parametrize("teacher", [{"p_429": 0.3, "p_500": 0.1, "p_drop": 0.05}], indirect=True)
@@ -213,6 +264,7 @@ def test_the_client_retries_transport_faults_away(
     stats = build_chains(config(teacher, data_dir, tmp_path, max_retries=30))
     assert_consistent(tmp_path, all_ids(data_dir))
     assert stats["reasons"] == {"accepted": 2 * IMAGES}
+    assert stats["request_failures"]["requests"] == 0
 
 
 @pytest.mark.parametrize("teacher", [{"p_wrong": 1.0}], indirect=True)
@@ -254,26 +306,40 @@ def test_shards_cover_every_id_exactly_once(teacher: str, data_dir: Path, tmp_pa
 
 @pytest.mark.parametrize("teacher", [{"p_wrong": 0.4, "p_500": 0.1}], indirect=True)
 def test_worker_processes_share_one_build(teacher: str, data_dir: Path, tmp_path: Path) -> None:
-    stats = build_chains(config(teacher, data_dir, tmp_path, workers=2, concurrency=5))
+    stats = build_chains(
+        config(teacher, data_dir, tmp_path, workers=2, concurrency=5, max_retries=10)
+    )
     raw, _, _ = assert_consistent(tmp_path, all_ids(data_dir))
     assert stats["run"]["requests"] == raw.filter(pl.col("candidate_index") == 0).height
     assert not multiprocessing.active_children(), "a worker outlived the build"
 
 
-def test_workers_are_capped_by_images_and_request_slots() -> None:
+def test_workers_are_capped_by_images_and_request_slots(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (worker_count(1, 1000, 256), worker_count(4, 3, 256), worker_count(4, 1000, 2)) == (
         1,
         3,
         2,
     )
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert worker_count(AUTO, 100_000, 1024) == 5, "8 cores, about 3 busy"
+    assert worker_count(AUTO, 100_000, 128) == 2, "one worker per 64 request slots"
+    assert worker_count(AUTO, 3_000, 1024) == 1, "too few images to pay for a second process"
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 1.0, 1.0))
+    assert worker_count(AUTO, 100_000, 1024) == 1, "no free core still means one process"
 
 
 def test_shares_partition_the_images_and_the_concurrency(teacher: str, data_dir: Path) -> None:
     whole = config(teacher, data_dir, Path("unused"), concurrency=7)
-    tasks = list(range(IMAGES))
-    shares = split_shares(Share(whole, tasks, "prompt", None, Path("unused")), 3)
-    assert sorted(t for share in shares for t in share.tasks) == tasks
+    tasks = pl.DataFrame({"id": [f"image-{index}" for index in range(IMAGES)]})
+    pacing = PacingPlan(RunningUsage(100), 2, 7, budget_left_usd=3.0, limits=RateLimits(600, 9000))
+    shares = split_shares(Share(whole, tasks, "prompt", None, Path("unused"), pacing), 3)
+    assert sorted(id_ for share in shares for id_ in share.tasks["id"]) == sorted(tasks["id"])
     assert [share.config.teacher.concurrency for share in shares] == [3, 2, 2]
+    assert [share.pacing.concurrency for share in shares] == [3, 2, 2]
+    assert {(share.pacing.budget_left_usd, share.pacing.limits) for share in shares} == {
+        (1.0, RateLimits(200, 3000))
+    }
     assert all(share.config.teacher.urls == whole.teacher.urls for share in shares)
 
 
@@ -322,8 +388,11 @@ def test_the_api_key_appears_in_no_output(teacher: str, data_dir: Path, tmp_path
              "--api-key-env", "DBR_TEST_KEY", "--no-progress"],
             env={"DBR_TEST_KEY": key},
         )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert "request_error" in outputs(tmp_path / "out")[2]["reasons"]
+    assert result.exit_code == 3, result.output
+    assert outputs(tmp_path / "out")[2]["request_failures"]["requests"] > 0
+    said = " ".join(result.output.split())
+    assert re.search(r"(\d+) images of this run unresolved \(\1 of them after failed requests;", said)
+    assert "Run the same command again to retry exactly those (exit code 3)" in said
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) >= 5
     assert not [p for p in files if key.encode() in p.read_bytes()]
@@ -354,12 +423,17 @@ def test_a_completion_body_is_read_or_refused_as_malformed() -> None:
             parse_completion(bad)
 
 
-def test_a_body_with_pre_encoded_messages_is_the_plain_json_body() -> None:
-    fields = {"model": "m", "n": 4, "temperature": 0.7, "max_tokens": 9}
-    body = request_body(encode_messages('say "hi"', "data:image/png;base64,AAAA"), fields)
-    assert json.loads(body) == fields | {
-        "messages": request_messages('say "hi"', "data:image/png;base64,AAAA")
-    }
+@pytest.mark.parametrize("text_first", [True, False])
+def test_a_body_with_pre_encoded_messages_is_the_plain_json_body(text_first: bool) -> None:
+    fields = {"model": "m", "n": 4, "temperature": 0.7, "max_tokens": 9, "seed": 5}
+    url = "data:image/png;base64,AAAA"
+    body = request_body(encode_messages('say "hi"', url, text_first), fields)
+    messages = request_messages('say "hi"', url, text_first)
+    assert json.loads(body) == fields | {"messages": messages}
+    kinds = [part["type"] for part in messages[0]["content"]]
+    assert kinds == (["text", "image_url"] if text_first else ["image_url", "text"])
+    template = MessagesTemplate.for_prompt('say "hi"\n\u00e9', text_first)
+    assert template.fill(url) == encode_messages('say "hi"\n\u00e9', url, text_first)
 
 
 def test_temperature_schedule_repeats_its_last_value() -> None:
@@ -393,9 +467,11 @@ def cli_error(
         (["--max-retries", "-1"], r"--max-retries -1: must be 0 or more"),
         (["--concurrency", "0"], r"--concurrency 0: must be at least 1"),
         (["--max-tokens", "0"], r"--max-tokens 0: must be at least 1"),
+        (["--top-p", "0"], r"--top-p 0.0: must be in \(0, 1\]"),
+        (["--outage-wait", "-1"], r"--outage-wait -1: must be 0 seconds or more"),
         (
-            ["--workers", "0"],
-            r"--workers 0: must be at least 1 \(1 is one process\)",
+            ["--workers", "-1"],
+            r"--workers -1: must be 0 \(choose from the free cores\) or more",
         ),
         (
             ["--api-key-env", "DBR_SURELY_UNSET"],

@@ -60,9 +60,19 @@ def test_parse_is_lenient_on_surface() -> None:
         "<CAPTION>A four-legged animal with a long neck.</ CAPTION>\n"
         "<reasoning>The long neck and spotted coat indicate a giraffe.</reasoning>"
         "<Reflection>A horse has a short neck, so it is not a horse.</REFLECTION>\n"
-        "**<CONCLUSION>giraffe</CONCLUSION>**\nHope this helps."
+        "**<CONCLUSION>giraffe</CONCLUSION>**\n```\n"
     )
     assert parse_chain(text) == Chain(**STAGE_TEXT)
+
+
+@pytest.mark.parametrize(
+    "tail", ["\nHope this helps.", " Actually, a horse.", "\n\n<p>note</p>", "**Giraffe**", "\n1"]
+)
+def test_any_word_after_the_conclusion_is_trailing_text(tail: str) -> None:
+    """A chain that goes on after </CONCLUSION> may take its answer back: malformed, not cut."""
+    with pytest.raises(ChainFormatError, match="follows </CONCLUSION>") as err:
+        parse_chain(format_chain(STAGE_TEXT) + tail)
+    assert err.value.reason is RejectReason.TRAILING_TEXT
 
 
 def test_parse_keeps_multiline_bodies() -> None:
@@ -136,5 +146,6 @@ def test_parse_rejects_malformed_chains(text: str, reason: RejectReason, detail:
 def test_reject_reasons_are_the_documented_set() -> None:
     assert {reason.value for reason in RejectReason} == {
         "empty_response", "missing_stage", "order", "empty_stage", "duplicate_stage", "no_conclusion",
-        "unclosed_tag", "no_class", "ambiguous", "wrong_class", "truncated", "request_error",
+        "unclosed_tag", "trailing_text", "uncertain", "negated", "modifier", "no_class", "ambiguous",
+        "wrong_class", "truncated", "request_error",
     }  # fmt: skip

@@ -22,10 +22,11 @@ import pytest
 from PIL import Image
 from rich.progress import Progress
 
-from domainbed_reasoning.data.archive import extract
+from domainbed_reasoning.data.archive import ArchiveLimits, extract
 from domainbed_reasoning.data.download import MARKER, STAGING, download_dataset, staging_dir
 from domainbed_reasoning.data.fetch import confirm_url, part_path
 from domainbed_reasoning.data.recipes import (
+    DOMAINBED_COMMIT,
     RECIPES,
     TERRA_ANNOTATIONS,
     TERRA_IMAGES,
@@ -437,11 +438,17 @@ def terra_files(folder: Path) -> None:
     )
 
 
-def test_terra_incognita_is_built_from_coco_annotations(tmp_path):
-    sources = tmp_path / "lila"
-    sources.mkdir()
-    terra_files(sources)
-    result = download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[sources])
+@pytest.fixture
+def lila(tmp_path: Path) -> Path:
+    """A folder to put LILA's files in, as a user would before `--from-archive`."""
+    folder = tmp_path / "lila"
+    folder.mkdir()
+    return folder
+
+
+def test_terra_incognita_is_built_from_coco_annotations(tmp_path, lila):
+    terra_files(lila)
+    result = download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
     root = tmp_path / "data" / "terra_incognita"
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
     assert files == [
@@ -452,15 +459,13 @@ def test_terra_incognita_is_built_from_coco_annotations(tmp_path):
     assert result.files == 3
 
 
-def test_terra_incognita_missing_image_is_named(tmp_path):
-    sources = tmp_path / "lila"
-    sources.mkdir()
-    terra_files(sources)
-    (sources / TERRA_IMAGES).write_bytes(tar_gz_bytes({"eccv_18_all_images_sm/b.jpg": jpeg(1)}))
+def test_terra_incognita_missing_image_is_named(tmp_path, lila):
+    terra_files(lila)
+    (lila / TERRA_IMAGES).write_bytes(tar_gz_bytes({"eccv_18_all_images_sm/b.jpg": jpeg(1)}))
     with pytest.raises(
         UserError, match=r"image 'a.jpg' listed in caltech_images_20210113.json is missing"
     ):
-        download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[sources])
+        download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
 
 
 def test_domainnet_duplicates_are_removed(tmp_path):
@@ -630,3 +635,146 @@ def test_cli_prints_one_red_line_and_exits_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: --from-archive {tmp_path / 'missing.zip'}: no such file or folder"
     ]
+
+
+def cct20_files(folder: Path, images: dict[str, bytes] | None = None) -> dict:
+    """DomainBed's current TerraIncognita sources: LILA's CCT20 images and five annotation files."""
+    categories = [{"id": 1, "name": "bird"}, {"id": 2, "name": "coyote"}, {"id": 3, "name": "deer"}]
+    splits = {
+        "train": [("a", "38", 1), ("b", "100", 2)],
+        "cis_val": [("c", "7", 1)],
+        "cis_test": [("d", "46", 3)],
+        "trans_val": [("e", "43", 2), ("e", "43", 2)],  # annotated twice: still one file
+        "trans_test": [("f", "100", 1)],
+    }
+    members = {}
+    for split, rows in splits.items():
+        coco = {
+            "categories": categories,
+            "images": [{"id": i, "file_name": f"{i}.jpg", "location": loc} for i, loc, _ in dict.fromkeys(rows)],
+            "annotations": [{"image_id": i, "category_id": cat} for i, _, cat in rows],
+        }
+        members[f"eccv_18_annotation_files/{split}_annotations.json"] = json.dumps(coco).encode()
+    (folder / TERRA_ANNOTATIONS).write_bytes(tar_gz_bytes(members))
+    images = images or {f"eccv_18_all_images_sm/{name}.jpg": jpeg(i) for i, name in enumerate("abcdef")}
+    (folder / TERRA_IMAGES).write_bytes(tar_gz_bytes(images))
+    return members
+
+
+def test_terra_incognita_follows_domainbeds_current_recipe(tmp_path, lila, capfd):
+    cct20_files(lila)
+    result = download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
+
+    root = tmp_path / "data" / "terra_incognita"
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg")) == [
+        "location_100/bird/f.jpg",
+        "location_100/coyote/b.jpg",
+        "location_38/bird/a.jpg",
+        "location_43/coyote/e.jpg",
+    ], "the five files are merged; location 7 and the class deer are left out"
+    assert result.files == 4
+    warning = capfd.readouterr().err
+    assert "TerraIncognita: 4 images prepared (location_100 2, location_38 1, location_43 1, location_46 0), " in warning
+    assert "DomainBed reports 24,788" in warning and warning.count("\n") == 1
+
+
+def test_terra_incognita_recipe_is_the_one_domainbed_uses_since_june_2024():
+    images, annotations = get_recipe("TerraIncognita").files
+    lila = "https://storage.googleapis.com/public-datasets-lila/caltechcameratraps"
+    assert images.url == f"{lila}/eccv_18_all_images_sm.tar.gz"
+    assert annotations.url == f"{lila}/eccv_18_annotations.tar.gz"
+    assert annotations.also_accepted == ("caltech_camera_traps.json.zip",)
+    duplicates = get_recipe("DomainNet").files[-1]
+    assert duplicates.url == (
+        f"https://raw.githubusercontent.com/facebookresearch/DomainBed/{DOMAINBED_COMMIT}"
+        "/domainbed/misc/domain_net_duplicates.txt"
+    )
+    assert len(DOMAINBED_COMMIT) == 40, "a full commit id, not a branch that can move"
+
+
+def test_terra_incognita_from_the_older_single_json(tmp_path, lila):
+    terra_files(lila)
+    (lila / TERRA_ANNOTATIONS).rename(lila / "caltech_camera_traps.json.zip")
+    download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
+    assert (tmp_path / "data" / "terra_incognita" / "location_38" / "bird" / "a.jpg").is_file()
+
+
+def test_terra_incognita_incomplete_annotations_are_named(tmp_path, lila):
+    members = cct20_files(lila)
+    del members["eccv_18_annotation_files/cis_val_annotations.json"]
+    (lila / TERRA_ANNOTATIONS).write_bytes(tar_gz_bytes(members))
+    with pytest.raises(
+        UserError, match=r"eccv_18_annotations.tar.gz: cis_val_annotations.json missing: the archive"
+    ):
+        download_dataset(get_spec("TerraIncognita"), tmp_path / "data", from_archive=[lila])
+
+
+def test_a_duplicates_list_that_is_not_domainbeds_is_refused(tmp_path):
+    spec = get_spec("DomainNet")
+    sources = tmp_path / "visda"
+    sources.mkdir()
+    for domain in spec.domains:
+        (sources / f"{domain}.zip").write_bytes(zip_bytes({f"{domain}/zigzag/{domain}_1.jpg": jpeg(1)}))
+    (sources / "domain_net_duplicates.txt").write_text("<html><body>rate limited</body></html>\n")
+    with pytest.raises(
+        UserError, match=r"domain_net_duplicates.txt: entry '<html><body>rate limited</body></html>' is not "
+        r"<domain>/<class>/<file> of DomainNet"
+    ):
+        download_dataset(spec, tmp_path / "data", from_archive=[sources])
+    assert (tmp_path / "data" / STAGING / "domain_net" / "layout" / "clipart" / "zigzag").is_dir(), (
+        "nothing was removed"
+    )
+
+
+def test_zip_bomb_is_one_line_and_writes_nothing(tmp_path):
+    archive = tmp_path / "PACS.zip"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("kfold/photo/dog/huge.jpg", bytes(20 * 1024**2))
+    archive.write_bytes(buffer.getvalue())
+    target = tmp_path / "out"
+    with pytest.raises(
+        UserError, match=r"^PACS.zip: would expand [\d,]+x \(cap 200x\), like a zip bomb; nothing was extracted"
+    ):
+        extract(archive, target, Progress(disable=True))
+    assert not target.exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_total_size_cap_is_one_line(tmp_path):
+    archive = tmp_path / "PACS.zip"
+    archive.write_bytes(pacs_archive())
+    with pytest.raises(UserError, match=r"^PACS.zip: unpacks to [\d,]+ bytes, over the 1,000-byte cap"):
+        extract(archive, tmp_path / "out", Progress(disable=True), ArchiveLimits(max_total_bytes=1000))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), so a full disk is the kernel's ENOSPC, not a simulation."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}): needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_one_line_naming_the_folder(lila, small_disk):
+    """The images fit once (extraction passes its check) but not twice (the copies into the layout)."""
+    noise = {f"eccv_18_all_images_sm/{name}.jpg": os.urandom(120_000) for name in "abcdef"}
+    cct20_files(lila, noise)
+    with pytest.raises(UserError) as err:
+        download_dataset(get_spec("TerraIncognita"), small_disk / "data", from_archive=[lila])
+    message = str(err.value)
+    assert message.startswith(f"no space left on the disk holding {small_disk / 'data' / STAGING / 'terra_incognita'}: ")
+    assert "\n" not in message and "run the same command again" in message
+
+
+def test_archive_larger_than_the_free_space_is_refused_before_writing(tmp_path, small_disk):
+    archive = tmp_path / "PACS.zip"
+    archive.write_bytes(zip_bytes({f"kfold/photo/dog/{i}.jpg": os.urandom(300_000) for i in range(4)}))
+    with pytest.raises(UserError, match=r"^PACS.zip needs 1,200,000 bytes but the disk holding .* has [\d,]+ free"):
+        extract(archive, small_disk / "out", Progress(disable=True))
+    assert list(small_disk.iterdir()) == []

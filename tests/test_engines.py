@@ -6,6 +6,7 @@ whole file, with an adapter that touches the vision tower (the merge path).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from domainbed_reasoning.chains.matching import matcher_for
@@ -30,6 +32,7 @@ from train.engines.factory import open_engine
 from train.engines.transformers_engine import TransformersEngine
 from train.engines.vllm_engine import LORA_NAME, VLLMEngine, serving_plan, touches_vision
 from train.lora import lora_config
+from train.processor import ImageLimits
 
 GREEDY = SamplingSpec(max_new_tokens=12)
 SAMPLED = SamplingSpec(n=3, temperature=1.0, max_new_tokens=8, seed=1)
@@ -173,6 +176,36 @@ def test_llava_architecture_generates_too(tiny_llava: Path, requests_: list[GenR
     with open_engine("transformers", str(tiny_llava), batch_size=3) as engine:
         generations = engine.generate(requests_[:3], SAMPLED, progress=False)
     assert [len(g.texts) for g in generations] == [3, 3, 3]
+
+
+def wide_requests(count: int) -> list[GenRequest]:
+    """4:1 images, which InternVL tiles into a row of crops plus a thumbnail."""
+    requests = []
+    for index in range(count):
+        buffer = io.BytesIO()
+        Image.new("RGB", (224, 56), (60 * index % 256, 120, 200)).save(buffer, format="PNG")
+        requests.append(GenRequest(f"wide-{index}.png", buffer.getvalue(), PROMPT))
+    return requests
+
+
+def test_internvl_architecture_generates_with_its_tiles_capped(tiny_internvl: Path) -> None:
+    with open_engine("transformers", str(tiny_internvl), batch_size=2) as engine:
+        generations = engine.generate(wide_requests(3), SAMPLED, progress=False)
+        tiles = engine.processor.image_processor.max_patches
+    assert [len(g.texts) for g in generations] == [3, 3, 3] and tiles == 4
+    limits = ImageLimits(max_tiles=2)
+    with open_engine("transformers", str(tiny_internvl), image_limits=limits) as engine:
+        assert engine.processor.image_processor.max_patches == 2
+        capped = engine.generate(wide_requests(3), GREEDY, progress=False)
+    assert all(g.error is None for g in capped)
+
+
+def test_answers_depend_on_the_batch_not_on_what_came_before(
+    base_engine: GenerationEngine, requests_: list[GenRequest]
+) -> None:
+    """A share that starts on a batch boundary (batch_size 4) samples what one process would."""
+    whole = base_engine.generate(requests_, SAMPLED, progress=False)
+    assert base_engine.generate(requests_[4:], SAMPLED, progress=False) == whole[4:]
 
 
 # --- remote engine (the simulated teacher) ---------------------------------------------------------------
@@ -375,7 +408,7 @@ def test_vllm_engine_reports_a_bad_image_as_a_value(
 def test_a_server_that_died_is_a_clear_error_and_closing_cleans_up(
     vllm_engine: VLLMEngine, requests_: list[GenRequest]
 ) -> None:
-    # Runs last in this file: it kills the module's server.
+    # Runs after the module server's other tests: it kills that server.
     work_dir, process = vllm_engine.work_dir, vllm_engine.server.process
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -383,3 +416,23 @@ def test_a_server_that_died_is_a_clear_error_and_closing_cleans_up(
         vllm_engine.generate(requests_[:1], GREEDY, progress=False)
     vllm_engine.close()
     assert vllm_engine.server is None and not work_dir.exists()
+
+
+def test_vllm_serves_internvl_and_agrees_with_transformers_under_the_same_tile_cap(
+    tiny_internvl: Path, vllm_python: Path, tmp_path: Path
+) -> None:
+    """InternVL3's `*-hf` layout on vLLM's CPU build, its tile cap passed as --mm-processor-kwargs."""
+    limits = ImageLimits(max_tiles=2)
+    requests = wide_requests(4)
+    short = SamplingSpec(max_new_tokens=4)
+    with open_engine("transformers", str(tiny_internvl), image_limits=limits, batch_size=1) as engine:
+        expected = texts(engine.generate(requests, short, progress=False))
+    with VLLMEngine(
+        str(tiny_internvl),
+        vllm_python=vllm_python,
+        image_limits=limits,
+        max_model_len=2048,
+        log_path=tmp_path / "server.log",
+    ) as engine:
+        assert engine.server.config.mm_processor_kwargs == {"max_patches": 2}
+        assert texts(engine.generate(requests, short, progress=False)) == expected

@@ -110,8 +110,8 @@ REASONING = [
     said(chain("square")),  # wrong_class: parsed, wrong
     said(chain("square", drop="REFLECTION")),  # missing_stage
     said(chain("star"), finish="length"),  # truncated: a cut chain is not read
-    said("Sure. " + chain("Triangle.") + " Done."),  # right: prose around the tags is fine
-    said(chain("not sure")),  # no_class
+    said("Sure. " + chain("Triangle.") + "\n**"),  # right: prose before, markup after the tags
+    said(chain("not sure")),  # uncertain: a hedge names no class
     FAILED,  # request_error
 ]
 
@@ -203,7 +203,7 @@ def test_reasoning_mode_reads_answers_as_the_builders_filter_does() -> None:
     ]
     assert predictions["correct"].to_list() == [True, False, False, False, True, False, False]
     assert predictions["failure"].to_list() == [
-        None, None, "missing_stage", "truncated", None, "no_class", "request_error",
+        None, None, "missing_stage", "truncated", None, "uncertain", "request_error",
     ]  # fmt: skip
     assert predictions["error"].to_list()[-1] == "HTTP 500 after 3 retries"
     assert set(predictions["mode"]) == {"reasoning"}
@@ -446,8 +446,8 @@ def test_zero_shot_through_the_cli(export_dir: Path, tiny_qwen2vl: Path, tmp_pat
     run_dir = out / "SynthDG" / "sketch" / "zeroshot-tiny-base"
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert metrics["method"] == "zeroshot" and metrics["name"] == "tiny-base"
-    # 10 sketch images, one without an accepted chain (conftest's CHAIN_DROPPED_INDEX), not exported
-    assert set(metrics["results"]) == {"test"} and metrics["results"]["test"]["direct"]["n"] == 9
+    # all 10 sketch images the scan found, the one without an accepted chain included (DomainBed's protocol)
+    assert set(metrics["results"]) == {"test"} and metrics["results"]["test"]["direct"]["n"] == 10
     assert json.loads((run_dir / "run.json").read_text())["model"] == str(tiny_qwen2vl)
 
     again = CliRunner().invoke(app, args)
@@ -480,7 +480,7 @@ def test_zero_shot_of_a_remote_openai_compatible_model(export_dir: Path, tmp_pat
         settings = fast(tmp_path, **remote, modes=("reasoning",), reasoning_tokens=1024)
         metrics = evaluate_model(request, settings)
     scores = metrics["results"]["test"]["reasoning"]
-    assert (scores["n"], scores["correct"], scores["unparseable"]) == (9, 9, 0)
+    assert (scores["n"], scores["correct"], scores["unparseable"]) == (10, 10, 0)
     assert metrics["settings"]["engine"] == "remote" and metrics["model"] == "sim-teacher"
     # cut at the token limit, the same chains are unparseable: a conclusion is never guessed
     with run_sim_teacher(SimTeacherConfig(), export_dir.parent / "data") as base_url:
@@ -488,7 +488,7 @@ def test_zero_shot_of_a_remote_openai_compatible_model(export_dir: Path, tmp_pat
         truncated = evaluate_model(
             request, fast(tmp_path, **remote, modes=("reasoning",), force=True)
         )
-    assert truncated["results"]["test"]["reasoning"]["unparseable_reasons"] == {"truncated": 9}
+    assert truncated["results"]["test"]["reasoning"]["unparseable_reasons"] == {"truncated": 10}
 
 
 def test_cli_needs_a_run_or_a_model(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,13 +63,14 @@ def test_load_dataset_reads_the_local_folder_from_the_current_directory(
     )
 
     assert sorted(ds) == sorted(SYNTH.domains)
-    assert {split: ds[split].num_rows for split in ds} == {domain: 9 for domain in SYNTH.domains}
+    assert {split: ds[split].num_rows for split in ds} == {domain: 10 for domain in SYNTH.domains}
     features = ds["photo"].features
     assert features["label"].names == list(SYNTH.classes)
     assert isinstance(features["image"], datasets.Image)
     assert set(features) == {
         "id", "dataset", "domain", "label", "class_name", "image", "chain", "summary", "caption",
         "reasoning", "reflection", "conclusion", "teacher", "prompt_version", "attempts",
+        "chain_status", "round", "temperature",
     }  # fmt: skip
 
     chains = pl.read_parquet(artefacts.chains_path(artefacts.chains_dir(chains_root, SYNTH)))
@@ -77,9 +79,10 @@ def test_load_dataset_reads_the_local_folder_from_the_current_directory(
     expected = chains.filter(pl.col("id") == row["id"]).row(0, named=True)
     assert row["label"] == SYNTH.classes.index("star") and row["class_name"] == "star"
     assert row["domain"] == "sketch" and row["dataset"] == "SynthDG"
-    assert {key: row[key] for key in ("chain", "conclusion", "teacher", "attempts")} == {
-        key: expected[key] for key in ("chain", "conclusion", "teacher", "attempts")
+    assert {key: row[key] for key in ("chain", "conclusion", "teacher", "attempts", "round")} == {
+        key: expected[key] for key in ("chain", "conclusion", "teacher", "attempts", "round")
     }
+    assert row["chain_status"] == "accepted" and row["temperature"] == pytest.approx(0.9)
     assert row["chain"].startswith("<SUMMARY>") and row["chain"].endswith("</CONCLUSION>")
     assert isinstance(row["image"], Image.Image)
     assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(source)))
@@ -104,7 +107,31 @@ def test_loading_the_folder_runs_no_code_of_this_project(exported: Path) -> None
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['cartoon', 'painting', 'photo', 'sketch'] 9"
+    assert result.stdout.strip() == "['cartoon', 'painting', 'photo', 'sketch'] 10"
+
+
+def test_every_image_is_a_row_and_says_why_it_has_no_chain(exported: Path) -> None:
+    """DomainBed-Reasoning is a strict superset of DomainBed: images without an accepted chain are
+    rows too, with null chain fields, and `chain_status`/`attempts` tell what the teacher did."""
+    ds = datasets.load_dataset(str(exported), "SynthDG", cache_dir=str(exported.parent / "cache"))
+    rows = {row["id"]: row for split in ds.values() for row in split.remove_columns("image")}
+
+    assert len(rows) == 40, "every image of the manifest"
+    pending = rows["SynthDG/cartoon/circle/cartoon_circle_00001.png"]
+    assert pending["chain_status"] == "pending" and pending["attempts"] == 0, (
+        "a transport failure is not a teacher answer"
+    )
+    assert pending["chain"] is None and pending["teacher"] is None and pending["round"] is None
+    exhausted = rows["SynthDG/photo/circle/photo_circle_00001.png"]
+    assert exhausted["chain_status"] == "exhausted" and exhausted["attempts"] == 6
+    assert all(exhausted[field] is None for field in ("chain", "summary", "conclusion", "round", "temperature"))
+    assert exhausted["teacher"] == "tiny-teacher", "the teacher that tried is named"
+    first_round = rows["SynthDG/photo/star/photo_star_00000.png"]
+    assert (first_round["chain_status"], first_round["attempts"], first_round["round"]) == ("accepted", 2, 1)
+    assert first_round["temperature"] == pytest.approx(0.7)
+    statuses = [row["chain_status"] for row in rows.values()]
+    assert statuses.count("accepted") == 36 and statuses.count("exhausted") == 3
+    assert sum(row["chain"] is not None for row in rows.values()) == 36
 
 
 def test_images_are_embedded_as_the_original_file_bytes(
@@ -146,7 +173,7 @@ def test_card_yaml_names_every_config_and_split_that_exists(exported: Path) -> N
         assert all(list(exported.glob(pattern)) for pattern in splits.values())
     infos = {info["config_name"]: info for info in meta["dataset_info"]}
     assert {split["name"]: split["num_examples"] for split in infos["SynthDG"]["splits"]} == {
-        domain: 9 for domain in SYNTH.domains
+        domain: 10 for domain in SYNTH.domains
     }
     label = next(feature for feature in infos["SynthDG"]["features"] if feature["name"] == "label")
     assert list(label["dtype"]["class_label"]["names"].values()) == list(SYNTH.classes)
@@ -157,13 +184,15 @@ def test_card_body_reports_how_the_data_was_built(exported: Path) -> None:
     body = (exported / "README.md").read_text().split("---\n", 2)[2]
     prompt = load_prompt("teacher")
 
-    assert "| SynthDG | cartoon (`cartoon`) | 10 | 9 | 90.0% |" in body
-    assert "| **SynthDG** | all | 40 | 36 | 90.0% |" in body
-    assert "| OfficeHome | Real World (`Real_World`) | 6 | 5 | 83.3% |" in body
+    # cartoon's chainless image was never answered (pending): acceptance is over answered images
+    assert "| SynthDG | cartoon (`cartoon`) | 10 | 9 | 0 | 1 | 9 | 100.0% |" in body
+    assert "| SynthDG | photo (`photo`) | 10 | 9 | 1 | 0 | 10 | 90.0% |" in body
+    assert "| **SynthDG** | all | 40 | 36 | 3 | 1 | 39 | 92.3% |" in body
+    assert "| OfficeHome | Real World (`Real_World`) | 6 | 5 | 1 | 0 | 6 | 83.3% |" in body
     assert "`tiny-teacher`" in body and f"`{prompt.version}`" in body
     assert prompt.text.strip() in body, "the full teacher prompt is in the card"
     assert (
-        "Candidates sampled per request: 4" in body
+        "Candidates sampled per request: 2" in body
         and "Requests per image at most (rounds): 3" in body
     )
     assert "<REFLECTION>No other class fits the outline as well.</REFLECTION>" in body
@@ -205,13 +234,13 @@ def test_reexport_of_one_dataset_swaps_its_files_and_leaves_the_other_untouched(
 
     assert _snapshot(exported / "OfficeHome") == office_before
     photo = sorted(path.name for path in (exported / "SynthDG").glob("photo-*.parquet"))
-    assert len(photo) == 3 and photo[-1] == "photo-00002-of-00003.parquet"
+    assert len(photo) == 4 and photo[-1] == "photo-00003-of-00004.parquet"  # 10 images, 3 a shard
     assert not (exported / "SynthDG" / "photo-00000-of-00001.parquet").exists()
     assert [path.name for path in exported.iterdir() if path.name.startswith(".")] == []
     meta = _front_matter(exported / "README.md")
     assert [config["config_name"] for config in meta["configs"]] == ["OfficeHome", "SynthDG"]
     ds = datasets.load_dataset(str(exported), "SynthDG", cache_dir=str(exported.parent / "cache2"))
-    assert ds["photo"].num_rows == 9 and len(set(ds["photo"]["id"])) == 9
+    assert ds["photo"].num_rows == 10 and len(set(ds["photo"]["id"])) == 10
 
 
 def test_missing_image_is_a_one_line_error_and_keeps_the_previous_export(
@@ -248,6 +277,19 @@ def test_no_accepted_chains_is_a_one_line_error(
     assert not (tmp_path / "out").exists()
 
 
+def test_stats_without_the_exhausted_list_is_a_one_line_error(
+    chain_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    chains_root, data_dir = chain_runs
+    stats = artefacts.stats_path(artefacts.chains_dir(chains_root, SYNTH))
+    stats.write_text('{"run": {}}')
+
+    with pytest.raises(
+        UserError, match=r"stats\.json does not list the exhausted images: run `dbr build-chains SynthDG"
+    ):
+        export(chains_root, data_dir, tmp_path / "out", ["SynthDG"])
+
+
 def test_chains_folder_without_chains_is_a_one_line_error(
     chain_runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -282,8 +324,12 @@ def test_dataset_not_in_the_registry_is_a_one_line_error(
             lambda f: f.with_columns(pl.lit("oil").alias("domain")),
             r"has domain 'oil', which SynthDG does not have",
         ),
+        (
+            lambda f: f.with_columns(pl.lit("SynthDG/photo/star/elsewhere.png").alias("id")).head(1),
+            r"has a chain for 'SynthDG/photo/star/elsewhere\.png', which its manifest does not list",
+        ),
     ],
-    ids=["missing-column", "duplicate-id", "unknown-class", "unknown-domain"],
+    ids=["missing-column", "duplicate-id", "unknown-class", "unknown-domain", "not-in-manifest"],
 )
 def test_malformed_chains_are_one_line_errors(
     chain_runs: tuple[Path, Path], tmp_path: Path, mutate, message: str
@@ -353,3 +399,19 @@ def test_cli_error_is_one_red_line_and_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "manifest.parquet does not exist: build them first" in result.stderr
+
+
+def test_a_dataset_exported_by_an_older_version_keeps_its_place_in_the_card(exported: Path) -> None:
+    """Its build.json predates the status counts and the stored example: the card says so
+    instead of inventing numbers, and rendering the other datasets still works."""
+    facts = artefacts.build_facts_path(exported / "OfficeHome")
+    build = json.loads(facts.read_text())
+    build["acceptance"] = [{"domain": row["domain"], "images": 6, "accepted": 5} for row in build["acceptance"]]
+    del build["example"]
+    facts.write_text(json.dumps(build))
+
+    body = render_card(exported)
+
+    assert "| OfficeHome | Art (`Art`) | 6 | 5 | - | - | - | - |" in body
+    assert "**OfficeHome**: re-export it to show an example here." in body
+    assert "| **SynthDG** | all | 40 | 36 | 3 | 1 | 39 | 92.3% |" in body

@@ -41,12 +41,27 @@ def test_lodo_holds_out_the_target_and_splits_each_training_domain(
     assert _ids(splits["train"]) | _ids(splits["validation"]) == set().union(
         *(_ids(domains[name]) for name in ("cartoon", "painting", "photo"))
     )
-    for name in ("cartoon", "painting", "photo"):  # 9 rows each: 20% held out, rounded up
+    for name in ("cartoon", "painting", "photo"):  # 10 rows each, chainless ones included: 20% held out
         assert sum(row.startswith(f"SynthDG/{name}/") for row in splits["validation"]["id"]) == 2
     assert "sketch" not in set(splits["train"]["domain"]) | set(splits["validation"]["domain"])
     row = splits["train"][0]
-    assert isinstance(row["image"], Image.Image) and row["chain"].startswith("<SUMMARY>")
+    assert isinstance(row["image"], Image.Image)
+    assert any(chain.startswith("<SUMMARY>") for chain in splits["train"]["chain"] if chain)
     assert splits["train"].features["label"].names == list(get_spec("SynthDG").classes)
+
+
+def test_test_is_every_image_of_the_held_out_domain(folder: Path, tmp_path: Path) -> None:
+    """DomainBed's protocol: the images the teacher got wrong are scored too, and validation is
+    20% of every image of each training domain, not of those with a chain."""
+    splits = load_lodo(folder, "SynthDG", "photo", cache_dir=tmp_path / "cache")
+
+    assert splits["test"].num_rows == 10 and set(splits["test"]["domain"]) == {"photo"}
+    assert "exhausted" in splits["test"]["chain_status"]
+    assert splits["train"].num_rows + splits["validation"].num_rows == 30
+    assert splits["validation"].num_rows == 6
+    assert {"accepted", "exhausted", "pending"} == set(splits["train"]["chain_status"]) | set(
+        splits["validation"]["chain_status"]
+    )
 
 
 def test_split_is_seeded(folder: Path, tmp_path: Path) -> None:
@@ -58,7 +73,7 @@ def test_split_is_seeded(folder: Path, tmp_path: Path) -> None:
     assert first["validation"]["id"] == again["validation"]["id"]
     assert _ids(first["validation"]) != _ids(other["validation"])
     half = load_lodo(folder, "SynthDG", "photo", holdout_fraction=0.5, cache_dir=cache)
-    assert half["validation"].num_rows == 3 * 5 and half["train"].num_rows == 3 * 4
+    assert half["validation"].num_rows == 3 * 5 and half["train"].num_rows == 3 * 5
 
 
 def test_target_by_domain_or_split_name(folder: Path, tmp_path: Path) -> None:
@@ -67,7 +82,7 @@ def test_target_by_domain_or_split_name(folder: Path, tmp_path: Path) -> None:
 
     assert set(by_domain["test"]["domain"]) == {"Real World"}
     assert by_domain["test"]["id"] == by_split["test"]["id"]
-    assert by_domain["train"].num_rows + by_domain["validation"].num_rows == 3 * 5
+    assert by_domain["train"].num_rows + by_domain["validation"].num_rows == 3 * 6
 
 
 def test_errors_name_the_thing_and_the_fix(folder: Path, tmp_path: Path) -> None:
@@ -104,8 +119,9 @@ def test_too_small_exports_are_refused(tmp_path: Path, make_chain_run) -> None:
     ):
         load_lodo(out, "OfficeHome", "Product", cache_dir=tmp_path / "cache")
 
-    chains_file = artefacts.chains_path(artefacts.chains_dir(chains_root, get_spec("OfficeHome")))
-    pl.read_parquet(chains_file).filter(pl.col("domain") == "Art").write_parquet(chains_file)
+    folder = artefacts.chains_dir(chains_root, get_spec("OfficeHome"))
+    for table in (artefacts.chains_path(folder), artefacts.manifest_path(folder)):
+        pl.read_parquet(table).filter(pl.col("domain") == "Art").write_parquet(table)
     export(chains_root, data_dir, out, ["OfficeHome"])
     with pytest.raises(
         UserError, match=r"holds only the domain 'Art': leave-one-domain-out needs two"

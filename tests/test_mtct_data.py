@@ -11,7 +11,7 @@ from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.export import features
-from train.mtct_data import build_examples, check_split, class_names
+from train.mtct_data import SplitCounts, build_examples, check_split, class_names
 from train.mtct_trainer import GroupShuffleSampler, TaskCollator
 
 SPEC = get_spec("OfficeHome")
@@ -44,6 +44,9 @@ def _row(
         "teacher": "t",
         "prompt_version": "v",
         "attempts": 1,
+        "chain_status": "accepted" if chain else "exhausted",
+        "round": 1 if chain else None,
+        "temperature": 0.7 if chain else None,
     }
 
 
@@ -127,14 +130,34 @@ def test_dataset_without_chains_is_refused_for_reasoning_but_fine_for_cls(
 
 
 @pytest.mark.parametrize("chain", [None, "   "])
-def test_image_without_a_chain_is_named(chain: str | None) -> None:
-    split = _split([_row(0, "TV"), _row(1, "Fan", chain=chain)])
-    with pytest.raises(
-        UserError,
-        match="image OfficeHome/Art/Fan/1.png in the validation split has no reasoning chain",
-    ):
-        check_split(split, "reasoning", "validation")
-    check_split(split, "cls", "validation")
+def test_an_image_without_a_chain_trains_the_class_name_path_only(chain: str | None) -> None:
+    split = _split([_row(0, "TV"), _row(1, "Fan", chain=chain), _row(2, "Pen")])
+    assert check_split(split, "mtct") == SplitCounts(images=3, with_chain=2)
+    assert check_split(split, "cls") == SplitCounts(images=3, with_chain=2)
+    examples = build_examples(split, "mtct", CLASSES)
+    assert list(zip(examples["id"], examples["task"], strict=True)) == [
+        ("OfficeHome/Art/TV/0.png", "cls"),
+        ("OfficeHome/Art/TV/0.png", "reasoning"),
+        ("OfficeHome/Art/Fan/1.png", "cls"),
+        ("OfficeHome/Art/Pen/2.png", "cls"),
+        ("OfficeHome/Art/Pen/2.png", "reasoning"),
+    ]
+    assert build_examples(split, "reasoning", CLASSES)["id"] == [
+        "OfficeHome/Art/TV/0.png",
+        "OfficeHome/Art/Pen/2.png",
+    ]
+    assert len(build_examples(split, "cls", CLASSES)) == 3
+
+
+def test_a_train_split_without_any_chain_is_refused_for_the_reasoning_path() -> None:
+    split = _split([_row(0, "TV", chain=None), _row(1, "Fan", chain=None)])
+    for method in ("mtct", "reasoning", "rd-mldg"):
+        with pytest.raises(
+            UserError, match="no image of the train split has an accepted reasoning chain: build chains"
+        ):
+            check_split(split, method)
+    assert check_split(split, "cls").images == 2
+    assert check_split(split, "mtct", "validation") == SplitCounts(images=2, with_chain=0)
 
 
 def test_missing_image_is_named(tmp_path) -> None:
@@ -182,3 +205,17 @@ def test_pairs_share_a_batch_when_the_batch_is_even() -> None:
     batches = [order[i : i + 4] for i in range(0, 24, 4)]
     for batch in batches:
         assert sorted(keys[i] for i in batch)[0::2] == sorted(keys[i] for i in batch)[1::2]
+
+
+def test_images_with_one_row_are_paired_so_an_even_batch_never_splits_an_image() -> None:
+    """Images without a chain have only the cls row: two of them make one unit of two rows."""
+    keys = [f"pair{i // 2}" for i in range(20)] + [f"single{i}" for i in range(7)]
+    sampler = GroupShuffleSampler(keys, seed=2)
+    order = list(sampler)
+    assert sorted(order) == list(range(27)) and len(sampler) == 27
+    for start in range(0, 26, 2):
+        a, b = keys[order[start]], keys[order[start + 1]]
+        assert a == b or (a.startswith("single") and b.startswith("single"))
+    assert keys[order[-1]].startswith("single")
+    sampler.set_epoch(3)
+    assert list(sampler) != order

@@ -8,6 +8,7 @@ resume.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -17,7 +18,7 @@ import datasets
 import polars as pl
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig
@@ -32,6 +33,7 @@ from train.lora import lora_config, target_modules_regex
 from train.mtct_data import build_examples
 from train.mtct_trainer import MTCTTrainer
 from train.run import train
+from train.stage import sft_config
 
 SYNTH_CLASSES = ("circle", "cross", "square", "star", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "white")
@@ -97,6 +99,47 @@ def test_config_file_errors(tmp_path: Path) -> None:
         parse_overrides(["epochs"])
 
 
+def test_runtime_settings_reach_the_trainer(tmp_path: Path) -> None:
+    config = build_config(
+        {"warmup_ratio": 0.1, "attn_implementation": "eager", "distributed_timeout_s": 7200}
+    )
+    args = sft_config(config, tmp_path, has_eval=False)
+    # a ratio of the training steps, not a step count: 10% of 95 steps is 10 (rounded up)
+    assert args.get_warmup_steps(95) == 10 and args.get_warmup_steps(1000) == 100
+    assert args.model_init_kwargs["attn_implementation"] == "eager"
+    assert args.ddp_timeout == 7200 and args.report_to == []  # TensorBoard: our callback, logs/
+    assert args.dataloader_num_workers == 0  # auto on the CPU: the loader would compete with it
+    assert sft_config(build_config({"dataloader_num_workers": 3}), tmp_path, False).dataloader_num_workers == 3
+    defaults = TrainConfig()
+    assert (defaults.report_to, defaults.distributed_timeout_s) == ("tensorboard", 10800)
+    assert (defaults.image_max_tiles, defaults.vllm_max_model_len) == (6, 8192)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"warmup_ratio": 1.5}, "warmup_ratio 1.5 is not a fraction of the training steps"),
+        ({"report_to": "mlflow"}, "unknown report_to 'mlflow': choose one of tensorboard, wandb, none"),
+        ({"dataloader_num_workers": -1}, "dataloader_num_workers must be 0 or more"),
+        ({"image_max_tiles": 0}, "image_max_tiles must be at least 1, not 0"),
+        ({"vllm_max_model_len": 0}, "vllm_max_model_len must be at least 1, not 0"),
+    ],
+)
+def test_bad_runtime_settings_are_one_line_errors(values: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        build_config(values)
+
+
+def test_report_to_wandb_without_wandb_is_refused_before_training(
+    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path
+) -> None:
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(UserError, match="report_to wandb needs the wandb package: `pip install wandb`"):
+        train(train_request(export_dir, tiny_llava, tmp_path, report_to="wandb"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_global_batch_must_divide() -> None:
     with pytest.raises(
         UserError, match="global_batch_size 128 is not a multiple of per_device_batch_size 8 x 3"
@@ -120,6 +163,11 @@ def test_global_batch_must_divide() -> None:
             "model.vision_tower.encoder.layers.0.self_attn.out_proj",
             "model.language_model.layers.1.mlp.down_proj",
         ),
+        (
+            "tiny_internvl",
+            "model.vision_tower.encoder.layer.1.attention.projection_layer",
+            "model.language_model.layers.0.self_attn.q_proj",
+        ),
     ],
 )
 def test_lora_targets_vision_and_language_per_architecture(
@@ -137,11 +185,32 @@ def test_lora_targets_vision_and_language_per_architecture(
     assert targeted and all(isinstance(module, torch.nn.Linear) for module in targeted)
 
 
+@pytest.mark.parametrize(
+    ("fixture", "projector"),
+    [
+        ("tiny_qwen2vl", "model.visual.merger."),
+        ("tiny_llava", "model.multi_modal_projector."),
+        ("tiny_internvl", "model.multi_modal_projector."),
+    ],
+)
+def test_one_projector_rule_on_every_architecture_frozen_under_lora(
+    fixture: str, projector: str, request: pytest.FixtureRequest
+) -> None:
+    """LoRA on the vision tower and the language model; the vision-language projector frozen."""
+    model = AutoModelForImageTextToText.from_pretrained(request.getfixturevalue(fixture))
+    peft_model = get_peft_model(model, lora_config(model, 8, 16, 0.0, train_vision=True))
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    projector_params = [name for name, _ in peft_model.named_parameters() if projector in name]
+    assert projector_params and not any(projector in name for name in trainable)
+    assert any("language_model" in name for name in trainable)
+    assert any(part in name for name in trainable for part in ("visual.blocks", "vision_tower"))
+
+
 def test_numbered_linear_layers_do_not_pull_in_their_blocks_or_convs() -> None:
     regex = target_modules_regex(
-        ["model.visual.merger.mlp.0", "model.language_model.layers.0.mlp.up_proj"]
+        ["model.visual.blocks.0.mlp.0", "model.language_model.layers.0.mlp.up_proj"]
     )
-    assert re.fullmatch(regex, "model.visual.merger.mlp.0")
+    assert re.fullmatch(regex, "model.visual.blocks.0.mlp.0")
     assert not re.fullmatch(regex, "model.visual.blocks.0")
     assert not re.fullmatch(
         target_modules_regex(["model.visual.blocks.0.attn.proj", "model.language_model.x.q"]),
@@ -206,7 +275,7 @@ def _trainer(model_dir: Path, out: Path, examples: datasets.Dataset, **overrides
     )
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen2vl", "tiny_llava"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen2vl", "tiny_llava", "tiny_internvl"])
 def test_mtct_loss_falls_on_a_learnable_task(
     fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -279,6 +348,12 @@ def _rewrite(export_dir: Path, tmp_path: Path, change: dict) -> Path:
     return copy
 
 
+def _scanned(export_dir: Path) -> dict[str, int]:
+    """Images per domain in the manifest the chains were built from (what `dbr scan` found)."""
+    manifest = pl.read_parquet(export_dir.parent / "chains" / "SynthDG" / "manifest.parquet")
+    return dict(manifest.group_by("domain").len().iter_rows())
+
+
 def test_unknown_target_domain_is_refused(
     train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path
 ) -> None:
@@ -314,7 +389,7 @@ def test_dataset_without_chains_is_refused(
 ) -> None:
     broken = _rewrite(export_dir, tmp_path, {"chain": pl.lit(None, dtype=pl.String)})
     with pytest.raises(
-        UserError, match="in the train split has no reasoning chain: build chains first"
+        UserError, match="no image of the train split has an accepted reasoning chain: build chains first"
     ):
         train(train_request(broken, tiny_llava, tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
@@ -386,8 +461,18 @@ def test_train_stage_end_to_end_then_reload_generate_and_resume(
         for row_id in split.filter(pl.col("split") == "test")["id"]
     )
     assert not any("/sketch/" in row_id for row_id in split.filter(pl.col("split") != "test")["id"])
-    assert result.metrics["global_step"] == 2 if "global_step" in result.metrics else True
-    assert "base_model:" in (run_dir / "adapter" / "README.md").read_text()
+    steps = [entry["step"] for entry in result.metrics["log_history"] if "loss_cls" in entry]
+    assert steps == [1, 2] and result.metrics["train_loss"] > 0
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert "base_model:" in card and "the vision-language projector is frozen" in card
+    # every image of every split is counted; only the reasoning path needs a chain
+    scanned = _scanned(export_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["test_images"] == scanned["sketch"] == split.filter(pl.col("split") == "test").height
+    assert info["train_images"] + info["validation_images"] == sum(
+        count for domain, count in scanned.items() if domain != "sketch"
+    )
+    assert 0 < info["train_images_with_chain"] < info["train_images"]
 
     processor = AutoProcessor.from_pretrained(run_dir / "adapter")
     model = PeftModel.from_pretrained(
@@ -439,8 +524,13 @@ def test_cli_trains_then_evaluates_the_held_out_domain(
     metrics = json.loads((tmp_path / "SynthDG/sketch/cls/eval/metrics.json").read_text())
     assert set(metrics["results"]) == {"test", "validation"}
     assert set(metrics["results"]["test"]) == {"direct"}
-    assert metrics["results"]["test"]["direct"]["n"] == len(
-        load_domains(export_dir, "SynthDG")["sketch"]
+    # DomainBed's protocol: the whole held-out domain, images without a teacher chain included
+    test = metrics["results"]["test"]["direct"]
+    assert test["n"] == _scanned(export_dir)["sketch"] == test["per_domain"]["sketch"]["n"]
+    sketch = load_domains(export_dir, "SynthDG")["sketch"]
+    unchained = [row["id"] for row in sketch if row["chain"] is None]
+    assert unchained and set(unchained) <= set(
+        pl.read_parquet(tmp_path / "SynthDG/sketch/cls/eval/predictions-test-direct.parquet")["id"]
     )
     assert "held-out sketch" in result.output
 
@@ -453,7 +543,8 @@ def test_full_fine_tuning_saves_a_model_that_engines_and_evaluation_load(
     run_dir = out / "SynthDG" / "sketch" / "cls"
     assert result.weights.model == str(run_dir / "model") and result.weights.adapter is None
     assert not (run_dir / "adapter").exists()
-    assert "fully fine-tuned" in (run_dir / "model" / "README.md").read_text()
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "fully fine-tuned" in card and "projector included" in card
     base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl).state_dict()
     tuned = AutoModelForImageTextToText.from_pretrained(run_dir / "model").state_dict()
     changed = [name for name in base if not torch.equal(base[name], tuned[name])]

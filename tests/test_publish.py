@@ -1,15 +1,21 @@
 """`dbr publish` against a local stand-in for the Hub's HTTP API (the only thing a test may replace).
 
 The stand-in implements the endpoints huggingface_hub 2.x calls for `create_repo`,
-`create_branch` and `upload_folder`: repo create, branch create, YAML validation of
-the card, tree listing (for deletions), preupload (it answers "regular" for every
-file, so content travels base64 in the NDJSON commit and no Xet storage is involved)
-and commit.
+`create_branch`, `list_repo_tree`, `hf_hub_download`, `upload_folder` and `upload_file`: repo
+create, branch create, YAML validation of the card, tree listing, file resolve, preupload and
+commit. Like the real Hub, preupload answers "lfs" for the paths the repo's `.gitattributes`
+sends to LFS (`*.parquet`), so those files take the Xet path that huggingface_hub uses with
+`hf_xet` installed: a write token naming the CAS server (this same stand-in), then xorbs and
+shards posted to it, and an `lfsFile` pointer (sha256, size) in the commit. The CAS accepts the
+xorbs without decoding them (Xet's chunk format is LZ4-compressed and would need a codec the
+project does not otherwise use), so a test resolves a committed pointer to bytes by its sha256,
+as the Hub's own storage does. Small files (the card, build.json) travel base64 in the commit.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import json
 import logging
@@ -17,12 +23,14 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import datasets
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -33,18 +41,34 @@ from domainbed_reasoning.hub.export import export
 from domainbed_reasoning.hub.publish import plan_publish, publish
 
 TOKEN = "hf_testtoken_5f3a9c1e7b2d4a6f8e0c"
+XET_TOKEN = "xet_write_token_for_the_test_cas"
 REPO_API = re.compile(
-    r"^/api/(?P<type>datasets|models|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<verb>tree|preupload|commit|branch)/(?P<rev>[^/?]+)"
+    r"^/api/(?P<type>datasets|models|spaces)/(?P<repo>[^/]+/[^/]+)/"
+    r"(?P<verb>tree|preupload|commit|branch|xet-write-token)/(?P<rev>[^/?]+)"
 )
+RESOLVE = re.compile(r"^/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+GITATTRIBUTES = b"*.parquet filter=lfs diff=lfs merge=lfs -text\n"
+
+
+@dataclass(frozen=True)
+class LfsPointer:
+    """What a repo holds for a file uploaded to Xet/LFS storage: its sha256 and size."""
+
+    oid: str
+    size: int
 
 
 @dataclass
 class Repo:
     repo_type: str
     private: bool
-    branches: dict[str, dict[str, bytes]] = field(
-        default_factory=lambda: {"main": {".gitattributes": b"*.parquet lfs\n"}}
+    branches: dict[str, dict[str, bytes | LfsPointer]] = field(
+        default_factory=lambda: {"main": {".gitattributes": GITATTRIBUTES}}
     )
+
+    def lfs_patterns(self, rev: str) -> list[str]:
+        attributes = self.branches[rev].get(".gitattributes", b"")
+        return [line.split()[0] for line in attributes.decode().splitlines() if "filter=lfs" in line]
 
 
 @dataclass
@@ -53,6 +77,8 @@ class HubState:
     commits: list[dict] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
     validated: list[tuple[str, dict]] = field(default_factory=list)
+    xorbs: int = 0  # Xet objects the CAS received
+    shards: int = 0
     commit_status: int = 200  # a test sets an error status to see how publish reports it
 
 
@@ -81,10 +107,27 @@ class FakeHubHandler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
+    def _cas(self, method: str, path: str) -> None:
+        """The Xet CAS: a dedup query finds nothing, xorbs and shards are accepted."""
+        if self.headers.get("Authorization") != f"Bearer {XET_TOKEN}":
+            return self._reply(401, {"error": "invalid xet token"})
+        body = self._body() if method == "POST" else b""
+        if method == "POST" and path.startswith("/v1/xorbs/"):
+            self.server.state.xorbs += bool(body)
+            return self._reply(200, {"was_inserted": True})
+        if method == "POST" and path == "/v1/shards":
+            self.server.state.shards += 1
+            return self._reply(200, {"result": 1})
+        if method == "POST" and path == "/v1/telemetry":
+            return self._reply(200, {})
+        self._reply(404, {"error": "not found"})
+
     def do_POST(self) -> None:
+        path = urlparse(self.path).path
+        if path.startswith(("/v1/", "/v2/")):
+            return self._cas("POST", path)
         if not self._authorised():
             return
-        path = urlparse(self.path).path
         if path == "/api/repos/create":
             return self._create_repo(json.loads(self._body()))
         if path == "/api/validate-yaml":
@@ -99,31 +142,72 @@ class FakeHubHandler(BaseHTTPRequestHandler):
             return self._reply(200, {})
         if match["verb"] == "preupload":
             files = json.loads(self._body())["files"]
-            return self._reply(
-                200,
+            lfs = repo.lfs_patterns(rev)
+            modes = [
                 {
-                    "files": [
-                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                        for f in files
-                    ]
-                },
-            )
+                    "path": f["path"],
+                    "uploadMode": "lfs"
+                    if any(fnmatch.fnmatch(f["path"], pattern) for pattern in lfs)
+                    else "regular",
+                    "shouldIgnore": False,
+                }
+                for f in files
+            ]
+            return self._reply(200, {"files": modes})
         if match["verb"] == "commit":
             return self._commit(match["repo"], repo, rev)
         self._reply(404, {"error": f"unknown endpoint {path}"})
 
     def do_GET(self) -> None:
+        path = urlparse(self.path).path
+        if path.startswith(("/v1/", "/v2/")):
+            return self._cas("GET", path)
         if not self._authorised():
             return
-        match = REPO_API.match(urlparse(self.path).path)
+        if RESOLVE.match(path):
+            return self._resolve(RESOLVE.match(path), head=False)
+        match = REPO_API.match(path)
         repo = self.server.state.repos.get(match["repo"]) if match else None
-        if repo is None or match["verb"] != "tree":
+        if repo is None or unquote(match["rev"]) not in repo.branches:
             return self._reply(404, {"error": "Repository not found"})
-        files = repo.branches[unquote(match["rev"])]
+        if match["verb"] == "xet-write-token":
+            return self._reply(
+                200, {"accessToken": XET_TOKEN, "exp": int(time.time()) + 3600, "casUrl": self.server.url}
+            )
+        if match["verb"] != "tree":
+            return self._reply(404, {"error": f"unknown endpoint {path}"})
         self._reply(200, [
-            {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-            for path, data in sorted(files.items())
+            {"type": "file", "path": name, **_tree_fields(data)}
+            for name, data in sorted(repo.branches[unquote(match["rev"])].items())
         ])  # fmt: skip
+
+    def do_HEAD(self) -> None:
+        match = RESOLVE.match(urlparse(self.path).path)
+        if match is None or not self._authorised():
+            self.send_response(404)
+            self.end_headers()
+            return
+        self._resolve(match, head=True)
+
+    def _resolve(self, match: re.Match, head: bool) -> None:
+        """A small file's bytes, with the headers `hf_hub_download` checks (commit, etag, size)."""
+        repo = self.server.state.repos.get(match["repo"])
+        files = repo.branches.get(unquote(match["rev"]), {}) if repo else {}
+        data = files.get(unquote(match["path"]))
+        if not isinstance(data, bytes):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+        self.send_header("X-Repo-Commit", hashlib.sha1(repr(sorted(files)).encode()).hexdigest())
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
 
     def _create_repo(self, payload: dict) -> None:
         repo_id = f"{payload['organization']}/{payload['name']}"
@@ -156,6 +240,9 @@ class FakeHubHandler(BaseHTTPRequestHandler):
             if line["key"] == "file":
                 files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
                 added.append(line["value"]["path"])
+            elif line["key"] == "lfsFile":
+                files[line["value"]["path"]] = LfsPointer(line["value"]["oid"], line["value"]["size"])
+                added.append(line["value"]["path"])
             elif line["key"] == "deletedFile":
                 files.pop(line["value"]["path"], None)
                 deleted.append(line["value"]["path"])
@@ -175,6 +262,13 @@ class FakeHubHandler(BaseHTTPRequestHandler):
             200,
             {"commitUrl": f"{self.server.url}/datasets/{repo_id}/commit/{oid}", "commitOid": oid},
         )
+
+
+def _tree_fields(data: bytes | LfsPointer) -> dict:
+    if isinstance(data, LfsPointer):
+        lfs = {"oid": data.oid, "size": data.size, "pointerSize": 134}
+        return {"size": data.size, "oid": hashlib.sha1(data.oid.encode()).hexdigest(), "lfs": lfs}
+    return {"size": len(data), "oid": hashlib.sha1(data).hexdigest()}
 
 
 class FakeHub(ThreadingHTTPServer):
@@ -215,6 +309,23 @@ def _local_files(folder: Path) -> dict[str, bytes]:
     }
 
 
+def _materialise(repo: Repo, into: Path, *sources: Path, rev: str = "main") -> Path:
+    """The repo as `snapshot_download` would lay it out; an LFS pointer is resolved by its sha256
+    among the files that were published (content-addressed, as the Hub's storage is)."""
+    pool = {
+        hashlib.sha256(data).hexdigest(): data
+        for source in sources
+        for data in _local_files(source).values()
+    }
+    for name, data in repo.branches[rev].items():
+        target = into / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        content = pool[data.oid] if isinstance(data, LfsPointer) else data
+        assert not isinstance(data, LfsPointer) or len(content) == data.size
+        target.write_bytes(content)
+    return into
+
+
 def test_publish_creates_the_dataset_repo_and_commits_every_file(
     hub: FakeHub,
     folder: Path,
@@ -228,14 +339,19 @@ def test_publish_creates_the_dataset_repo_and_commits_every_file(
 
     repo = hub.state.repos["alice/domainbed-reasoning"]
     assert repo.repo_type == "dataset" and repo.private
-    assert len(hub.state.commits) == 1, "one commit for the whole folder"
-    commit = hub.state.commits[0]
-    assert commit["summary"] == "Export DomainBed-Reasoning: OfficeHome, SynthDG"
+    data, card = hub.state.commits
+    assert data["summary"] == "Export DomainBed-Reasoning: OfficeHome, SynthDG"
+    assert card["summary"] == "Dataset card: OfficeHome, SynthDG" and card["added"] == ["README.md"]
     assert url.startswith(f"{hub.url}/datasets/alice/domainbed-reasoning/commit/")
-    published = {
-        path: data for path, data in repo.branches["main"].items() if path != ".gitattributes"
-    }
-    assert published == _local_files(folder)
+    published = {path: blob for path, blob in repo.branches["main"].items() if path != ".gitattributes"}
+    local = _local_files(folder)
+    assert set(published) == set(local)
+    for path, blob in published.items():
+        if path.endswith(".parquet"):  # through Xet storage: the commit holds a pointer
+            assert blob == LfsPointer(hashlib.sha256(local[path]).hexdigest(), len(local[path]))
+        else:
+            assert blob == local[path], path
+    assert hub.state.xorbs >= 1 and hub.state.shards >= 1, "the Parquet bytes went to the CAS"
     assert {
         "README.md",
         "SynthDG/photo-00000-of-00001.parquet",
@@ -252,6 +368,53 @@ def test_publish_creates_the_dataset_repo_and_commits_every_file(
     assert all(token.encode() not in data for data in _local_files(folder).values())
 
 
+def test_publishing_another_folder_keeps_the_datasets_already_on_the_hub(
+    hub: FakeHub, token: str, tmp_path: Path, make_chain_run
+) -> None:
+    """VLCS from one folder, then PACS from another: the card lists both and both load by name."""
+    chains_root, data_dir = tmp_path / "chains", tmp_path / "data"
+    make_chain_run(chains_root, data_dir, "VLCS", images_per_class=2, classes=2)
+    make_chain_run(chains_root, data_dir, "PACS", images_per_class=2, classes=2)
+    vlcs, pacs = tmp_path / "vlcs-export", tmp_path / "pacs-export"
+    export(chains_root, data_dir, vlcs, ["VLCS"])
+    export(chains_root, data_dir, pacs, ["PACS"])
+
+    publish(vlcs, "alice/domainbed-reasoning", endpoint=hub.url)
+    publish(pacs, "alice/domainbed-reasoning", endpoint=hub.url)
+
+    repo = hub.state.repos["alice/domainbed-reasoning"]
+    snapshot = _materialise(repo, tmp_path / "snapshot" / "domainbed-reasoning", vlcs, pacs)
+    meta = yaml.safe_load((snapshot / "README.md").read_text().split("---\n", 2)[1])
+    assert [config["config_name"] for config in meta["configs"]] == ["PACS", "VLCS"]
+    assert [info["config_name"] for info in meta["dataset_info"]] == ["PACS", "VLCS"]
+    body = (snapshot / "README.md").read_text()
+    assert "| **VLCS** | all | 16 |" in body and "| **PACS** | all | 16 |" in body
+    for name, first in (("VLCS", "Caltech101"), ("PACS", "art_painting")):
+        ds = datasets.load_dataset(str(snapshot), name, cache_dir=str(tmp_path / "cache" / name))
+        assert ds[first].num_rows == 4 and set(ds[first]["dataset"]) == {name}
+    local_card = (pacs / "README.md").read_text()
+    assert "config_name: VLCS" not in local_card, "the local folder's card still describes it alone"
+
+
+def test_a_config_the_toolkit_did_not_write_stops_the_upload(
+    hub: FakeHub, folder: Path, token: str
+) -> None:
+    publish(folder, "alice/domainbed-reasoning", endpoint=hub.url)
+    files = hub.state.repos["alice/domainbed-reasoning"].branches["main"]
+    card = files["README.md"].decode().replace("config_name: OfficeHome", "config_name: Mine", 1)
+    files["README.md"] = card.encode()
+    files["Mine/train-00000-of-00001.parquet"] = b"someone else's data"
+    (folder / "OfficeHome").rename(folder / ".OfficeHome.moved")
+
+    with pytest.raises(
+        UserError,
+        match=r"^dataset alice/domainbed-reasoning has a config 'Mine' that `dbr publish` did not "
+        r"write \(no Mine/build\.json or card entry\): publish to another repo",
+    ):
+        publish(folder, "alice/domainbed-reasoning", endpoint=hub.url)
+    assert len(hub.state.commits) == 2, "nothing was committed"
+
+
 def test_republish_replaces_stale_shards_of_published_datasets_only(
     hub: FakeHub, folder: Path, token: str, chain_runs: tuple[Path, Path]
 ) -> None:
@@ -263,9 +426,9 @@ def test_republish_replaces_stale_shards_of_published_datasets_only(
     export(chains_root, data_dir, folder, ["SynthDG"], max_shard_bytes=1)
     publish(folder, "alice/domainbed-reasoning", endpoint=hub.url)
 
-    assert "SynthDG/photo-00000-of-00001.parquet" in hub.state.commits[1]["deleted"]
+    assert "SynthDG/photo-00000-of-00001.parquet" in hub.state.commits[2]["deleted"]
     assert (
-        "SynthDG/photo-00000-of-00009.parquet" in files
+        "SynthDG/photo-00000-of-00010.parquet" in files
         and "SynthDG/photo-00000-of-00001.parquet" not in files
     )
     assert "VLCS/Caltech101-00000-of-00001.parquet" in files, (

@@ -241,6 +241,28 @@ async def test_500_every_time_and_the_client_retries_it(
         assert _stats(base_url)["500"] == _stats(base_url)["requests"] == 4
 
 
+async def test_an_outage_window_answers_503_everywhere_then_recovers(
+    data_dir: Path, sidecar: pl.DataFrame
+) -> None:
+    url = _data_url(_png(data_dir, _row(sidecar, "photo", "cross")))
+    outage = SimTeacherConfig(outage_after=2, outage_s=0.5)
+    with run_sim_teacher(outage, data_dir) as base_url:
+        async with _client(base_url) as client:
+            for _ in range(2):
+                await _ask(base_url, url)
+            with pytest.raises(openai.InternalServerError) as err:
+                await _ask(base_url, url)
+            assert err.value.status_code == 503 and "simulated outage" in str(err.value)
+            with pytest.raises(openai.InternalServerError):
+                await client.models.list()
+            await asyncio.sleep(0.6)
+            reply = await _ask(base_url, url)
+            assert [card.id async for card in client.models.list()] == [MODEL]
+        stats = _stats(base_url)
+    assert parse_chain(reply.choices[0].message.content).conclusion == "cross"
+    assert (stats["outage"], stats["completions"]) == (2, 3)
+
+
 async def test_dropped_connection_is_a_connection_error(
     data_dir: Path, sidecar: pl.DataFrame
 ) -> None:
@@ -363,6 +385,7 @@ async def test_latency_is_added_and_concurrent_requests_overlap(
         ({"p_wrong": 1.5}, "--p-wrong must be a probability between 0 and 1, got 1.5"),
         ({"p_stall": -0.1}, "--p-stall must be a probability between 0 and 1, got -0.1"),
         ({"latency_ms": -1}, "--latency-ms must be zero or more, got -1"),
+        ({"outage_s": -2.0}, "--outage-s must be zero or more, got -2.0"),
         (
             {"p_wrong": 0.6, "p_empty": 0.6},
             r"--p-wrong \+ --p-malformed \+ --p-empty must sum to at most 1",

@@ -1,4 +1,4 @@
-"""The tiny Qwen2-VL is a real checkpoint: transformers loads it, TRL trains it, the cache reuses it."""
+"""The tiny Qwen2-VL (and InternVL) are real checkpoints: transformers loads them, TRL trains them, the cache reuses them."""
 
 from __future__ import annotations
 
@@ -154,3 +154,20 @@ def test_cache_leaves_nothing_behind_when_the_build_fails(tmp_path: Path) -> Non
     with pytest.raises(RuntimeError, match="out of disk"):
         cached_tiny_model(build_broken, tmp_path, seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tiny_internvl_is_internvl3s_layout_with_tiles(tiny_internvl: Path) -> None:
+    """The `*-hf` InternVL: one `<IMG_CONTEXT>` per image part, expanded to <img> + 4 tokens a tile
+    + </img>; a 4:1 image gets 4 tiles and a thumbnail, a square one a single tile."""
+    internvl = AutoProcessor.from_pretrained(tiny_internvl)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_internvl)
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    text = internvl.apply_chat_template(IMAGE_MESSAGE, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\n<IMG_CONTEXT>\nWhich class is this?<|im_end|>\n<|im_start|>assistant\n"
+    for size, tiles in (((224, 56), 5), ((56, 56), 1)):
+        inputs = internvl(images=[[Image.new("RGB", size)]], text=[text], return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        assert ids.count(internvl.image_token_id) == 4 * tiles and inputs["pixel_values"].shape[0] == tiles
+        assert ids.count(internvl.start_image_token_id) == ids.count(internvl.end_image_token_id) == 1
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        assert torch.isfinite(loss)

@@ -1,10 +1,13 @@
 import pytest
 
-from domainbed_reasoning.chains.chain_format import Chain, RejectReason
+from domainbed_reasoning.chains.chain_format import Chain
 from domainbed_reasoning.chains.matching import ClassMatcher
+from domainbed_reasoning.chains.rules import RULES, ReadBy, RejectReason
 from domainbed_reasoning.chains.verdict import Verdict, judge
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
+from train.engines.base import Generation
+from train.self_label import Supervised, merge_self_labels
 
 SUMMARY = "I will examine the subject's shape and parts, then compare them with the categories."
 CAPTION = "A four-legged animal standing on grass, with a long snout and a curled tail."
@@ -39,12 +42,8 @@ ACCEPTED = [
     ("PACS", "dog", teacher("Dog."), "dog"),
     ("PACS", "dog", teacher("**dog**"), "dog"),
     ("PACS", "dog", teacher("The answer is: dog"), "dog"),
-    (
-        "PACS",
-        "dog",
-        "Sure! Let me look step by step.\n\n" + teacher("dog") + "\nHope it helps!",
-        "dog",
-    ),
+    ("PACS", "dog", "Sure! Let me look step by step.\n\n" + teacher("dog"), "dog"),
+    ("PACS", "dog", "**" + teacher("dog") + "**\n```\n", "dog"),
     ("PACS", "dog", teacher("dog").lower(), "dog"),
     ("PACS", "dog", teacher("dog").replace("<", "< ").replace(">", " >"), "dog"),
     ("PACS", "dog", SUM + CAP + REA + REF + "<Conclusion>  dog  </conclusion>", "dog"),
@@ -75,6 +74,17 @@ ACCEPTED = [
     ("SynthDG", "triangle", teacher("triangle"), "triangle"),
     ("DomainNet", "The_Eiffel_Tower", teacher("the Eiffel Tower"), "The_Eiffel_Tower"),
     ("DomainNet", "hot_dog", teacher("hot dog"), "hot_dog"),
+    ("TerraIncognita", "dog", teacher("It is a dog, not a cat"), "dog"),
+    ("OfficeHome", "Mouse", teacher("a computer mouse"), "Mouse"),
+    ("DomainNet", "cat", teacher("a line drawing of a cat"), "cat"),
+    ("DomainNet", "cat", teacher("The image best matches the category cat."), "cat"),
+    ("OfficeHome", "TV", teacher("a television"), "TV"),
+    ("OfficeHome", "Bike", teacher("bicycle"), "Bike"),
+    ("OfficeHome", "Glasses", teacher("eyeglasses"), "Glasses"),
+    ("DomainNet", "bus", teacher("buses"), "bus"),
+    ("DomainNet", "cactus", teacher("cacti"), "cactus"),
+    ("DomainNet", "octopus", teacher("octopuses"), "octopus"),
+    ("PACS", "horse", teacher("A person riding a horse. The answer is horse."), "horse"),
 ]
 
 
@@ -130,9 +140,33 @@ REJECTED = [
     ),
     ("PACS", "dog", teacher("a zebra"), "stop", R.NO_CLASS, "names none"),
     ("OfficeHome", "Mug", teacher("Real World"), "stop", R.NO_CLASS, "'Real World' names none"),
-    ("PACS", "dog", teacher("I cannot determine the category."), "stop", R.NO_CLASS, "names none"),
+    ("PACS", "dog", teacher("I cannot determine the category."), "stop", R.UNCERTAIN, "hedges"),
     ("PACS", "dog", teacher("dog or horse"), "stop", R.AMBIGUOUS, "names dog, horse"),
-    ("TerraIncognita", "dog", teacher("It is a dog, not a cat"), "stop", R.AMBIGUOUS, "cat, dog"),
+    ("TerraIncognita", "dog", teacher("a dog and a cat"), "stop", R.AMBIGUOUS, "cat, dog"),
+    ("PACS", "dog", teacher("dog") + "\nHope it helps!", "stop", R.TRAILING_TEXT, "'Hope it h"),
+    (
+        "PACS",
+        "dog",
+        teacher("dog") + "\nOn second thought, a horse.",
+        "stop",
+        R.TRAILING_TEXT,
+        "follows </CONCLUSION>",
+    ),
+    ("PACS", "dog", teacher("It is not a dog."), "stop", R.NEGATED, "'dog' is denied by 'not'"),
+    (
+        "PACS",
+        "dog",
+        teacher("I cannot tell whether this is a dog."),
+        "stop",
+        R.UNCERTAIN,
+        "hedges",
+    ),
+    ("DomainNet", "fish", teacher("a fish tank"), "stop", R.MODIFIER, "'fish' modifies 'tank'"),
+    ("DomainNet", "bird", teacher("a bird cage"), "stop", R.MODIFIER, "'bird' modifies 'cage'"),
+    ("DomainNet", "key", teacher("a key chain"), "stop", R.MODIFIER, "'key' modifies 'chain'"),
+    ("OfficeHome", "Oven", teacher("an oven mitt"), "stop", R.MODIFIER, "'oven' modifies 'mitt'"),
+    ("OfficeHome", "Glasses", teacher("a wine glass"), "stop", R.NO_CLASS, "names none"),
+    ("OfficeHome", "Table", teacher("a table lamp"), "stop", R.MODIFIER, "'table' modifies"),
     (
         "OfficeHome",
         "Desk_Lamp",
@@ -169,6 +203,28 @@ def test_wrong_class_keeps_the_chain_and_prediction_for_audit() -> None:
     verdict = judge(teacher("horse"), ClassMatcher(get_spec("PACS").classes), "dog")
     assert verdict.predicted == "horse"
     assert verdict.chain is not None and verdict.chain.conclusion == "horse"
+    assert (verdict.rule, verdict.read_by) == (RejectReason.WRONG_CLASS, ReadBy.EXACT)
+
+
+@pytest.mark.parametrize(
+    ("conclusion", "rule"),
+    [
+        ("dog", ReadBy.EXACT),
+        ("The answer is dog.", ReadBy.ANSWER_PHRASE),
+        ("A dog on the grass, not a horse.", ReadBy.ONE_CLASS),
+        ("It is not a dog.", RejectReason.NEGATED),
+    ],
+)
+def test_a_verdict_names_the_rule_that_decided(
+    conclusion: str, rule: ReadBy | RejectReason
+) -> None:
+    verdict = judge(teacher(conclusion), ClassMatcher(get_spec("PACS").classes), "dog")
+    assert verdict.rule is rule
+
+
+def test_every_rule_has_a_line_for_the_report() -> None:
+    assert set(RULES) == set(RejectReason) | set(ReadBy)
+    assert all(RULES.values())
 
 
 def test_label_outside_the_class_list_is_a_user_error() -> None:
@@ -192,3 +248,22 @@ def test_accepted_chain_is_canonical() -> None:
     verdict = judge("noise " + teacher(" dog "), ClassMatcher(get_spec("PACS").classes), "dog")
     assert verdict.chain == Chain(SUMMARY, CAPTION, REASONING, REFLECTION, "dog")
     assert verdict.chain.text.startswith(f"<SUMMARY>{SUMMARY}</SUMMARY>\n<CAPTION>")
+
+
+def test_sarr_self_labels_are_judged_by_the_same_rules() -> None:
+    """A student chain is kept or refused exactly as a teacher chain would be, with the same rule."""
+    answers = (
+        teacher("dog") + "\nActually, a horse.",
+        teacher("It is not a dog."),
+        teacher("a hot dog"),
+        teacher("The answer is dog, not horse."),
+    )
+    frame = merge_self_labels(
+        [Supervised("PACS/photo/dog/1.jpg", "dog", "teacher chain")],
+        [Generation(answers, ("stop",) * len(answers))],
+        ClassMatcher(get_spec("PACS").classes),
+    )
+    expected = [judge(text, ClassMatcher(get_spec("PACS").classes), "dog") for text in answers]
+    assert frame["reasons"].to_list() == [["trailing_text", "negated", "modifier", "accepted"]]
+    assert [verdict.rule for verdict in expected[:3]] == frame["reasons"][0].to_list()[:3]
+    assert frame["chain"].to_list() == [expected[3].chain.text]

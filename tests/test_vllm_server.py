@@ -178,6 +178,7 @@ def test_command_maps_every_option_to_vllms_flags() -> None:
         limit_mm_per_prompt={"image": 2},
         lora_modules=parse_lora_modules(["r1=/a", "r2=/b"]),
         max_lora_rank=16,
+        mm_processor_kwargs={"max_patches": 6},
         extra_args=("--gpu-memory-utilization", "0.8"),
     )
     argv = command(config, Path("/py"))
@@ -192,10 +193,12 @@ def test_command_maps_every_option_to_vllms_flags() -> None:
         "--dtype bfloat16",
         '--limit-mm-per-prompt {"image": 2}',
         "--enable-lora --max-lora-rank 16 --lora-modules r1=/a r2=/b",
+        '--mm-processor-kwargs {"max_patches": 6}',
     ):
         assert expected in flags
     assert argv[-2:] == ["--gpu-memory-utilization", "0.8"]
-    assert "--enable-lora" not in command(ServerConfig(model="m"), Path("/py"))
+    plain = command(ServerConfig(model="m"), Path("/py"))
+    assert "--enable-lora" not in plain and "--mm-processor-kwargs" not in plain
 
 
 def test_cli_reports_a_missing_vllm_env_in_one_line(tmp_model: Path) -> None:

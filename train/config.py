@@ -17,11 +17,13 @@ import yaml
 
 from domainbed_reasoning.atomic import write_text
 from domainbed_reasoning.errors import UserError
+from train.processor import ImageLimits
 
 METHODS = ("mtct", "cls", "reasoning", "rd-mldg")
 ENGINES = ("transformers", "vllm")
 SARR_INITS = ("base", "continue")
 FINETUNES = ("lora", "full")
+REPORT_TO = ("tensorboard", "wandb", "none")
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "mtct.yaml"
 
@@ -54,6 +56,15 @@ class TrainConfig:
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2
+    report_to: str = "tensorboard"
+    attn_implementation: str | None = None
+    dataloader_num_workers: int | None = None
+    distributed_timeout_s: int = 10800
+    image_max_tiles: int | None = 6
+    image_max_pixels: int | None = 1003520
+    vllm_max_model_len: int = 8192
+    vllm_tensor_parallel_size: int = 1
+    generation_batch_size: int = 8
     seed: int = 0
     sarr_rounds: int = 3
     sarr_init: str = "base"
@@ -68,6 +79,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.image_max_tiles, self.image_max_pixels)
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """How many micro-batches make one optimiser step of `global_batch_size` examples."""
@@ -99,7 +113,34 @@ def _check(config: TrainConfig) -> None:
             raise UserError(f"{name} must be at least 1, not {getattr(config, name)}")
     if not 0.0 < config.holdout_fraction < 1.0:
         raise UserError(f"holdout_fraction must be between 0 and 1, not {config.holdout_fraction}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise UserError(
+            f"warmup_ratio {config.warmup_ratio} is not a fraction of the training steps: set it in [0, 1)"
+        )
+    _check_runtime(config)
     _check_sarr(config)
+
+
+def _check_runtime(config: TrainConfig) -> None:
+    if config.report_to not in REPORT_TO:
+        raise UserError(
+            f"unknown report_to {config.report_to!r}: choose one of {', '.join(REPORT_TO)}"
+        )
+    if config.dataloader_num_workers is not None and config.dataloader_num_workers < 0:
+        raise UserError(
+            f"dataloader_num_workers must be 0 or more (or null for auto), not {config.dataloader_num_workers}"
+        )
+    for name in (
+        "distributed_timeout_s",
+        "vllm_max_model_len",
+        "vllm_tensor_parallel_size",
+        "generation_batch_size",
+        "image_max_tiles",
+        "image_max_pixels",
+    ):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, not {value}")
 
 
 def _check_sarr(config: TrainConfig) -> None:

@@ -2,11 +2,16 @@
 
 The paper puts rank-8 LoRA on the vision encoder AND the language model. Module
 names differ per architecture (Qwen2-VL's `visual.blocks.N.attn.qkv`, LLaVA's
-`vision_tower...self_attn.out_proj`, InternVL's `vision_tower...attention`), but
+`vision_tower...self_attn.out_proj`, InternVL's `vision_tower...attention.q_proj`), but
 transformers 5 names the two halves consistently enough to find them: every
 `nn.Linear` under a vision-tower module, and every one under `language_model`.
-The projector between them and the LM head stay out (the paper adapts the two
-encoders; an adapter on `lm_head` is not supported by TRL's fused head).
+
+One rule for the vision-language projector on every architecture: it stays FROZEN
+under LoRA - Qwen2-VL's `merger` (which sits inside `visual`), InternVL's and LLaVA's
+`multi_modal_projector` alike. The paper adapts the two encoders, and InternVL's own
+LoRA recipe freezes its MLP projector. The LM head stays out too (an adapter on
+`lm_head` is not supported by TRL's fused head). Full fine-tuning trains every
+weight, the projector included.
 """
 
 from __future__ import annotations
@@ -21,10 +26,16 @@ from domainbed_reasoning.errors import UserError
 
 VISION_PARTS = ("vision_tower", "visual", "vision_model")
 LANGUAGE_PARTS = ("language_model",)
+PROJECTOR_PARTS = ("multi_modal_projector", "merger")
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def is_projector(name: str) -> bool:
+    """Whether a module belongs to the vision-language projector (frozen under LoRA)."""
+    return not set(name.split(".")).isdisjoint(PROJECTOR_PARTS)
 
 
 def _part_of(name: str, parts: tuple[str, ...]) -> str | None:
@@ -51,7 +62,7 @@ def target_modules_regex(layer_names: Iterable[str], train_vision: bool = True) 
     leaves_by_prefix: dict[str, set[str]] = {}
     for name in layer_names:
         prefix = _part_of(name, parts)
-        if prefix is not None:
+        if prefix is not None and not is_projector(name):
             leaves_by_prefix.setdefault(prefix, set()).add(_leaf(name))
     if not any(_part_of(prefix, LANGUAGE_PARTS) for prefix in leaves_by_prefix):
         raise UserError(
@@ -62,7 +73,8 @@ def target_modules_regex(layer_names: Iterable[str], train_vision: bool = True) 
         rf"{re.escape(prefix)}\.(?:.*\.)?(?:{'|'.join(sorted(map(re.escape, leaves)))})"
         for prefix, leaves in sorted(leaves_by_prefix.items())
     ]
-    return "^(?:" + "|".join(alternatives) + ")$"
+    frozen = "|".join(map(re.escape, PROJECTOR_PARTS))
+    return rf"^(?!(?:.*\.)?(?:{frozen})\.)(?:" + "|".join(alternatives) + ")$"
 
 
 def lora_config(

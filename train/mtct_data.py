@@ -1,7 +1,8 @@
 """DomainBed-Reasoning rows -> TRL prompt/completion examples for one training method.
 
-Every image gives a classification-path example (classify prompt -> class name), a
-reasoning-path example (reason prompt -> the five-stage chain), or both (MTCT),
+Every image gives a classification-path example (classify prompt -> class name), an
+image with an accepted chain also a reasoning-path example (reason prompt -> the
+five-stage chain); a method takes one path or both (MTCT),
 each tagged with its `task` and the image `id` so the trainer can weigh the two
 losses apart and keep an image's paths in one optimisation step. Images travel as
 their stored bytes (`decode=False`): building the examples never decodes or
@@ -11,10 +12,12 @@ re-encodes a picture.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
@@ -43,33 +46,52 @@ def class_names(split: Dataset) -> list[str]:
     return list(feature.names)
 
 
-def check_split(split: Dataset, method: str, name: str = "train") -> None:
-    """Fail in one line on what would otherwise break training hours later."""
+@dataclass(frozen=True)
+class SplitCounts:
+    """How many images a split has, and how many of them carry an accepted chain."""
+
+    images: int
+    with_chain: int
+
+
+def has_chain(chains: pa.Array) -> pa.Array:
+    """Per row: an accepted chain is present (the export leaves it null for exhausted/pending images)."""
+    return pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(chains), ""), False)
+
+
+def check_split(split: Dataset, method: str, name: str = "train") -> SplitCounts:
+    """Fail in one line on what would otherwise break training hours later; count the chains.
+
+    Every image must be readable (the classification path, validation and test use them
+    all); only the reasoning path needs a chain, so images without one are counted, and
+    a reasoning method is refused only when no training image has any.
+    """
+    needs_chain = "reasoning" in TASKS_OF_METHOD[method]
     missing = [column for column in REQUIRED_COLUMNS if column not in split.column_names]
-    if "reasoning" in TASKS_OF_METHOD[method] and "chain" not in split.column_names:
+    if needs_chain and "chain" not in split.column_names:
         missing.append("chain")
     if missing:
         raise UserError(
             f"the {name} split has no {', '.join(missing)} column(s): pass a DomainBed-Reasoning dataset "
             "(`dbr export` output or its Hub repo)"
         )
-    needs_chain = "reasoning" in TASKS_OF_METHOD[method]
-    columns = ["id", "image", *(["chain"] if needs_chain else [])]
+    columns = ["id", "image", *(["chain"] if "chain" in split.column_names else [])]
     view = split.select_columns(columns).cast_column("image", datasets.Image(decode=False))
+    with_chain = 0
     for batch in view.with_format("arrow").iter(batch_size=1024):
-        _check_batch(batch, name, needs_chain)
+        _check_images(batch, name)
+        if "chain" in columns:
+            with_chain += pc.sum(has_chain(batch.column("chain"))).as_py() or 0
+    counts = SplitCounts(len(split), with_chain)
+    if needs_chain and name == "train" and counts.with_chain == 0:
+        raise UserError(
+            f"no image of the {name} split has an accepted reasoning chain: build chains first "
+            "(`make build-chains`) or train with --method cls"
+        )
+    return counts
 
 
-def _check_batch(batch: Any, name: str, needs_chain: bool) -> None:
-    if needs_chain:
-        chains = batch.column("chain")
-        empty = pc.or_kleene(pc.is_null(chains), pc.equal(pc.utf8_trim_whitespace(chains), ""))
-        if pc.any(empty).as_py():
-            first = batch.column("id")[pc.index(empty, True).as_py()].as_py()
-            raise UserError(
-                f"image {first} in the {name} split has no reasoning chain: build chains first "
-                "(`make build-chains`) or train with --method cls"
-            )
+def _check_images(batch: Any, name: str) -> None:
     images = batch.column("image")
     for row_id, image in zip(batch.column("id").to_pylist(), images.to_pylist(), strict=True):
         if image is None or (
@@ -88,7 +110,11 @@ def build_examples(
     max_images: int | None = None,
     seed: int = 0,
 ) -> Dataset:
-    """One row per (image, task of `method`), an image's rows adjacent, in split order."""
+    """One row per (image, task of `method`), an image's rows adjacent, in split order.
+
+    The classification path takes every image; the reasoning path only those with an
+    accepted chain (DomainBed-Reasoning keeps exhausted images with a null chain).
+    """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if max_images is not None and max_images < len(split):
@@ -118,9 +144,10 @@ def _expand(
     rows: dict[str, list] = {"id": [], "task": [], "images": [], "prompt": [], "completion": []}
     for index, row_id in enumerate(batch["id"]):
         for task in tasks:
-            answer = (
-                humanise(classes[batch["label"][index]]) if task == "cls" else batch["chain"][index]
-            )
+            chain = batch["chain"][index] if task == "reasoning" else None
+            if task == "reasoning" and not (chain and chain.strip()):
+                continue
+            answer = humanise(classes[batch["label"][index]]) if task == "cls" else chain
             rows["id"].append(row_id)
             rows["task"].append(task)
             rows["images"].append([batch["image"][index]])

@@ -22,11 +22,27 @@ CLS, REASONING = range(len(TASKS))
 
 @dataclass(frozen=True)
 class MTCTLoss:
-    """`total` is this micro-batch's share of the step's loss; the task means are for logging."""
+    """`total` is this micro-batch's share of the step's loss; the per-task sums are for logging.
+
+    `task_sums` (detached) and `task_counts` are `[cls, reasoning]` over this micro-batch's
+    examples, so several devices' logs add up before they are divided.
+    """
 
     total: torch.Tensor
-    cls_mean: torch.Tensor | None
-    reasoning_mean: torch.Tensor | None
+    task_sums: torch.Tensor
+    task_counts: torch.Tensor
+
+    @property
+    def cls_mean(self) -> torch.Tensor | None:
+        return self._mean(CLS)
+
+    @property
+    def reasoning_mean(self) -> torch.Tensor | None:
+        return self._mean(REASONING)
+
+    def _mean(self, task: int) -> torch.Tensor | None:
+        count = int(self.task_counts[task])
+        return self.task_sums[task] / count if count else None
 
 
 def task_ids(tasks: list[str]) -> torch.Tensor:
@@ -64,12 +80,6 @@ def mtct_loss(
     )
     denominators = step_counts.to(per_example.device, per_example.dtype).clamp(min=1)
     total = (per_example * (weights / denominators)[ids]).sum()
-    return MTCTLoss(
-        total=total,
-        cls_mean=_mean_where(per_example, ids == CLS),
-        reasoning_mean=_mean_where(per_example, ids == REASONING),
-    )
-
-
-def _mean_where(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor | None:
-    return values[selected].detach().mean() if bool(selected.any()) else None
+    sums = torch.zeros(len(TASKS), device=per_example.device, dtype=per_example.dtype)
+    sums.index_add_(0, ids, per_example.detach())
+    return MTCTLoss(total=total, task_sums=sums, task_counts=task_counts(ids))

@@ -41,7 +41,10 @@ class TaskCollator:
 class GroupShuffleSampler(Sampler[int]):
     """Shuffles groups of rows (an image's examples) and yields each group's rows together.
 
-    Seeded by (seed, epoch), so a resumed run sees the same order as an uninterrupted one.
+    An image without an accepted chain has one row, so two such images are yielded as one
+    unit of two rows: every unit but the last is a pair, and an even micro-batch never
+    splits an image's two paths. Seeded by (seed, epoch), so a resumed run sees the same
+    order as an uninterrupted one.
     """
 
     def __init__(self, keys: Sequence[str], seed: int = 0) -> None:
@@ -60,8 +63,17 @@ class GroupShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        waiting: list[int] = []
         for position in torch.randperm(len(self.groups), generator=generator).tolist():
-            yield from self.groups[position]
+            group = self.groups[position]
+            if len(group) != 1:
+                yield from group
+                continue
+            waiting += group
+            if len(waiting) == 2:
+                yield from waiting
+                waiting = []
+        yield from waiting
 
 
 class MTCTTrainer(SFTTrainer):
@@ -114,13 +126,30 @@ class MTCTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, mode: str, parts, outputs, inputs: dict[str, Any]) -> None:
-        """Per-task losses and token accuracy for the logs (TensorBoard), beside Trainer's `loss`."""
+        """Per-task losses, token accuracy and tokens seen, summed over every process, for the logs."""
+        device = parts.task_sums.device
+        local = torch.cat(
+            [
+                parts.task_sums.float(),
+                parts.task_counts.to(device, torch.float32),
+                torch.stack(
+                    [
+                        outputs.is_top1.sum(),
+                        outputs.label_mask.sum(),
+                        inputs["attention_mask"].sum(),
+                    ]
+                ).to(device, torch.float32),
+            ]
+        )
+        sums, counts, (correct, valid, tokens) = (
+            self.accelerator.gather(local).view(-1, local.numel()).sum(0).tolist()[i:j]
+            for i, j in ((0, 2), (2, 4), (4, 7))
+        )
         metrics = self._metrics[mode]
-        for name, value in (("loss_cls", parts.cls_mean), ("loss_reasoning", parts.reasoning_mean)):
-            if value is not None:
-                metrics[name].append(value.item())
-        valid = outputs.label_mask.sum().clamp(min=1)
-        metrics["mean_token_accuracy"].append((outputs.is_top1.sum() / valid).item())
+        for name, total, count in zip(("loss_cls", "loss_reasoning"), sums, counts, strict=True):
+            if count:
+                metrics[name].append(total / count)
+        metrics["mean_token_accuracy"].append(correct / max(valid, 1.0))
         if mode == "train":
-            self._total_train_tokens += int(inputs["attention_mask"].sum().item())
+            self._total_train_tokens += int(tokens)
             metrics["num_tokens"] = [self._total_train_tokens]

@@ -34,9 +34,15 @@ NOT_ROUND_ZERO = frozenset(
         "self_label_temperature",
         "self_label_max_new_tokens",
         "engine",
+        "generation_batch_size",
+        "vllm_max_model_len",
+        "vllm_tensor_parallel_size",
         "logging_steps",
         "save_steps",
         "save_total_limit",
+        "report_to",
+        "dataloader_num_workers",
+        "distributed_timeout_s",
     }
 )
 RUN_IDENTITY = ("dataset", "data", "target", "model")

@@ -1,16 +1,28 @@
 """`dbr train`: validate, train the method's stages, then evaluate the final weights.
 
 cls, reasoning and mtct are one stage (stage.py); rd-mldg is MTCT followed by SARR
-rounds (sarr.py), each round a stage of its own.
+rounds (sarr.py), each round a stage of its own. Under `accelerate launch` every
+process runs this same code: training is data-parallel, self-labelling and
+evaluation are split between the processes (sharding.py).
 """
 
 from __future__ import annotations
 
-from accelerate import PartialState
+from transformers import ProcessorMixin
 
+from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.terminal import console
-from train.evaluation.evaluate import EvalSettings, evaluate_run, print_metrics
-from train.sarr import train_sarr
+from train.engines.factory import config_options, engine_context
+from train.evaluation.evaluate import (
+    EvalSettings,
+    budget_asks,
+    default_modes,
+    evaluate_run,
+    print_metrics,
+)
+from train.mtct_data import task_prompt
+from train.sarr import engine_options, train_sarr
+from train.sharding import process_state
 from train.stage import (
     StageResult,
     TrainRequest,
@@ -20,17 +32,23 @@ from train.stage import (
     train_stage,
     write_inputs,
 )
+from train.token_budget import check_budget
 
 
-def train(request: TrainRequest) -> StageResult:
-    """Validate, then train one stage; a finished run with --resume is returned as is."""
+def train(request: TrainRequest, evaluate: bool = False) -> StageResult:
+    """Validate, then train one stage; a finished run with --resume is returned as is.
+
+    `evaluate` says an evaluation follows, so its requests are checked against the engine's
+    context now, with SARR's, rather than after training.
+    """
+    state = process_state(request.config.distributed_timeout_s)
     prepared = prepare(request)
     run_dir = prepared.run_dir
     if request.resume and (run_dir / "metrics.json").is_file():
         return stage_result(run_dir, request.model)
+    check_generation_budget(request, prepared.processor, evaluate)
     if request.config.method == "rd-mldg":
         return train_sarr(request, prepared)
-    state = PartialState()
     if state.is_main_process:
         write_inputs(request, prepared)
     train_stage(
@@ -45,21 +63,50 @@ def train(request: TrainRequest) -> StageResult:
     return stage_result(run_dir, request.model)
 
 
+def check_generation_budget(
+    request: TrainRequest, processor: ProcessorMixin, evaluate: bool
+) -> None:
+    """SARR's and the final evaluation's longest requests fit the engine, checked before training."""
+    config = request.config
+    context = engine_context(config.engine, request.model, config_options(config, config.engine))
+    if context is None:
+        return
+    classes = get_spec(request.dataset).classes
+    asks = []
+    if config.method == "rd-mldg":
+        prompt = task_prompt("reasoning", classes)
+        asks.append(("SARR self-labelling", prompt, config.self_label_max_new_tokens))
+    if evaluate:
+        asks += budget_asks(default_modes(config.method), classes, EvalSettings())
+    longer = (
+        f"--set vllm_max_model_len={2 * context} (now {context})"
+        if config.engine == "vllm"
+        else "a model with a longer context"
+    )
+    fix = f"use {longer}, or lower self_label_max_new_tokens or image_max_tiles / image_max_pixels"
+    for what, prompt, new_tokens in asks:
+        check_budget(processor, prompt, new_tokens, context, f"{what} with the {config.engine} engine", fix)
+
+
 def train_and_evaluate(request: TrainRequest, evaluate: bool = True) -> StageResult:
     """`dbr train`: train, then evaluate the final weights on the held-out domain and validation."""
-    result = train(request)
-    console.print(
-        f"[green]trained weights[/]: {result.weights.folder}  (logs: {result.run_dir / 'logs'})",
-        highlight=False,
-    )
+    result = train(request, evaluate)
+    state = process_state()
+    if state.is_main_process:
+        console.print(
+            f"[green]trained weights[/]: {result.weights.folder}  (logs: {result.run_dir / 'logs'})",
+            highlight=False,
+        )
     if not evaluate:
         return result
-    state = PartialState()
-    if state.num_processes > 1:
-        if state.is_main_process:
-            console.print(f"evaluate with one process: `dbr eval --run {result.run_dir}`", highlight=False)
-        return result
-    metrics = evaluate_run(result.run_dir, EvalSettings(engine=request.config.engine, progress=True))
-    print_metrics(metrics)
-    console.print(f"[green]evaluation[/]: {result.run_dir / 'eval' / 'metrics.json'}", highlight=False)
+    config = request.config
+    settings = EvalSettings(
+        engine=config.engine, engine_options=engine_options(config), progress=True
+    )
+    metrics = evaluate_run(result.run_dir, settings)
+    if state.is_main_process:
+        print_metrics(metrics)
+        console.print(
+            f"[green]evaluation[/]: {result.run_dir / 'eval' / 'metrics.json'}", highlight=False
+        )
     return result

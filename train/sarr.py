@@ -9,11 +9,16 @@ MTCT run's, copied instead of retrained (`sarr_round0_from`, round_zero.py).
 
 The run folder `<out>/<DATASET>/<target>/rd-mldg/` holds round-<r>/ folders laid
 out as `train_stage` writes a stage (adapter/ or model/, metrics.json, checkpoints/, logs/),
-plus self_labels.parquet and self_label_stats.json for r >= 1. `state.json` lists
-the finished steps and is rewritten atomically after each one, so a killed run
-resumes at the step it was in: a finished self-labelling is never redone, an
-unfinished one is redone whole, and an unfinished training resumes from its
-checkpoint. When every round is done the last round's weights are copied to
+plus self_labels.parquet and self_label_stats.json for r >= 1. Under several
+processes every rank labels its own share of the images and rank 0 merges the parts
+(sharding.py). `state.json` lists the finished steps and is rewritten atomically after
+each one, so a killed run resumes at the step it was in: a finished self-labelling is
+never redone, an unfinished one keeps the ranks' finished parts and redoes the rest,
+and an unfinished training resumes from its checkpoint.
+
+Images without a teacher chain (the teacher's candidates were all rejected) are
+labelled too: a label-consistent chain of the model's own gives them a reasoning path
+from the next round on; without one they keep training the classification path only. When every round is done the last round's weights are copied to
 `adapter/` (or `model/`) and `metrics.json` is written, which is what `dbr eval` reads, as for
 any other method.
 """
@@ -23,7 +28,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,6 @@ from typing import Any
 import datasets
 import polars as pl
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from rich.console import Console
 
@@ -41,10 +45,11 @@ from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.serving.vllm_server import resolve_vllm_python
 from train.config import TrainConfig
 from train.engines.base import GenRequest, SamplingSpec
-from train.engines.factory import open_engine
+from train.engines.factory import batch_unit, config_options, open_engine
 from train.mtct_data import build_examples, class_names, task_prompt
 from train.round_zero import adopt_round_zero, copy_folder
-from train.self_label import Supervised, merge_self_labels, self_label_stats
+from train.self_label import SCHEMA, Supervised, merge_self_labels, self_label_stats
+from train.sharding import chunk_size, process_state, row_chunks, sharded_table
 from train.stage import Prepared, StageResult, TrainRequest, model_card, train_stage, write_inputs
 from train.weights import TrainedWeights, find_weights, stage_weights
 
@@ -52,7 +57,6 @@ STATE_VERSION = 1
 STATE_FILE = "state.json"
 SELF_LABELS = "self_labels.parquet"
 SELF_LABEL_STATS = "self_label_stats.json"
-CHUNK_IMAGES = 1024  # images per generate() call: enough to keep vLLM's batches full, few in memory
 
 console = Console(stderr=True)
 
@@ -80,9 +84,10 @@ def round_dir(run_dir: Path, round_: int) -> Path:
 
 def engine_options(config: TrainConfig) -> dict[str, Any]:
     """Checked now, before any model loads: a missing vLLM environment must not surface after round 0."""
+    options = config_options(config, config.engine)
     if config.engine == "vllm":
-        return {"vllm_python": resolve_vllm_python()}
-    return {}
+        return options | {"vllm_python": resolve_vllm_python()}
+    return options
 
 
 # --- the run's state ------------------------------------------------------------------------------
@@ -177,18 +182,6 @@ def _supervision(
     return [Supervised(*row) for row in frame.select("id", "class_name", "chain").iter_rows()]
 
 
-def _image_chunks(subset: Dataset) -> Iterator[list[tuple[str, bytes]]]:
-    """(id, encoded image) in split order, a chunk at a time, so a big dataset's images never sit in memory."""
-    view = subset.select_columns(["id", "image"]).cast_column("image", datasets.Image(decode=False))
-    for batch in view.with_format("arrow").iter(batch_size=CHUNK_IMAGES):
-        yield [
-            (row_id, image["bytes"] if image["bytes"] else Path(image["path"]).read_bytes())
-            for row_id, image in zip(
-                batch.column("id").to_pylist(), batch.column("image").to_pylist(), strict=True
-            )
-        ]
-
-
 # --- the steps ----------------------------------------------------------------------------------
 
 
@@ -212,22 +205,35 @@ def self_label_round(
     )
     matcher = matcher_for(tuple(classes))
     weights = stage_weights(round_dir(run_dir, round_ - 1), request.model)
+    state = process_state()
     console.print(
-        f"round {round_}: {len(previous):,} training images x {sampling.n} chains with {config.engine}",
+        f"round {round_}: {len(previous):,} training images x {sampling.n} chains with {config.engine}"
+        + (f", {state.num_processes} processes" if state.num_processes > 1 else ""),
         highlight=False,
     )
     folder = round_dir(run_dir, round_)
     if config.engine == "vllm":
-        options = {"log_path": folder / "vllm.log", **options}
+        log = "vllm.log" if state.num_processes == 1 else f"vllm-rank-{state.process_index}.log"
+        options = {"log_path": folder / log, **options}
+    unit = batch_unit(config.engine, dict(options))
+
+    def label(rows: range) -> pl.DataFrame:
+        frames = [pl.DataFrame(schema=SCHEMA)]
+        with open_engine(config.engine, weights.model, weights.adapter, **options) as engine:
+            for chunk in row_chunks(subset, rows, ["id", "image"], chunk_size(unit)):
+                requests = [
+                    GenRequest(row_id, image, prompt)
+                    for row_id, image in zip(chunk["id"], chunk["image"], strict=True)
+                ]
+                images = [previous[row_id] for row_id in chunk["id"]]
+                frames.append(
+                    merge_self_labels(images, engine.generate(requests, sampling), matcher)
+                )
+        return pl.concat(frames)
+
     started = time.perf_counter()
-    frames = []
-    with open_engine(config.engine, weights.model, weights.adapter, **options) as engine:
-        for chunk in _image_chunks(subset):
-            images = [previous[row_id] for row_id, _ in chunk]
-            requests = [GenRequest(row_id, image, prompt) for row_id, image in chunk]
-            frames.append(merge_self_labels(images, engine.generate(requests, sampling), matcher))
+    frame = sharded_table(state, folder / SELF_LABELS, len(subset), unit, label)
     seconds = time.perf_counter() - started
-    frame = pl.concat(frames)
     stats = self_label_stats(frame) | {
         "round": round_,
         "engine": config.engine,
@@ -239,8 +245,9 @@ def self_label_round(
         "seconds": round(seconds, 2),
         "images_per_s": round(frame.height / seconds, 3) if seconds else None,
     }
-    atomic.write_parquet(folder / SELF_LABELS, frame)
-    atomic.write_json(folder / SELF_LABEL_STATS, stats)
+    if state.is_main_process:
+        atomic.write_json(folder / SELF_LABEL_STATS, stats)
+    state.wait_for_everyone()
     return stats
 
 
@@ -255,7 +262,7 @@ def train_round(
     if round_ > 0:
         chains = {item.id: item.chain for item in _supervision(run_dir, round_, subset, classes)}
         relabelled = subset.remove_columns("chain").add_column(
-            "chain", [chains[row_id] for row_id in subset["id"]]
+            "chain", [chains[row_id] for row_id in subset["id"]], feature=datasets.Value("string")
         )
         examples = build_examples(relabelled, config.method, classes)
     start = (
@@ -297,7 +304,7 @@ def train_sarr(
     run_dir = prepared.run_dir
     options = engine_options(config) | dict(extra_engine_options or {})
     done = load_state(run_dir, config.sarr_rounds, request.resume)
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         write_inputs(request, prepared)
         save_state(run_dir, done)
@@ -307,9 +314,7 @@ def train_sarr(
         if step.name in done:
             continue
         if step.kind == "self_label":
-            if state.is_main_process:
-                self_label_round(request, run_dir, step.round, subset, classes, options)
-            state.wait_for_everyone()
+            self_label_round(request, run_dir, step.round, subset, classes, options)
         elif step.round == 0 and config.sarr_round0_from:
             if state.is_main_process:
                 adopt_round_zero(Path(config.sarr_round0_from), run_dir, config, request.model)

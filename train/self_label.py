@@ -40,7 +40,7 @@ class Supervised:
 
     id: str
     class_name: str
-    chain: str
+    chain: str | None  # None: no accepted chain yet, the image trains the classification path only
 
 
 def merge_self_labels(

@@ -14,10 +14,10 @@ which marks the run finished.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from typing import Any
 import polars as pl
 import torch
 import yaml
-from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, ProcessorMixin
@@ -38,9 +37,10 @@ from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.loading import load_lodo
 from train.config import TrainConfig, load_config, save_config
 from train.lora import lora_config
-from train.mtct_data import build_examples, check_split, class_names
+from train.mtct_data import SplitCounts, build_examples, check_split, class_names
 from train.mtct_trainer import MTCTTrainer
 from train.processor import load_processor
+from train.sharding import process_state
 from train.weights import TrainedWeights, stage_weights, weights_dirname
 
 
@@ -70,6 +70,7 @@ class Prepared:
     run_dir: Path
     processor: ProcessorMixin
     splits: DatasetDict
+    counts: dict[str, SplitCounts]
     train_examples: Dataset
     eval_examples: Dataset
 
@@ -88,18 +89,27 @@ def prepare(request: TrainRequest) -> Prepared:
     config = request.config
     run_dir = run_dir_for(request.out, spec.name, request.target, config.method)
     _check_run_dir(run_dir, config, request.resume)
-    processor = load_processor(request.model)
+    _check_reporting(config)
+    processor = load_processor(request.model, config.image_limits())
     splits = load_lodo(
         request.data, spec.name, request.target, config.holdout_fraction, config.seed
     )
-    for name in ("train", "validation"):
-        check_split(splits[name], config.method, name)
+    counts = {name: check_split(splits[name], config.method, name) for name in ("train", "validation")}
+    counts["test"] = SplitCounts(len(splits["test"]), 0)
     classes = class_names(splits["train"])
     train_examples = build_examples(
         splits["train"], config.method, classes, config.max_train_images, config.seed
     )
     eval_examples = build_examples(splits["validation"], config.method, classes)
-    return Prepared(spec, run_dir, processor, splits, train_examples, eval_examples)
+    return Prepared(spec, run_dir, processor, splits, counts, train_examples, eval_examples)
+
+
+def _check_reporting(config: TrainConfig) -> None:
+    if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError(
+            "report_to wandb needs the wandb package: `pip install wandb` (and `wandb login`), "
+            "or --set report_to=tensorboard"
+        )
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
@@ -141,7 +151,10 @@ def write_inputs(request: TrainRequest, prepared: Prepared) -> None:
             "data": request.data,
             "target": request.target,
             "model": request.model,
-            "train_images": len(prepared.splits["train"]),
+            "train_images": prepared.counts["train"].images,
+            "train_images_with_chain": prepared.counts["train"].with_chain,
+            "validation_images": prepared.counts["validation"].images,
+            "test_images": prepared.counts["test"].images,
             "train_examples": len(prepared.train_examples),
             "validation_examples": len(prepared.eval_examples),
         },
@@ -154,18 +167,26 @@ def use_bf16(setting: str) -> bool:
     return setting == "true"
 
 
+def dataloader_workers(setting: int | None) -> int:
+    """`null` (auto): 4 loader processes per GPU process, none on the CPU (they would compete with it)."""
+    if setting is not None:
+        return setting
+    return 4 if torch.cuda.is_available() else 0
+
+
 def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
     """The paper's settings, expressed as TRL/transformers arguments."""
     bf16 = use_bf16(config.bf16)
+    state = process_state(config.distributed_timeout_s)
+    # transformers 5 reads a warmup_steps below 1 as a fraction of the training steps (config.py
+    # keeps warmup_ratio in [0, 1), so it is never taken for a step count).
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_batch_size,
         per_device_eval_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps(
-            PartialState().num_processes
-        ),
+        gradient_accumulation_steps=config.gradient_accumulation_steps(state.num_processes),
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_ratio,
@@ -181,8 +202,15 @@ def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
         save_total_limit=config.save_total_limit,
         eval_strategy="epoch" if has_eval else "no",
         seed=config.seed,
-        report_to="none",
-        model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
+        # TensorBoard is written to <run>/logs by our own callback (train_stage); wandb by its own.
+        report_to="wandb" if config.report_to == "wandb" else "none",
+        run_name=str(run_dir),
+        dataloader_num_workers=dataloader_workers(config.dataloader_num_workers),
+        ddp_timeout=config.distributed_timeout_s,
+        model_init_kwargs={
+            "dtype": torch.bfloat16 if bf16 else torch.float32,
+            "attn_implementation": config.attn_implementation,
+        },
     )
 
 
@@ -211,8 +239,11 @@ def train_stage(
     if init_adapter is not None:
         base = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     fresh_lora = config.finetune == "lora" and init_adapter is None
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(run_dir / "logs")
+    callbacks = []
+    if config.report_to == "tensorboard":
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(run_dir / "logs")
+        callbacks.append(tensorboard)
     trainer = MTCTTrainer(
         model=base,
         args=args,
@@ -224,30 +255,37 @@ def train_stage(
         )
         if fresh_lora
         else None,
-        callbacks=[tensorboard],
+        callbacks=callbacks,
         reasoning_weight=config.reasoning_weight,
     )
     checkpoint = last_checkpoint(run_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    save_weights(trainer, processor, run_dir / weights_dirname(config.finetune), card)
     if trainer.accelerator.is_main_process:
-        _save_weights(trainer, processor, run_dir / weights_dirname(config.finetune), card)
         metrics = {**output.metrics, "log_history": trainer.state.log_history}
         atomic.write_json(run_dir / "metrics.json", metrics)
     trainer.accelerator.wait_for_everyone()
     return stage_result(run_dir, model)
 
 
-def _save_weights(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path, card: str) -> None:
-    """Saved beside the target and renamed into place: a weights folder is complete or absent."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        trainer.model.save_pretrained(staging)
+def save_weights(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path, card: str) -> None:
+    """Every process takes part (under ZeRO-3 each holds a shard of every weight, which
+    `Trainer.save_model` gathers); the main process writes. Saved beside the target and
+    renamed into place: a weights folder is complete or absent."""
+    state = trainer.accelerator
+    staging = target.with_name(f".{target.name}.saving")
+    if state.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    state.wait_for_everyone()
+    trainer.save_model(str(staging))
+    state.wait_for_everyone()
+    if state.is_main_process:
         processor.save_pretrained(staging)
+        (staging / "training_args.bin").unlink(missing_ok=True)
         (staging / "README.md").write_text(card, encoding="utf-8")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    state.wait_for_everyone()
 
 
 def stage_result(run_dir: Path, model: str) -> StageResult:
@@ -272,12 +310,21 @@ def model_card(request: TrainRequest, prepared: Prepared) -> str:
         else "AutoModelForImageTextToText.from_pretrained(folder)"
     )
     settings = "\n".join(f"| {key} | {value} |" for key, value in config.to_dict().items())
+    counts = prepared.counts["train"]
+    trained = (
+        f"LoRA (rank {config.lora_rank}) on the language model"
+        + (" and the vision encoder" if config.train_vision else "")
+        + "; the vision-language projector is frozen (the same rule on every architecture)."
+        if lora
+        else "Every weight was trained, the vision-language projector included."
+    )
     return (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
         f"# {prepared.spec.name} / held-out {request.target} / {config.method}\n\n"
         f"{what}, trained with RD-MLDG stage 1 ({config.method}) on "
         f"DomainBed-Reasoning {prepared.spec.name}, every domain except **{request.target}** "
-        f"({len(prepared.splits['train'])} training images, {len(prepared.train_examples)} examples). "
+        f"({counts.images} training images, {counts.with_chain} of them with a teacher chain for the "
+        f"reasoning path; {len(prepared.train_examples)} examples). {trained} "
         f"The held-out domain is the test split; `split.parquet` beside this folder lists every image's split.\n\n"
         f"Load with `{load}`.\n\n"
         f"| setting | value |\n|---|---|\n{settings}\n"

@@ -2,36 +2,22 @@
 
 A chain enters the dataset only if it parses here, so this module is the single
 definition of "well formed" for the builder, the exporter and SARR alike. The
-parser is strict on structure (all five stages, once each, in order, non-empty)
-and lenient on surface (tag case, whitespace inside tags, prose around tags),
-because teachers vary in surface but a malformed chain would teach the student
-a malformed format.
+parser is strict on structure (all five stages, once each, in order, non-empty,
+nothing but markup after </CONCLUSION>) and lenient on surface (tag case,
+whitespace inside tags, prose before the first tag), because teachers vary in
+surface but a malformed chain would teach the student a malformed format. A chain
+that goes on after its conclusion may revise it ("On second thought, a horse"),
+so it is rejected rather than cut.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from enum import StrEnum
+
+from domainbed_reasoning.chains.rules import RejectReason
 
 STAGES = ("SUMMARY", "CAPTION", "REASONING", "REFLECTION", "CONCLUSION")
-
-
-class RejectReason(StrEnum):
-    """Why a teacher answer was not kept; stored with every candidate so rejections can be audited."""
-
-    EMPTY_RESPONSE = "empty_response"  # the answer was None, empty or only whitespace
-    MISSING_STAGE = "missing_stage"  # a stage other than CONCLUSION never appears
-    ORDER = "order"  # all stages present, but not in SUMMARY..CONCLUSION order
-    EMPTY_STAGE = "empty_stage"  # a stage's tags enclose only whitespace
-    DUPLICATE_STAGE = "duplicate_stage"  # a stage appears more than once
-    NO_CONCLUSION = "no_conclusion"  # the CONCLUSION tag is missing or never closed
-    UNCLOSED_TAG = "unclosed_tag"  # another stage's tag left open, or closed but never opened
-    NO_CLASS = "no_class"  # the conclusion names none of the dataset's classes
-    AMBIGUOUS = "ambiguous"  # the conclusion names several classes
-    WRONG_CLASS = "wrong_class"  # the conclusion names a class other than the (withheld) label
-    TRUNCATED = "truncated"  # generation stopped at the token limit (finish_reason "length")
-    REQUEST_ERROR = "request_error"  # the request itself failed after the client's retries
 
 
 class ChainFormatError(ValueError):
@@ -83,14 +69,26 @@ _WELL_FORMED = re.compile(
 )
 
 
+# After </CONCLUSION> only whitespace and markup (`**`, a code fence) may follow.
+_WORDS = re.compile(r"[^\W_]")
+
+
+def _check_end(text: str, end: int) -> None:
+    if found := _WORDS.search(text, end):
+        tail = text[found.start() :].strip()
+        quoted = repr(tail[:40] + ("..." if len(tail) > 40 else ""))
+        raise ChainFormatError(RejectReason.TRAILING_TEXT, f"{quoted} follows </CONCLUSION>")
+
+
 @dataclass(frozen=True)
 class _Span:
     stage: str
     body: str
 
 
-def _spans(text: str) -> list[_Span]:
-    """Pair every opening tag with the next tag, which must be its own closing tag."""
+def _spans(text: str) -> tuple[list[_Span], int]:
+    """Pair every opening tag with the next tag, which must be its own closing tag; also return
+    where the last closing tag ends."""
     tags = list(_TAG.finditer(text))
     spans: list[_Span] = []
     index = 0
@@ -114,7 +112,7 @@ def _spans(text: str) -> list[_Span]:
             raise ChainFormatError(reason, f"<{stage}> is not closed before {found}")
         spans.append(_Span(stage, text[opening.end() : closing.start()].strip()))
         index += 2
-    return spans
+    return spans, tags[-1].end() if tags else 0
 
 
 def parse_chain(text: str) -> Chain:
@@ -124,8 +122,9 @@ def parse_chain(text: str) -> Chain:
     if len(_TAG.findall(text)) == 2 * len(STAGES) and (match := _WELL_FORMED.search(text)):
         bodies = [body.strip() for body in match.groups()]
         if all(bodies):
+            _check_end(text, match.end())
             return Chain(*bodies)
-    spans = _spans(text)
+    spans, end = _spans(text)
     order = [span.stage for span in spans]
     duplicated = sorted({stage for stage in order if order.count(stage) > 1}, key=STAGES.index)
     if duplicated:
@@ -143,4 +142,5 @@ def parse_chain(text: str) -> Chain:
     empty = [span.stage for span in spans if not span.body]
     if empty:
         raise ChainFormatError(RejectReason.EMPTY_STAGE, f"{', '.join(empty)} is empty")
+    _check_end(text, end)
     return Chain(*(span.body for span in spans))

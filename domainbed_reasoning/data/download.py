@@ -8,6 +8,7 @@ complete and a re-run skips it; anything less is resumed from the staging folder
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from domainbed_reasoning.data.prepare import arrange
 from domainbed_reasoning.data.recipes import DatasetRecipe, RemoteFile, get_recipe
 from domainbed_reasoning.data.registry import DatasetSpec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.terminal import console
+from domainbed_reasoning.terminal import console, err_console
 
 MARKER = ".dbr-download.json"
 STAGING = ".dbr-download"
@@ -73,19 +74,20 @@ def _progress() -> Progress:
 def local_files(source: DatasetRecipe, paths: Sequence[Path]) -> dict[str, Path]:
     """Match `--from-archive` paths (files or folders holding them) to the source's files by name."""
     found: dict[str, Path] = {}
+    by_name = {name: remote.filename for remote in source.files for name in remote.names}
     for path in map(Path, paths):
         if path.is_dir():
             found |= {
-                f.filename: path / f.filename for f in source.files if (path / f.filename).is_file()
+                by_name[name]: path / name for name in by_name if (path / name).is_file()
             }
         elif path.is_file():
             name = source.files[0].filename if len(source.files) == 1 else path.name
-            if name not in {f.filename for f in source.files}:
+            if name not in by_name:
                 expected = ", ".join(f.filename for f in source.files)
                 raise UserError(
                     f"--from-archive {path}: {source.dataset} needs files named {expected}; rename it"
                 )
-            found[name] = path
+            found[by_name[name]] = path
         else:
             raise UserError(f"--from-archive {path}: no such file or folder")
     missing = [f.filename for f in source.files if f.filename not in found]
@@ -124,6 +126,27 @@ def _build_from_source(
     return origin
 
 
+def domain_counts(layout: Path, spec: DatasetSpec) -> dict[str, int]:
+    """Files per domain folder, as DomainBed's ImageFolder would count them."""
+    return {
+        domain: sum(1 for path in (layout / domain).rglob("*") if path.is_file())
+        for domain in spec.domains
+    }
+
+
+def count_warning(spec: DatasetSpec, counts: dict[str, int]) -> str | None:
+    """One line when the images prepared differ from the count DomainBed reports for the dataset."""
+    total = sum(counts.values())
+    if not spec.num_images or total == spec.num_images:
+        return None
+    found = ", ".join(f"{domain} {count:,}" for domain, count in counts.items())
+    return (
+        f"{spec.name}: {total:,} images prepared ({found}), DomainBed reports {spec.num_images:,}: "
+        f"the source differs from the one DomainBed used, so accuracies may not compare with "
+        f"published ones"
+    )
+
+
 def _commit(layout: Path, root: Path, record: dict) -> None:
     """Marker first, then one rename: `root` appears complete or not at all."""
     atomic.write_json(marker_path(layout), record)
@@ -152,14 +175,25 @@ def download_dataset(
         raise UserError("--from-archive and --from-hub both given: choose one source")
     staging = staging_dir(data_dir, spec)
     layout = staging / "layout"
-    with _progress() as progress:
-        if from_hub:
-            materialise(spec, from_hub, layout, progress)
-            origin = f"hub:{from_hub}"
-        else:
-            origin = _build_from_source(
-                source or get_recipe(spec.name), staging, from_archive, progress
-            )
+    try:
+        with _progress() as progress:
+            if from_hub:
+                materialise(spec, from_hub, layout, progress)
+                origin = f"hub:{from_hub}"
+            else:
+                origin = _build_from_source(
+                    source or get_recipe(spec.name), staging, from_archive, progress
+                )
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise UserError(
+            f"no space left on the disk holding {staging}: free space (or pass --data-dir on a "
+            f"larger disk) and run the same command again; it resumes where it stopped"
+        ) from err
+    warning = count_warning(spec, domain_counts(layout, spec))
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     files = _count_files(layout)
     _commit(layout, root, {"dataset": spec.name, "origin": origin, "files": files})
     shutil.rmtree(staging)

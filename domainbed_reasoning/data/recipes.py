@@ -3,6 +3,12 @@
 Kept as data (facebookresearch/DomainBed, `domainbed/scripts/download.py`) so a broken
 link is a one-line fix and a test can point a dataset at a local server. A checksum is
 recorded only where a public project verifies the same file with it; none is invented.
+
+TerraIncognita follows DomainBed's recipe since its commit 3cf2e20 (June 2024, DomainBed
+issue #136: the `lilablobssc` host stopped serving the old files): LILA's CCT20 benchmark
+subset, the small images plus `eccv_18_annotations.tar.gz`, whose five COCO files are merged.
+Files DomainBed ships itself (DomainNet's list of duplicates) are fetched at that pinned
+commit, so their content cannot change under a user.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ class RemoteFile:
     checksum: str | None = None
     size: int | None = None
     moves: dict[str, str] = field(default_factory=dict)
+    also_accepted: tuple[str, ...] = ()  # older names of the same content, for --from-archive
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.filename, *self.also_accepted)
 
     @property
     def is_archive(self) -> bool:
@@ -39,8 +50,9 @@ def google_drive(file_id: str) -> str:
 
 
 VISDA = "http://csr.bu.edu/ftp/visda/2019/multi-source"
-LILA = "https://lilablobssc.blob.core.windows.net/caltechcameratraps"
-DOMAINBED_RAW = "https://raw.githubusercontent.com/facebookresearch/DomainBed/main"
+LILA = "https://storage.googleapis.com/public-datasets-lila/caltechcameratraps"
+DOMAINBED_COMMIT = "3cf2e20fb885f3ecf2e97b83268bb6c896568075"
+DOMAINBED_RAW = f"https://raw.githubusercontent.com/facebookresearch/DomainBed/{DOMAINBED_COMMIT}"
 DOMAINNET_DOMAINS = {
     "clipart": f"{VISDA}/groundtruth/clipart.zip",
     "infograph": f"{VISDA}/infograph.zip",
@@ -51,7 +63,8 @@ DOMAINNET_DOMAINS = {
 }
 DOMAINNET_DUPLICATES = "domain_net_duplicates.txt"
 TERRA_IMAGES = "eccv_18_all_images_sm.tar.gz"
-TERRA_ANNOTATIONS = "caltech_camera_traps.json.zip"
+TERRA_ANNOTATIONS = "eccv_18_annotations.tar.gz"
+TERRA_LEGACY_ANNOTATIONS = "caltech_camera_traps.json.zip"  # DomainBed's recipe until June 2024
 
 # The md5 sums are the ones torchvision-style loaders (e.g. LarsKue/context-aware-domain-generalization)
 # check these very Google Drive files against.
@@ -98,7 +111,11 @@ RECIPES: dict[str, DatasetRecipe] = {
             dataset="TerraIncognita",
             files=(
                 RemoteFile(url=f"{LILA}/{TERRA_IMAGES}", filename=TERRA_IMAGES),
-                RemoteFile(url=f"{LILA}/labels/{TERRA_ANNOTATIONS}", filename=TERRA_ANNOTATIONS),
+                RemoteFile(
+                    url=f"{LILA}/{TERRA_ANNOTATIONS}",
+                    filename=TERRA_ANNOTATIONS,
+                    also_accepted=(TERRA_LEGACY_ANNOTATIONS,),
+                ),
             ),
             homepage="https://lila.science/datasets/caltech-camera-traps",
         ),
@@ -109,6 +126,9 @@ RECIPES: dict[str, DatasetRecipe] = {
                 for domain, url in DOMAINNET_DOMAINS.items()
             )
             + (
+                # Pinned to a commit, so its content is fixed; no checksum is published for it and
+                # none could be computed here (the file could not be fetched), so prepare.py checks
+                # every entry against the registry instead before removing anything.
                 RemoteFile(
                     url=f"{DOMAINBED_RAW}/domainbed/misc/{DOMAINNET_DUPLICATES}",
                     filename=DOMAINNET_DUPLICATES,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import polars as pl
 import pyarrow.parquet as pq
 from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData
@@ -29,20 +28,20 @@ PAPER = "RD-MLDG (ICLR 2026), arXiv:2602.23777, https://arxiv.org/abs/2602.23777
 class ExportedSplit:
     domain: str
     name: str
-    files: tuple[Path, ...]
     num_examples: int
     num_bytes: int
+    download_bytes: int
 
 
 @dataclass(frozen=True)
 class ExportedDataset:
-    """One config as found on disk: what the YAML and the body are generated from."""
+    """One config, as found in the export folder or as already published on the Hub: what the
+    YAML and the body are generated from."""
 
     spec: DatasetSpec
     splits: tuple[ExportedSplit, ...]
     features: datasets.Features
     build: dict
-    example: dict
 
     @property
     def num_examples(self) -> int:
@@ -50,20 +49,20 @@ class ExportedDataset:
 
 
 def _split(folder: Path, spec: DatasetSpec, domain: str) -> ExportedSplit | None:
-    files = tuple(sorted(folder.glob(Path(artefacts.split_files_pattern(spec, domain)).name)))
+    files = sorted(folder.glob(Path(artefacts.split_files_pattern(spec, domain)).name))
     if not files:
         return None
     metadata = [pq.read_metadata(file) for file in files]
     return ExportedSplit(
         domain=domain,
         name=artefacts.split_name(domain),
-        files=files,
         num_examples=sum(meta.num_rows for meta in metadata),
         num_bytes=sum(
             meta.row_group(i).total_byte_size
             for meta in metadata
             for i in range(meta.num_row_groups)
         ),
+        download_bytes=sum(file.stat().st_size for file in files),
     )
 
 
@@ -76,20 +75,41 @@ def find_exported(export: Path) -> list[ExportedDataset]:
         splits = tuple(split for domain in spec.domains if (split := _split(folder, spec, domain)))
         if not (facts.is_file() and splits):
             continue
-        first = splits[0].files[0]
-        example = pl.read_parquet(
-            first, columns=["id", "domain", "class_name", "chain"], n_rows=1
-        ).row(0, named=True)
+        first = next(folder.glob(Path(artefacts.split_files_pattern(spec, splits[0].domain)).name))
         found.append(
             ExportedDataset(
                 spec=spec,
                 splits=splits,
                 features=datasets.Features.from_arrow_schema(pq.read_schema(first)),
                 build=json.loads(facts.read_text()),
-                example=example,
             )
         )
     return found
+
+
+def published_dataset(
+    spec: DatasetSpec, info: datasets.DatasetInfo, build: dict, file_sizes: dict[str, int]
+) -> ExportedDataset:
+    """A dataset already on the Hub, rebuilt from its card's `dataset_info`, its build facts and
+    the sizes of its files, so a card that adds another dataset keeps describing this one."""
+    splits = []
+    for domain in spec.domains:
+        name = artefacts.split_name(domain)
+        if name not in info.splits:
+            continue
+        prefix = artefacts.split_files_pattern(spec, domain).removesuffix("*.parquet")
+        splits.append(
+            ExportedSplit(
+                domain=domain,
+                name=name,
+                num_examples=info.splits[name].num_examples,
+                num_bytes=info.splits[name].num_bytes,
+                download_bytes=sum(
+                    size for path, size in file_sizes.items() if path.startswith(prefix)
+                ),
+            )
+        )
+    return ExportedDataset(spec, tuple(splits), info.features, build)
 
 
 def _size_category(rows: int) -> str:
@@ -138,7 +158,7 @@ def card_data(exported: list[ExportedDataset]) -> DatasetCardData:
                         for s in item.splits
                     ]
                 ),
-                download_size=sum(file.stat().st_size for s in item.splits for file in s.files),
+                download_size=sum(s.download_bytes for s in item.splits),
                 dataset_size=sum(s.num_bytes for s in item.splits),
             )
             for item in exported
@@ -148,24 +168,34 @@ def card_data(exported: list[ExportedDataset]) -> DatasetCardData:
     return data
 
 
-def _counts(images: int, accepted: int) -> str:
-    return f"{images:,} | {accepted:,} | {accepted / images if images else 0.0:.1%}"
+ACCEPTANCE_COLUMNS = ("images", "accepted", "exhausted", "pending", "answered")
+
+
+def _count_cells(counts: dict) -> str:
+    """A row of the acceptance table; counts an older export did not record show as `-`."""
+    cells = [f"{counts[key]:,}" if counts.get(key) is not None else "-" for key in ACCEPTANCE_COLUMNS]
+    answered = counts.get("answered")
+    rate = f"{counts['accepted'] / answered:.1%}" if answered else "-"
+    return " | ".join([*cells, rate])
 
 
 def _acceptance_table(exported: list[ExportedDataset]) -> str:
     lines = [
-        "| dataset | domain (split) | images | accepted chains | acceptance |",
-        "|---|---|---:|---:|---:|",
+        "| dataset | domain (split) | images | with a chain | exhausted | pending | answered | acceptance |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for item in exported:
         rows = item.build["acceptance"]
         for row in rows:
             lines.append(
                 f"| {item.spec.name} | {row['domain']} (`{artefacts.split_name(row['domain'])}`) "
-                f"| {_counts(row['images'], row['accepted'])} |"
+                f"| {_count_cells(row)} |"
             )
-        images, accepted = sum(r["images"] for r in rows), sum(r["accepted"] for r in rows)
-        lines.append(f"| **{item.spec.name}** | all | {_counts(images, accepted)} |")
+        totals = {
+            key: sum(row[key] for row in rows) if all(key in row for row in rows) else None
+            for key in ACCEPTANCE_COLUMNS
+        }
+        lines.append(f"| **{item.spec.name}** | all | {_count_cells(totals)} |")
     return "\n".join(lines)
 
 
@@ -195,7 +225,9 @@ def _provenance(item: ExportedDataset) -> str:
 
 
 def _example(item: ExportedDataset) -> str:
-    example = item.example
+    example = item.build.get("example")
+    if example is None:
+        return f"**{item.spec.name}**: re-export it to show an example here."
     return "\n".join(
         [
             f"**{item.spec.name}** `{example['id']}` (domain {example['domain']}, class {example['class_name']}):",
@@ -237,9 +269,11 @@ def _citations(exported: list[ExportedDataset]) -> str:
 
 INTRO = f"""# DomainBed-Reasoning
 
-Every image of the DomainBed domain-generalisation benchmarks paired with a five-stage reasoning chain
-written by a teacher multimodal LLM, as introduced by {PAPER}. It is the training data of RD-MLDG
-(multi-task cross-training and self-aligned reasoning regularisation).
+Every image of the DomainBed domain-generalisation benchmarks, each paired with a five-stage reasoning
+chain written by a teacher multimodal LLM where the teacher produced a label-consistent one, as introduced
+by {PAPER}. It is the training data of RD-MLDG (multi-task cross-training and self-aligned reasoning
+regularisation). Every image of every domain is a row, so it is a strict superset of DomainBed and a
+held-out domain can be scored whole, as DomainBed's protocol requires.
 
 This card is generated by `dbr export` from the exported files; do not edit it by hand.
 """
@@ -256,7 +290,11 @@ BUILD_NOTE = """## How it was built
 For each image the teacher saw the image and the dataset's class names, never the label. Several
 candidate chains were sampled per image (rejection sampling, over several rounds where the first ones
 failed); a candidate was kept only if all five stages parse and its conclusion names exactly the true
-class. Images for which no candidate was accepted are absent.
+class. An image for which no candidate was accepted keeps its row with null chain fields;
+`chain_status` says why. The table counts, per domain, the images with a chain, the exhausted ones
+(every allowed round sampled, none label-consistent), the pending ones (never sent, e.g. outside a
+trial run, or not yet resolved), and the images the teacher answered at least once; acceptance is
+taken over those answered images, so a trial run on part of a dataset is not read as a low rate.
 """
 
 RECORD_FORMAT = """## Record format
@@ -270,8 +308,10 @@ RECORD_FORMAT = """## Record format
 | `chain` | string | the full chain `<SUMMARY>..</SUMMARY> <CAPTION>..</CAPTION> <REASONING>..</REASONING> \
 <REFLECTION>..</REFLECTION> <CONCLUSION>..</CONCLUSION>` |
 | `summary`, `caption`, `reasoning`, `reflection`, `conclusion` | string | the five stages' text |
-| `teacher`, `prompt_version` | string | which model and prompt wrote the chain |
-| `attempts` | int32 | candidates sampled before one was accepted |
+| `teacher`, `prompt_version` | string | which model and prompt wrote the chain (for an image without a chain: the ones that were tried; null if none was) |
+| `attempts` | int32 | teacher answers (candidates) sampled for this image in total, including any sampled in the same request after the accepted one; requests that failed in transport are not counted; 0 when none |
+| `chain_status` | string | `accepted` (chain fields set), `exhausted` (every allowed round sampled, none label-consistent) or `pending` (not resolved: never sent, or only transport failures so far); chain fields are null unless `accepted` |
+| `round`, `temperature` | int32, float32 | the sampling round (as the builder numbers it, the first is 1) and temperature of the accepted candidate; null unless `accepted` |
 """
 
 LICENCE_NOTE = """## Source datasets and licences
@@ -284,8 +324,9 @@ LIMITATIONS = """## Known limitations
 
 - Chains are model-written: they can describe details that are not in the image even when the
   conclusion is right; the filter checks only the format and the conclusion's class.
-- Keeping only label-consistent chains drops the images the teacher found hardest, so the data
-  under-represents them (see the acceptance table); evaluate on the full source datasets.
+- Only label-consistent chains are kept, so the images the teacher found hardest have no chain (see
+  the acceptance table): training on chains under-represents them. Evaluate on every row of a domain,
+  not only on rows with a chain.
 - Class names come from folder names (e.g. `Alarm_Clock`); the teacher saw them as written.
 - Source datasets carry their own biases and label noise (TerraIncognita especially).
 """
@@ -300,12 +341,13 @@ from datasets import load_dataset
 
 ds = load_dataset("USER/domainbed-reasoning", "{first}")  # or the local folder "domainbed-reasoning"
 row = ds["{split}"][0]
-row["image"], row["label"], row["chain"]
+row["image"], row["label"], row["chain"], row["chain_status"]
+with_chains = ds["{split}"].filter(lambda row: row["chain_status"] == "accepted")
 ```
 
 Leave-one-domain-out splits (train = the other domains minus a seeded 20% validation holdout of each,
-test = the held-out domain) come with the toolkit:
-`domainbed_reasoning.loading.load_lodo("domainbed-reasoning", "{first}", "<target domain>")`.
+test = every image of the held-out domain) come with the toolkit:
+`domainbed_reasoning.hub.loading.load_lodo("domainbed-reasoning", "{first}", "<target domain>")`.
 """
 
 
@@ -330,13 +372,19 @@ def card_body(exported: list[ExportedDataset]) -> str:
     return "\n".join(sections)
 
 
+def card_text(exported: list[ExportedDataset]) -> str:
+    """The whole README.md for these datasets, listed in registry order whatever the input order."""
+    ordered = sorted(exported, key=lambda item: [spec.name for spec in SPECS].index(item.spec.name))
+    return str(DatasetCard(f"---\n{card_data(ordered).to_yaml()}\n---\n\n{card_body(ordered)}"))
+
+
 def render_card(export: Path) -> str:
     exported = find_exported(export)
     if not exported:
         raise UserError(
             f"{export} holds no exported dataset: run `dbr export DATASET --out {export}` first"
         )
-    return str(DatasetCard(f"---\n{card_data(exported).to_yaml()}\n---\n\n{card_body(exported)}"))
+    return card_text(exported)
 
 
 def write_card(export: Path) -> Path:

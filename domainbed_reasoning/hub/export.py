@@ -1,5 +1,10 @@
 """Chains + images -> the Hub layout `domainbed-reasoning/<DATASET>/<split>-NNNNN-of-NNNNN.parquet`.
 
+Every image of the manifest is a record, so DomainBed-Reasoning is a strict superset of DomainBed
+and evaluation can score whole domains: an image without an accepted chain has null chain fields
+and a `chain_status` saying why (`exhausted`: every allowed round was sampled; `pending`: not
+resolved yet, e.g. outside a `--limit` trial).
+
 Everything a reader needs travels in the Parquet files themselves (original image
 bytes, `ClassLabel` names in the schema metadata), so `load_dataset` works on the
 folder with nothing of this project installed. A dataset is planned and checked
@@ -10,11 +15,10 @@ and never touches the other datasets.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +31,17 @@ from domainbed_reasoning.chains.prompt_templates import load_prompt
 from domainbed_reasoning.data.registry import DatasetSpec, get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.card import write_card
+from domainbed_reasoning.hub.chain_run import (
+    CHAIN_FIELDS,
+    MANIFEST_COLUMNS,
+    ChainRun,
+    image_outcomes,
+    read_chain_run,
+    status_counts,
+)
 from domainbed_reasoning.terminal import console
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024**2
-CHAIN_FIELDS = ("chain", "summary", "caption", "reasoning", "reflection", "conclusion")
-MANIFEST_COLUMNS = ("id", "domain", "class_name")
 # stats.json entries the card reports, where the builder wrote them (absent ones are skipped).
 BUILDER_FACTS = {
     ("run", "candidates"): "candidates sampled per request",
@@ -39,15 +49,6 @@ BUILDER_FACTS = {
     ("run", "temperatures"): "sampling temperature per round",
     ("candidates",): "teacher answers sampled in total",
 }
-CHAINS_COLUMNS = (
-    "id",
-    "domain",
-    "class_name",
-    *CHAIN_FIELDS,
-    "teacher",
-    "prompt_version",
-    "attempts",
-)
 
 
 def features(spec: DatasetSpec) -> datasets.Features:
@@ -65,6 +66,9 @@ def features(spec: DatasetSpec) -> datasets.Features:
             "teacher": text,
             "prompt_version": text,
             "attempts": datasets.Value("int32"),
+            "chain_status": text,
+            "round": datasets.Value("int32"),
+            "temperature": datasets.Value("float32"),
         }
     )
 
@@ -84,17 +88,8 @@ class DatasetExport:
     build: dict
 
 
-def _read_table(path: Path, columns: Sequence[str], fix: str) -> pl.DataFrame:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: {fix}")
-    frame = pl.read_parquet(path)
-    missing = [column for column in columns if column not in frame.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: {fix}")
-    return frame
-
-
-def _check_chains(spec: DatasetSpec, chains: pl.DataFrame, where: Path, fix: str) -> None:
+def _check_chains(run: ChainRun, fix: str) -> None:
+    spec, chains, where = run.spec, run.chains, artefacts.chains_path(run.folder)
     if chains.is_empty():
         raise UserError(f"{where} holds no accepted chains: {fix}")
     duplicated = chains.filter(pl.col("id").is_duplicated())["id"]
@@ -108,25 +103,44 @@ def _check_chains(spec: DatasetSpec, chains: pl.DataFrame, where: Path, fix: str
             raise UserError(
                 f"{where} has {column} {unknown[0]!r}, which {spec.name} does not have: {fix}"
             )
+    stray = chains.filter(~pl.col("id").is_in(run.manifest["id"].implode()))["id"]
+    if len(stray):
+        raise UserError(
+            f"{where} has a chain for {stray[0]!r}, which its manifest does not list: {fix}"
+        )
 
 
-def _records(spec: DatasetSpec, chains: pl.DataFrame, data_dir: Path) -> pl.DataFrame:
-    """One row per published record, with the image's path under `data_dir` (found from its stable id)."""
+def _records(run: ChainRun, data_dir: Path) -> pl.DataFrame:
+    """One row per manifest image (chain fields null where none was accepted), with the image's
+    path under `data_dir` found from its stable id."""
+    spec = run.spec
     root = artefacts.dataset_root(data_dir, spec)
     prefix = f"{spec.name}/"
-    return chains.sort("id").select(
-        "id",
-        pl.lit(spec.name).alias("dataset"),
-        "domain",
-        pl.col("class_name")
-        .replace_strict(list(spec.classes), list(range(len(spec.classes))))
-        .alias("label"),
-        "class_name",
-        *CHAIN_FIELDS,
-        pl.col("teacher").cast(pl.Utf8),
-        pl.col("prompt_version").cast(pl.Utf8),
-        pl.col("attempts").cast(pl.Int32),
-        pl.concat_str(pl.lit(f"{root}/"), pl.col("id").str.strip_prefix(prefix)).alias("source"),
+    chains = run.chains.select(
+        "id", *CHAIN_FIELDS, pl.col("teacher").cast(pl.Utf8), pl.col("prompt_version").cast(pl.Utf8)
+    )
+    return (
+        run.manifest.select(MANIFEST_COLUMNS)
+        .join(chains, on="id", how="left")
+        .join(image_outcomes(run), on="id", how="left")
+        .sort("id")
+        .select(
+            "id",
+            pl.lit(spec.name).alias("dataset"),
+            "domain",
+            pl.col("class_name")
+            .replace_strict(list(spec.classes), list(range(len(spec.classes))))
+            .alias("label"),
+            "class_name",
+            *CHAIN_FIELDS,
+            pl.coalesce("teacher", "tried_teacher").alias("teacher"),
+            pl.coalesce("prompt_version", "tried_prompt_version").alias("prompt_version"),
+            "attempts",
+            "chain_status",
+            "round",
+            "temperature",
+            pl.concat_str(pl.lit(f"{root}/"), pl.col("id").str.strip_prefix(prefix)).alias("source"),
+        )
     )
 
 
@@ -170,19 +184,13 @@ def _plan_shards(
     return tuple(shards)
 
 
-def _acceptance(manifest: pl.DataFrame, chains: pl.DataFrame) -> list[dict]:
-    accepted = (
-        chains.filter(pl.col("id").is_in(manifest["id"].implode()))
-        .group_by("domain")
-        .len("accepted")
-    )
+def _example(records: pl.DataFrame) -> dict:
+    """The first record with a chain, shown in the card (kept here so a card can be rendered
+    without this dataset's files, e.g. when another dataset is published to the same repo)."""
     return (
-        manifest.group_by("domain")
-        .len("images")
-        .join(accepted, on="domain", how="left")
-        .with_columns(pl.col("accepted").fill_null(0))
-        .sort("domain")
-        .to_dicts()
+        records.filter(pl.col("chain").is_not_null())
+        .select("id", "domain", "class_name", "chain")
+        .row(0, named=True)
     )
 
 
@@ -192,26 +200,25 @@ def _lookup(stats: dict, keys: tuple[str, ...]) -> object:
     return stats
 
 
-def _build_facts(
-    spec: DatasetSpec, manifest: pl.DataFrame, chains: pl.DataFrame, stats_file: Path
-) -> dict:
+def _build_facts(run: ChainRun, records: pl.DataFrame) -> dict:
     """What the card says about how a dataset was built; kept beside its files so re-exporting
     another dataset can rewrite the whole card without this dataset's run folder."""
     prompt = load_prompt("teacher")
+    chains = run.chains
     versions = sorted(chains["prompt_version"].cast(pl.Utf8).unique())
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     return {
-        "dataset": spec.name,
+        "dataset": run.spec.name,
         "teachers": sorted(chains["teacher"].cast(pl.Utf8).unique()),
         "prompt_versions": versions,
         "prompt": {"version": prompt.version, "text": prompt.text}
         if prompt.version in versions
         else None,
-        "acceptance": _acceptance(manifest, chains),
+        "acceptance": status_counts(records, "domain").to_dicts(),
+        "example": _example(records),
         "builder": {
             label: value
             for keys, label in BUILDER_FACTS.items()
-            if (value := _lookup(stats, keys)) is not None
+            if (value := _lookup(run.stats, keys)) is not None
         },
     }
 
@@ -220,17 +227,11 @@ def plan_dataset(
     chains_root: Path, data_dir: Path, name: str, max_shard_bytes: int
 ) -> DatasetExport:
     spec = get_spec(name)
-    folder = artefacts.chains_dir(chains_root, spec)
-    fix = f"build them first (`dbr build-chains {spec.name} --out {chains_root}`)"
-    chains_file = artefacts.chains_path(folder)
-    manifest = _read_table(artefacts.manifest_path(folder), MANIFEST_COLUMNS, fix)
-    chains = _read_table(chains_file, CHAINS_COLUMNS, fix)
-    _check_chains(spec, chains, chains_file, fix)
-    records = _records(spec, chains, data_dir)
+    run = read_chain_run(Path(chains_root), spec)
+    _check_chains(run, f"build them first (`dbr build-chains {spec.name} --out {chains_root}`)")
+    records = _records(run, data_dir)
     shards = _plan_shards(records, _image_sizes(records, spec, data_dir), max_shard_bytes)
-    return DatasetExport(
-        spec, shards, _build_facts(spec, manifest, chains, artefacts.stats_path(folder))
-    )
+    return DatasetExport(spec, shards, _build_facts(run, records))
 
 
 def _write_shard(shard: Shard, spec_features: datasets.Features, target: Path) -> None:

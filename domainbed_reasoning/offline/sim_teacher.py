@@ -1,7 +1,9 @@
 """A simulated teacher: an OpenAI-compatible server that writes true chains for SynthDG images.
 
 It exists for the offline demo (a teacher that needs no weights), for fault injection (every
-failure the builder must survive, on demand and counted) and for benchmarks (a server cheap
+failure the builder must survive, on demand and counted: bad answers, 429s, 5xx, dropped and
+stalled requests, and an outage window in which every endpoint answers 503; a replica that
+dies is this server's process killed) and for benchmarks (a server cheap
 enough that the client is what gets measured). It recognises an image only by the hash of the
 bytes it receives (or of their decoded pixels), looked up in the SynthDG sidecar, and never reads
 the prompt: like a real teacher, it cannot be told the label.
@@ -34,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from domainbed_reasoning.chains.chain_format import STAGES, format_chain
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.offline.sim_batches import SimBatchConfig, SimBatches
 from domainbed_reasoning.offline.synth import SPEC, ShapeAttributes, pixel_sha256, read_sidecar
 from domainbed_reasoning.terminal import console
 
@@ -50,8 +53,15 @@ STAT_KEYS = (
     "choices",
     "unknown_image",
     "bad_request",
+    "outage",
+    "rate_limited",
+    "files_uploaded",
+    "batches_created",
     *TRANSPORT_FAULTS,
     *CONTENT_FAULTS,
+)
+NON_NEGATIVE = frozenset(
+    {"latency_ms", "jitter_ms", "retry_after", "stall_s", "outage_after", "outage_s", "rpm_limit"}
 )
 STAGE_BLOCK = re.compile(r"<(" + "|".join(STAGES) + r")>.*?</\1>", re.DOTALL)
 
@@ -72,6 +82,10 @@ class SimTeacherConfig:
     p_drop: float = 0.0
     p_stall: float = 0.0
     stall_s: float = 30.0
+    outage_after: int | None = None  # chat requests answered before the outage begins
+    outage_s: float = 0.0  # how long every endpoint then answers 503
+    rpm_limit: float = 0.0
+    rate_headers: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,7 +94,7 @@ class SimTeacherConfig:
             flag = "--" + item.name.replace("_", "-")
             if item.name.startswith("p_") and not 0.0 <= value <= 1.0:
                 raise UserError(f"{flag} must be a probability between 0 and 1, got {value}")
-            if item.name in {"latency_ms", "jitter_ms", "retry_after", "stall_s"} and value < 0:
+            if item.name in NON_NEGATIVE and value is not None and value < 0:
                 raise UserError(f"{flag} must be zero or more, got {value}")
         for group, kind in ((CONTENT_FAULTS, "answer"), (TRANSPORT_FAULTS, "request")):
             total = sum(self.probability(fault) for fault in group)
@@ -339,14 +353,58 @@ def _error(
     return web.json_response(body, status=status, headers=headers)
 
 
+class RequestBucket:
+    """The account limit of `rpm_limit` requests a minute, enforced a second at a time as
+    OpenAI does, with the `x-ratelimit-*` headers OpenAI sends about it."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60
+        self.capacity = max(1.0, self.rate)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0 when the request may go, else the seconds until it could."""
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level >= 1:
+            self.level -= 1
+            return 0.0
+        return (1 - self.level) / self.rate
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit-requests": f"{self.per_minute:g}",
+            "x-ratelimit-remaining-requests": str(int(self.level)),
+            "x-ratelimit-reset-requests": f"{(self.capacity - self.level) / self.rate:.3f}s",
+        }
+
+
 class SimTeacher:
     """Request handlers plus the counters `/stats` reports; one instance per server."""
 
-    def __init__(self, config: SimTeacherConfig, index: ImageIndex) -> None:
+    def __init__(
+        self, config: SimTeacherConfig, index: ImageIndex, batches: SimBatchConfig | None = None
+    ) -> None:
         self.config = config
         self.index = index
         self.seen: Counter[str] = Counter()
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
+        self.batches = SimBatches(self, batches or SimBatchConfig())
+        self.bucket = RequestBucket(config.rpm_limit) if config.rpm_limit else None
+        self.outage_began: float | None = None
+
+    def in_outage(self) -> bool:
+        """The outage begins with chat request `outage_after + 1` and lasts `outage_s` seconds."""
+        after = self.config.outage_after
+        if self.outage_began is None and after is not None and self.stats["requests"] > after:
+            self.outage_began = time.monotonic()
+        return (
+            self.outage_began is not None
+            and time.monotonic() < self.outage_began + self.config.outage_s
+        )
 
     def request_rng(self, raw: bytes) -> random.Random:
         """The draws of one request, from the seed, the body and how often that body came before.
@@ -365,9 +423,16 @@ class SimTeacher:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/stats", self.report)
+        self.batches.add_routes(app)
         return app
 
+    def outage_reply(self) -> web.Response:
+        self.stats["outage"] += 1
+        return _error(503, "simulated outage", "service_unavailable")
+
     async def models(self, request: web.Request) -> web.Response:
+        if self.in_outage():
+            return self.outage_reply()
         card = {
             "id": self.config.model,
             "object": "model",
@@ -380,9 +445,21 @@ class SimTeacher:
         return web.json_response(dict(self.stats) | {"images_indexed": len(self.index)})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        response = await self._chat_completions(request)
+        if self.bucket is not None and self.config.rate_headers:
+            response.headers.update(self.bucket.headers())
+        return response
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
+        if self.in_outage():
+            return self.outage_reply()
         config = self.config
         raw = await request.read()
+        if self.bucket is not None and (wait := self.bucket.take()):
+            self.stats["rate_limited"] += 1
+            headers = {"retry-after-ms": f"{1000 * wait:.0f}"}
+            return _error(429, "simulated account rate limit", "rate_limit_error", headers)
         rng = self.request_rng(raw)
         if config.latency_ms or config.jitter_ms:
             await asyncio.sleep((config.latency_ms + rng.uniform(0, config.jitter_ms)) / 1000)
@@ -408,6 +485,13 @@ class SimTeacher:
         except ValueError as err:
             self.stats["bad_request"] += 1
             return _error(400, f"the request body is not valid JSON: {err}", BadRequest.kind)
+
+    def answer(self, body: dict) -> tuple[int, dict]:
+        """A batch line's answer, as (HTTP status, JSON body)."""
+        try:
+            return 200, self.complete(body, self.request_rng(json.dumps(body).encode()))
+        except BadRequest as err:
+            return err.status, {"error": {"message": str(err), "type": err.kind, "code": err.status}}
 
     def complete(self, body: object, rng: random.Random) -> dict:
         if not isinstance(body, dict):
@@ -449,6 +533,7 @@ class SimTeacher:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.config.model,
+            "system_fingerprint": f"sim-{self.config.seed}",
             "choices": choices,
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -458,8 +543,10 @@ class SimTeacher:
         }
 
 
-def build_app(config: SimTeacherConfig, data_dir: Path) -> web.Application:
-    return SimTeacher(config, ImageIndex.load(Path(data_dir))).app()
+def build_app(
+    config: SimTeacherConfig, data_dir: Path, batches: SimBatchConfig | None = None
+) -> web.Application:
+    return SimTeacher(config, ImageIndex.load(Path(data_dir)), batches).app()
 
 
 def _bind_error(host: str, port: int, err: OSError) -> UserError:
@@ -479,14 +566,18 @@ async def _stop(runner: web.AppRunner) -> None:
 
 @contextmanager
 def run_sim_teacher(
-    config: SimTeacherConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 0
+    config: SimTeacherConfig,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    batches: SimBatchConfig | None = None,
 ) -> Iterator[str]:
     """Serve from a background thread with its own event loop; yield the `/v1` base URL.
 
     For tests and benchmarks that drive the server from the same process.
     """
     runner = web.AppRunner(
-        build_app(config, data_dir),
+        build_app(config, data_dir, batches),
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=0.1,

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +27,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -111,6 +116,7 @@ def train_tokenizer(
     corpus: Iterable[str] = (),
     split_words: bool = True,
     min_frequency: int = 0,
+    token_roles: Mapping[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Byte-level BPE, so any text (a teacher's chain, a class name) encodes without <unk>.
 
@@ -119,7 +125,8 @@ def train_tokenizer(
     short. `split_words=False` lets merges cross word boundaries (SentencePiece without its
     whitespace split), so text seen over and over - a fixed prompt, a chain's stock
     phrases - becomes a few tokens; `min_frequency` keeps one-off text from becoming a
-    token of its own.
+    token of its own. `token_roles` names special tokens as attributes a processor reads
+    (`tokenizer.start_image_token`).
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
@@ -144,6 +151,7 @@ def train_tokenizer(
         additional_special_tokens=[t for t in special_tokens if t not in (eos_token, pad_token)],
         chat_template=chat_template,
         model_max_length=4096,
+        **({"extra_special_tokens": dict(token_roles)} if token_roles else {}),
     )
 
 
@@ -372,7 +380,122 @@ def build_tiny_llava(
     return Path(out_dir)
 
 
-BUILDERS: dict[str, Builder] = {"qwen2vl": build_tiny_qwen2vl, "llava": build_tiny_llava}
+INTERNVL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+)
+# The attributes InternVLProcessor reads from its tokenizer, as OpenGVLab's `*-hf` checkpoints name them.
+INTERNVL_TOKEN_ROLES = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+# ChatML with one `<IMG_CONTEXT>` per image part, which InternVLProcessor expands to
+# `<img>` + image_seq_length x tiles `<IMG_CONTEXT>` + `</img>`, as InternVL3's template does.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<IMG_CONTEXT>\n"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_internvl(
+    out_dir: Path,
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    vision_hidden: int = 128,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    tile_size: int = 56,
+    patch_size: int = 14,
+    max_tiles: int = 4,
+    seed: int = 0,
+    vocab_words: Iterable[str] = (),
+) -> Path:
+    """InternVL3's `*-hf` layout (InternViT tower, pixel-shuffle projector, Qwen2 LM) at toy size.
+
+    The paper's backbone. As in InternVL3 the processor tiles an image into up to
+    `max_tiles` crops plus a thumbnail (InternVL3: 448-pixel tiles, up to 12, 256 tokens
+    each); here a 56-pixel tile of 14-pixel patches gives 4 tokens after the 0.5 pixel
+    shuffle, so the tiling is exercised at a size tests afford. Head dim 64 on both
+    towers: the smallest vLLM's CPU attention accepts.
+    """
+    tokenizer = train_tokenizer(
+        vocab_words,
+        INTERNVL_SPECIAL_TOKENS,
+        INTERNVL_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        token_roles=INTERNVL_TOKEN_ROLES,
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in INTERNVL_SPECIAL_TOKENS}
+    downsample_ratio = 0.5
+    tokens_per_tile = int((tile_size // patch_size) ** 2 * downsample_ratio**2)
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": vision_hidden,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": vision_heads,
+            "intermediate_size": 2 * vision_hidden,
+            "image_size": [tile_size, tile_size],
+            "patch_size": [patch_size, patch_size],
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=downsample_ratio,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    size = {"height": tile_size, "width": tile_size}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size=size, crop_to_patches=max_tiles > 1, min_patches=1, max_patches=max_tiles
+        ),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=tokens_per_tile,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+BUILDERS: dict[str, Builder] = {
+    "qwen2vl": build_tiny_qwen2vl,
+    "llava": build_tiny_llava,
+    "internvl": build_tiny_internvl,
+}
 
 
 def cached_tiny_model(builder: Builder, cache_dir: Path, **kwargs: object) -> Path:

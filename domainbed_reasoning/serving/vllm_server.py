@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self
 
 import httpx
 from rich.console import Console
@@ -44,6 +44,8 @@ class ServerConfig:
     cpu_kvcache_gib: int = 1
     lora_modules: Mapping[str, Path] = field(default_factory=dict)
     max_lora_rank: int = 8
+    mm_processor_kwargs: Mapping[str, object] = field(default_factory=dict)
+    cuda_visible_devices: str | None = None
     extra_args: Sequence[str] = ()
     vllm_python: Path | None = None
     log_path: Path = Path("runs/vllm/server.log")
@@ -93,14 +95,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def command(config: ServerConfig, python: Path) -> list[str]:
-    """The argv for vLLM's OpenAI server; pure, so the flag mapping is testable without vLLM."""
+def engine_args(config: ServerConfig) -> list[str]:
+    """The model and engine flags, shared by the server and the offline batch runner."""
     argv = [
-        str(python), "-m", ENTRY_MODULE,
         "--model", config.model,
         "--served-model-name", config.served_model_name,
-        "--host", config.host,
-        "--port", str(config.port),
         "--tensor-parallel-size", str(config.tensor_parallel_size),
         "--max-model-len", str(config.max_model_len),
         "--dtype", config.dtype,
@@ -109,10 +108,19 @@ def command(config: ServerConfig, python: Path) -> list[str]:
     if config.lora_modules:
         argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--lora-modules"]
         argv += [f"{name}={path}" for name, path in config.lora_modules.items()]
+    if config.mm_processor_kwargs:
+        argv += ["--mm-processor-kwargs", json.dumps(dict(config.mm_processor_kwargs))]
     return argv + list(config.extra_args)
 
 
-def _check_inputs(config: ServerConfig) -> None:
+def command(config: ServerConfig, python: Path) -> list[str]:
+    """The argv for vLLM's OpenAI server; pure, so the flag mapping is testable without vLLM."""
+    address = ["--host", config.host, "--port", str(config.port)]
+    return [str(python), "-m", ENTRY_MODULE, *address, *engine_args(config)]
+
+
+def check_model(config: ServerConfig) -> None:
+    """A local model folder must be a saved model, and each adapter a saved adapter."""
     looks_local = config.model.startswith((".", "/", "~")) or Path(config.model).exists()
     if looks_local and not (Path(config.model).expanduser() / "config.json").is_file():
         raise UserError(
@@ -124,6 +132,10 @@ def _check_inputs(config: ServerConfig) -> None:
             raise UserError(
                 f"LoRA adapter {name}={path} has no adapter_config.json: pass a saved adapter folder"
             )
+
+
+def _check_inputs(config: ServerConfig) -> None:
+    check_model(config)
     with socket.socket() as sock:
         if sock.connect_ex((config.host, config.port)) == 0:
             raise UserError(
@@ -150,7 +162,35 @@ def _group_gone_within(process: subprocess.Popen[bytes], timeout_s: float) -> bo
     return False
 
 
-def _log_tail(log_path: Path, lines: int = 3) -> str:
+def spawn(argv: list[str], config: ServerConfig, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """vLLM in a session of its own, so that `stop_group` reaches its engine workers too."""
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_gib)}
+    if config.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
+    return subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def stop_group(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace_s`; return once every member is gone.
+
+    Waiting for the whole group (not just our child) matters: vLLM's engine
+    worker holds the memory and the next server may need it at once.
+    """
+    _signal_group(process.pid, signal.SIGTERM)
+    if not _group_gone_within(process, grace_s):
+        _signal_group(process.pid, signal.SIGKILL)
+        _group_gone_within(process, grace_s)
+    process.wait()
+
+
+def log_tail(log_path: Path, lines: int = 3) -> str:
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(tail) or "(empty log)"
@@ -176,17 +216,8 @@ class VLLMServer:
         python = resolve_vllm_python(config.vllm_python)
         _check_inputs(config)
         config.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_gib)}
         with open(config.log_path, "wb") as log:
-            # A session of its own lets stop() reach vLLM's engine workers through the group.
-            self.process = subprocess.Popen(
-                command(config, python),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
+            self.process = spawn(command(config, python), config, log)
         try:
             self._wait_ready()
         except BaseException:
@@ -208,7 +239,7 @@ class VLLMServer:
                 time.sleep(1.0)
         raise UserError(
             f"vLLM server for {self.config.model} was not ready after {self.config.startup_timeout_s:.0f} s: "
-            f"see {self.config.log_path} (last lines: {_log_tail(self.config.log_path)})"
+            f"see {self.config.log_path} (last lines: {log_tail(self.config.log_path)})"
         )
 
     def check_alive(self) -> None:
@@ -216,22 +247,14 @@ class VLLMServer:
         if self.process is not None and (code := self.process.poll()) is not None:
             raise UserError(
                 f"vLLM server for {self.config.model} exited with code {code}: "
-                f"{_log_tail(self.config.log_path)} (full log: {self.config.log_path})"
+                f"{log_tail(self.config.log_path)} (full log: {self.config.log_path})"
             )
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `grace_s`; return once every member is gone.
-
-        Waiting for the whole group (not just our child) matters: vLLM's engine
-        worker holds the memory and the next server may need it at once.
-        """
+        """Stop the server's whole process group (`stop_group`)."""
         if self.process is None:
             return
-        _signal_group(self.process.pid, signal.SIGTERM)
-        if not _group_gone_within(self.process, grace_s):
-            _signal_group(self.process.pid, signal.SIGKILL)
-            _group_gone_within(self.process, grace_s)
-        self.process.wait()
+        stop_group(self.process, grace_s)
         self.process = None
 
     def __enter__(self) -> Self:

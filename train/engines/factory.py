@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from domainbed_reasoning.errors import UserError
+from train.config import TrainConfig
 from train.engines.base import KINDS, GenerationEngine
 from train.engines.remote_engine import RemoteEngine
-from train.engines.transformers_engine import TransformersEngine
-from train.engines.vllm_engine import VLLMEngine
+from train.engines.transformers_engine import DEFAULT_BATCH_SIZE, TransformersEngine
+from train.engines.vllm_engine import DEFAULT_MAX_MODEL_LEN, VLLMEngine
+from train.token_budget import model_context
 
 
 def open_engine(
@@ -32,3 +34,36 @@ def open_engine(
             )
         return RemoteEngine(model, **options)
     raise UserError(f"unknown engine {kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def batch_unit(kind: str, options: dict[str, Any]) -> int:
+    """Requests an engine generates as one batch: work cut on multiples of it gives the same answers."""
+    return options.get("batch_size", DEFAULT_BATCH_SIZE) if kind == "transformers" else 1
+
+
+def config_options(config: TrainConfig, kind: str) -> dict[str, Any]:
+    """The training settings an engine of `kind` must share with training (image limits, attention)
+    or takes from them (vLLM's context and tensor parallelism)."""
+    if kind == "transformers":
+        return {
+            "image_limits": config.image_limits(),
+            "attn_implementation": config.attn_implementation,
+            "batch_size": config.generation_batch_size,
+        }
+    if kind == "vllm":
+        return {
+            "image_limits": config.image_limits(),
+            "max_model_len": config.vllm_max_model_len,
+            "tensor_parallel_size": config.vllm_tensor_parallel_size,
+        }
+    return {}
+
+
+def engine_context(kind: str, model: str, options: dict[str, Any]) -> int | None:
+    """The longest sequence an engine holds: vLLM's max_model_len (at most the model's own), the
+    model's own for transformers."""
+    if kind == "vllm":
+        return min(options.get("max_model_len", DEFAULT_MAX_MODEL_LEN), model_context(model))
+    if kind == "transformers":
+        return model_context(model)
+    return None

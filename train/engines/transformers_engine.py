@@ -5,14 +5,21 @@ The prompt is built by the very functions the training collator uses (TRL's
 special tokens), so the model is asked exactly what it was trained on. Decoding is
 plain greedy or pure temperature sampling: a checkpoint's own top-k/top-p/repetition
 defaults are ignored, as the vLLM engine ignores them, so the two engines agree.
+
+Images are decoded one batch at a time, and each batch is seeded from the sampling
+seed and its first request's id: the answers depend on the batch, not on what was
+generated before it, so a split cut into shares on batch boundaries (several
+processes, sharding.py) gives the same chains as one process.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import PeftModel
 from PIL import Image
 from rich.progress import track
@@ -30,17 +37,36 @@ from train.engines.base import (
     decode_image,
 )
 from train.mtct_data import user_message
-from train.processor import load_processor
+from train.processor import ImageLimits, load_processor
 
 Decoded = tuple[int, GenRequest, Image.Image]
+DEFAULT_BATCH_SIZE = 8
+REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
 
 
-def load_merged(model: str, adapter: Path | None, dtype: torch.dtype | str) -> PreTrainedModel:
+def load_merged(
+    model: str,
+    adapter: Path | None,
+    dtype: torch.dtype | str,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
     """The base model with the LoRA adapter folded in: generation then costs what the base costs."""
-    base = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+    base = AutoModelForImageTextToText.from_pretrained(
+        model, dtype=dtype, attn_implementation=attn_implementation
+    )
     if adapter is None:
         return base
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+
+
+def batch_seed(seed: int, first_id: str) -> int:
+    """A batch's sampling seed: the run's seed and the batch's first request, nothing else."""
+    return (seed * 1_000_003 + zlib.crc32(first_id.encode())) % 2**63
+
+
+def default_device() -> str:
+    """This process's accelerator (rank r of `accelerate launch` gets cuda:r), else the CPU."""
+    return str(PartialState().device) if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -71,9 +97,11 @@ class TransformersEngine(ClosingEngine):
         model: str,
         adapter: Path | None = None,
         *,
-        batch_size: int = 8,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        image_limits: ImageLimits | None = None,
+        attn_implementation: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -81,9 +109,13 @@ class TransformersEngine(ClosingEngine):
         if adapter is not None:
             adapter_config(adapter)
         self.batch_size = batch_size
-        self.processor = load_processor(model)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_merged(model, adapter, dtype or default_dtype(device)).to(device).eval()
+        self.processor = load_processor(model, image_limits)
+        device = device or default_device()
+        self.model = (
+            load_merged(model, adapter, dtype or default_dtype(device), attn_implementation)
+            .to(device)
+            .eval()
+        )
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.processor.tokenizer.pad_token_id
@@ -99,21 +131,30 @@ class TransformersEngine(ClosingEngine):
     def generate(
         self, requests: Sequence[GenRequest], sampling: SamplingSpec, progress: bool = True
     ) -> list[Generation]:
-        results: list[Generation | None] = [None] * len(requests)
+        batches = [
+            requests[start : start + self.batch_size]
+            for start in range(0, len(requests), self.batch_size)
+        ]
+        results: list[Generation] = []
+        for batch in track(batches, description="generating (transformers)", disable=not progress):
+            results += self._generate_requests(batch, sampling)
+        return results
+
+    def _generate_requests(
+        self, batch: Sequence[GenRequest], sampling: SamplingSpec
+    ) -> list[Generation]:
+        """One batch, decoded only now; an unreadable image fails alone."""
+        results: list[Generation | None] = [None] * len(batch)
         decoded: list[Decoded] = []
-        for index, request in enumerate(requests):
+        for index, request in enumerate(batch):
             try:
                 decoded.append((index, request, decode_image(request.image)))
             except UserError as err:
                 results[index] = Generation.failed(f"image {request.id}: {err}")
-        torch.manual_seed(sampling.seed)
-        batches = [
-            decoded[start : start + self.batch_size]
-            for start in range(0, len(decoded), self.batch_size)
-        ]
-        for batch in track(batches, description="generating (transformers)", disable=not progress):
+        if decoded:
+            torch.manual_seed(batch_seed(sampling.seed, batch[0].id))
             for (index, _, _), generation in zip(
-                batch, self._generate_batch(batch, sampling), strict=True
+                decoded, self._generate_batch(decoded, sampling), strict=True
             ):
                 results[index] = generation
         return results
@@ -133,7 +174,12 @@ class TransformersEngine(ClosingEngine):
             generation_config=generation_config(sampling, list(self.eos_ids), self.pad_id),
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        # An answer cut inside a multi-byte character ends in U+FFFD here; vLLM's detokenizer never
+        # emits those pending bytes, so they are dropped and both engines return the same text.
+        texts = [
+            text.rstrip(REPLACEMENT)
+            for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        ]
         finished = [bool(self.eos_ids & set(row.tolist())) for row in new_tokens]
         n = sampling.n
         return [

@@ -5,17 +5,25 @@ as is (`--enable-lora`, requested by its LoRA name), which costs nothing; an ada
 that also adapts the vision encoder - RD-MLDG's default - is merged into a temporary
 checkpoint that vLLM serves instead, removed again on close. Decoding ignores the
 checkpoint's sampling defaults (`--generation-config vllm`), as the transformers
-engine does, so both engines draw from the same distribution.
+engine does, so both engines draw from the same distribution, and the image limits
+(processor.py) reach vLLM's copy of the processor as `--mm-processor-kwargs`, so
+both engines see an image as the same tokens.
+
+Under several processes each rank serves on its own GPU(s): rank r of a machine gets
+the r-th group of `tensor_parallel_size` visible GPUs, so the ranks label their
+shares side by side (sharding.py).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -38,11 +46,16 @@ from train.engines.base import (
 from train.engines.remote_engine import RemoteEngine
 from train.engines.transformers_engine import load_merged
 from train.lora import VISION_PARTS, linear_layer_names
+from train.processor import ImageLimits, limit_images, load_processor
+from train.token_budget import model_context
 
 SERVED_NAME = "model"
 LORA_NAME = "adapter"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 NEUTRAL_DECODING = ("--generation-config", "vllm")
+# One image per request and no video: an unlisted modality makes vLLM profile 999 of them at start-up.
+IMAGE_ONLY = {"image": 1, "video": 0}
+DEFAULT_MAX_MODEL_LEN = 8192
 
 
 def vision_layer_names(model: str) -> list[str]:
@@ -75,22 +88,46 @@ def max_lora_rank(adapter: Path) -> int:
     return fitting[0]
 
 
-def merge_adapter(model: str, adapter: Path, out: Path) -> Path:
-    """A full checkpoint (weights in the base's dtype, processor) with the adapter folded in."""
+def merge_adapter(model: str, adapter: Path, out: Path, limits: ImageLimits | None = None) -> Path:
+    """A full checkpoint (weights in the base's dtype, processor with `limits`) with the adapter folded in."""
     load_merged(model, adapter, dtype="auto").save_pretrained(out)
-    AutoProcessor.from_pretrained(model).save_pretrained(out)
+    load_processor(model, limits).save_pretrained(out)
     return out
 
 
 def serving_plan(
-    model: str, adapter: Path | None, work_dir: Path
+    model: str, adapter: Path | None, work_dir: Path, limits: ImageLimits | None = None
 ) -> tuple[str, dict[str, Path], str]:
     """(the checkpoint vLLM loads, its LoRA modules, the model name requests ask for)."""
     if adapter is None:
         return model, {}, SERVED_NAME
     if touches_vision(model, adapter):
-        return str(merge_adapter(model, adapter, work_dir / "merged")), {}, SERVED_NAME
+        return str(merge_adapter(model, adapter, work_dir / "merged", limits)), {}, SERVED_NAME
     return model, {LORA_NAME: Path(adapter)}, LORA_NAME
+
+
+def processor_kwargs(model: str, limits: ImageLimits | None) -> dict[str, object]:
+    """The image limits as vLLM's processor overrides (empty when nothing is limited)."""
+    if limits is None:
+        return {}
+    return limit_images(AutoProcessor.from_pretrained(model), limits)
+
+
+def rank_gpus(tensor_parallel_size: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES for this rank's server, or None (one process, or no GPU: vLLM's own choice)."""
+    state = PartialState()
+    if state.num_processes == 1 or not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    first = state.local_process_index * tensor_parallel_size
+    if first + tensor_parallel_size > len(gpus):
+        raise UserError(
+            f"local rank {state.local_process_index} x vllm_tensor_parallel_size {tensor_parallel_size} needs GPUs "
+            f"{first}..{first + tensor_parallel_size - 1}, but {len(gpus)} are visible: set "
+            "vllm_tensor_parallel_size=1 when every process serves its own share"
+        )
+    return ",".join(gpus[first : first + tensor_parallel_size])
 
 
 class VLLMEngine(ClosingEngine):
@@ -104,8 +141,9 @@ class VLLMEngine(ClosingEngine):
         vllm_python: Path | None = None,
         port: int | None = None,
         dtype: str | None = None,
-        max_model_len: int = 4096,
+        max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         tensor_parallel_size: int = 1,
+        image_limits: ImageLimits | None = None,
         concurrency: int = 64,
         timeout: float = 600.0,
         max_retries: int = 1,
@@ -117,16 +155,23 @@ class VLLMEngine(ClosingEngine):
         check_model(model)
         python = resolve_vllm_python(vllm_python)
         rank = max_lora_rank(adapter) if adapter is not None else 8
+        # vLLM refuses a context beyond the model's own; the budget check used the same bound.
+        max_model_len = min(max_model_len, model_context(model))
         self.server: VLLMServer | None = None
         self.work_dir = Path(tempfile.mkdtemp(prefix="dbr-vllm-engine-", dir=work_dir))
         try:
-            served, lora_modules, request_model = serving_plan(model, adapter, self.work_dir)
+            served, lora_modules, request_model = serving_plan(
+                model, adapter, self.work_dir, image_limits
+            )
             config = ServerConfig(
                 model=served,
                 served_model_name=SERVED_NAME,
                 port=port or free_port(),
                 tensor_parallel_size=tensor_parallel_size,
                 max_model_len=max_model_len,
+                limit_mm_per_prompt=IMAGE_ONLY,
+                mm_processor_kwargs=processor_kwargs(served, image_limits),
+                cuda_visible_devices=rank_gpus(tensor_parallel_size),
                 # The CPU build would cast an fp32 checkpoint to 16 bits under "auto".
                 dtype=dtype or ("auto" if torch.cuda.is_available() else "float32"),
                 lora_modules=lora_modules,

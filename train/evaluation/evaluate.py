@@ -7,6 +7,11 @@ judged by `verdict.judge`, the builder's own filter). An answer that names no
 class, several, or is not a well-formed chain is *unparseable*: wrong, and
 counted apart so a format failure is never mistaken for a visual one.
 
+Every image of a split is scored - the test split is the whole held-out domain,
+images without a teacher chain included, as DomainBed scores it - streamed through
+the engine a chunk at a time, so memory does not grow with the domain. Under several
+processes each rank answers its share and rank 0 merges them (sharding.py).
+
 Results live in `<run_dir>/eval/`: one predictions Parquet per (split, mode),
 written as each finishes (a killed evaluation resumes from them), then
 metrics.json, written last, which marks the evaluation finished.
@@ -14,6 +19,7 @@ metrics.json, written last, which marks the evaluation finished.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -22,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import polars as pl
 from datasets import Dataset, DatasetDict
 from rich.table import Table
@@ -36,10 +41,13 @@ from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.loading import load_lodo
 from domainbed_reasoning.terminal import console
-from train.config import load_config
-from train.engines.base import GenerationEngine, GenRequest, SamplingSpec
-from train.engines.factory import open_engine
+from train.config import TrainConfig, load_config
+from train.engines.base import Generation, GenerationEngine, GenRequest, SamplingSpec
+from train.engines.factory import batch_unit, config_options, engine_context, open_engine
 from train.mtct_data import PROMPT_OF_TASK, class_names, task_prompt
+from train.processor import load_processor
+from train.sharding import chunk_size, process_state, row_chunks, sharded_table
+from train.token_budget import check_budget
 from train.weights import stage_weights
 
 EVAL_FORMAT = 1
@@ -87,6 +95,7 @@ class EvalJob:
     name: str
     holdout_fraction: float = 0.2
     seed: int = 0
+    config: TrainConfig = field(default_factory=TrainConfig)  # the run's, or the defaults (zero-shot)
 
     @property
     def eval_dir(self) -> Path:
@@ -140,44 +149,72 @@ def evaluate_split(
     progress: bool = True,
 ) -> EvalResult:
     """Greedy answers for every image of `split`, read and scored."""
+    predictions = predict(engine, split, range(len(split)), classes, mode, max_new_tokens, 1, progress)
+    return EvalResult(predictions, score(predictions, classes))
+
+
+def predict(
+    engine: GenerationEngine,
+    split: Dataset,
+    rows: range,
+    classes: Sequence[str],
+    mode: str,
+    max_new_tokens: int,
+    unit: int = 1,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Greedy answers for `split[rows]`, read; a chunk of images in memory at a time."""
     _check_modes((mode,))
     _check_columns(split)
     prompt = task_prompt(MODES[mode], classes)
-    rows = split.select_columns(["id", "domain", "label", "image"]).cast_column(
-        "image", datasets.Image(decode=False)
-    )
-    records = rows.to_list()
-    requests = [GenRequest(row["id"], _image_bytes(row), prompt) for row in records]
-    generations = engine.generate(
-        requests, SamplingSpec(n=1, temperature=0.0, max_new_tokens=max_new_tokens), progress
-    )
+    sampling = SamplingSpec(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     matcher = matcher_for(tuple(classes))
-    table = []
-    for row, generation in zip(records, generations, strict=True):
-        class_name = classes[row["label"]]
-        text = generation.texts[0] if generation.texts else None
-        finish = generation.finish_reasons[0] if generation.finish_reasons else None
-        if generation.error is not None:
-            predicted, failure = None, str(RejectReason.REQUEST_ERROR)
-        else:
-            predicted, failure = read_answer(mode, text, finish, matcher, class_name)
-        table.append(
-            {
-                "id": row["id"],
-                "domain": row["domain"],
-                "class_name": class_name,
-                "label": row["label"],
-                "mode": mode,
-                "answer": text,
-                "finish_reason": finish,
-                "predicted": predicted,
-                "correct": predicted == class_name,
-                "failure": failure,
-                "error": generation.error,
-            }
-        )
-    predictions = pl.DataFrame(table, schema=PREDICTION_SCHEMA)
-    return EvalResult(predictions, score(predictions, classes))
+    frames = [pl.DataFrame(schema=PREDICTION_SCHEMA)]
+    for chunk in row_chunks(split, rows, ["id", "domain", "label", "image"], chunk_size(unit)):
+        requests = [
+            GenRequest(row_id, image, prompt)
+            for row_id, image in zip(chunk["id"], chunk["image"], strict=True)
+        ]
+        generations = engine.generate(requests, sampling, progress)
+        table = [
+            _read_row(mode, row_id, domain, label, generation, classes, matcher)
+            for row_id, domain, label, generation in zip(
+                chunk["id"], chunk["domain"], chunk["label"], generations, strict=True
+            )
+        ]
+        frames.append(pl.DataFrame(table, schema=PREDICTION_SCHEMA))
+    return pl.concat(frames)
+
+
+def _read_row(
+    mode: str,
+    row_id: str,
+    domain: str,
+    label: int,
+    generation: Generation,
+    classes: Sequence[str],
+    matcher: ClassMatcher,
+) -> dict[str, Any]:
+    class_name = classes[label]
+    text = generation.texts[0] if generation.texts else None
+    finish = generation.finish_reasons[0] if generation.finish_reasons else None
+    if generation.error is not None:
+        predicted, failure = None, str(RejectReason.REQUEST_ERROR)
+    else:
+        predicted, failure = read_answer(mode, text, finish, matcher, class_name)
+    return {
+        "id": row_id,
+        "domain": domain,
+        "class_name": class_name,
+        "label": label,
+        "mode": mode,
+        "answer": text,
+        "finish_reason": finish,
+        "predicted": predicted,
+        "correct": predicted == class_name,
+        "failure": failure,
+        "error": generation.error,
+    }
 
 
 PREDICTION_SCHEMA = {
@@ -204,17 +241,6 @@ def _check_columns(split: Dataset) -> None:
             f"the split to evaluate has no {', '.join(missing)} column(s): pass DomainBed-Reasoning "
             "as exported (`dbr export`) or its Hub repo"
         )
-
-
-def _image_bytes(row: dict[str, Any]) -> bytes:
-    image = row["image"] or {}
-    if image.get("bytes"):
-        return image["bytes"]
-    if image.get("path") and Path(image["path"]).is_file():
-        return Path(image["path"]).read_bytes()
-    raise UserError(
-        f"image {row['id']} is missing (no bytes, no readable file): re-export the dataset with embedded images"
-    )
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -308,6 +334,7 @@ def job_for_run(run_dir: Path) -> EvalJob:
         name=config.method,
         holdout_fraction=config.holdout_fraction,
         seed=config.seed,
+        config=config,
     )
 
 
@@ -362,6 +389,8 @@ def engine_options(
     api_key_env: str | None = None,
     batch_size: int | None = None,
     vllm_python: Path | None = None,
+    max_model_len: int | None = None,
+    tensor_parallel_size: int | None = None,
 ) -> dict[str, Any]:
     """The command line's engine flags as the chosen engine's options; a flag it cannot use is an error."""
     given = {
@@ -369,6 +398,8 @@ def engine_options(
         "api_key_env": (api_key_env, "remote"),
         "batch_size": (batch_size, "transformers"),
         "vllm_python": (vllm_python, "vllm"),
+        "max_model_len": (max_model_len, "vllm"),
+        "tensor_parallel_size": (tensor_parallel_size, "vllm"),
     }
     wrong = [
         f"--{key.replace('_', '-')}"
@@ -389,8 +420,13 @@ def engine_options(
 # --- running a job -------------------------------------------------------------------------------
 
 
+def default_modes(method: str) -> tuple[str, ...]:
+    """The modes a method's training taught: both for mtct/rd-mldg (and zero-shot), its own for one path."""
+    return DEFAULT_MODES.get(method, tuple(MODES))
+
+
 def job_modes(job: EvalJob, settings: EvalSettings) -> tuple[str, ...]:
-    modes = settings.modes or DEFAULT_MODES.get(job.method, tuple(MODES))
+    modes = settings.modes or default_modes(job.method)
     _check_modes(modes)
     return tuple(modes)
 
@@ -418,9 +454,9 @@ def _check_modes(modes: Sequence[str]) -> None:
 def _settings_record(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     """What the predictions depend on; a resumed evaluation must not mix two of these."""
     options = {
-        key: value
-        for key, value in settings.engine_options.items()
-        if isinstance(value, str | int | float | bool)
+        key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        for key, value in job_options(job, settings).items()
+        if dataclasses.is_dataclass(value) or isinstance(value, str | int | float | bool)
     }
     return {
         "engine": settings.engine,
@@ -482,25 +518,30 @@ def predictions_path(eval_dir: Path, split: str, mode: str) -> Path:
     return eval_dir / f"predictions-{split}-{mode}.parquet"
 
 
+def job_options(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
+    """The engine's options: what the run trained with (image limits, vLLM's context), then the flags."""
+    return config_options(job.config, settings.engine) | settings.engine_options
+
+
 def run_job(
     job: EvalJob, engine: GenerationEngine, splits: DatasetDict, settings: EvalSettings
 ) -> dict[str, Any]:
-    """Evaluate every (split, mode) not already on disk, then write metrics.json."""
+    """Evaluate every (split, mode) not already on disk, each rank its share, then write metrics.json."""
+    state = process_state()
     classes = class_names(splits["test"])
     tokens = {"direct": settings.direct_tokens, "reasoning": settings.reasoning_tokens}
+    unit = batch_unit(settings.engine, job_options(job, settings))
+    progress = settings.progress and state.is_main_process
     results: dict[str, dict[str, Any]] = {}
     for split_name, split in splits.items():
         for mode in job_modes(job, settings):
+
+            def answer(rows: range, split: Dataset = split, mode: str = mode) -> pl.DataFrame:
+                return predict(engine, split, rows, classes, mode, tokens[mode], unit, progress)
+
             path = predictions_path(job.eval_dir, split_name, mode)
-            if path.is_file():
-                metrics = score(pl.read_parquet(path), classes)
-            else:
-                result = evaluate_split(
-                    engine, split, classes, mode, tokens[mode], settings.progress
-                )
-                atomic.write_parquet(path, result.predictions)
-                metrics = result.metrics
-            results.setdefault(split_name, {})[mode] = metrics
+            predictions = sharded_table(state, path, len(split), unit, answer)
+            results.setdefault(split_name, {})[mode] = score(predictions, classes)
     metrics = {
         "format": EVAL_FORMAT,
         "dataset": job.dataset,
@@ -513,8 +554,37 @@ def run_job(
         "settings": _settings_record(job, settings),
         "results": results,
     }
-    atomic.write_json(job.eval_dir / "metrics.json", metrics)
+    if state.is_main_process:
+        atomic.write_json(job.eval_dir / "metrics.json", metrics)
+    state.wait_for_everyone()
     return metrics
+
+
+def budget_asks(
+    modes: Sequence[str], classes: Sequence[str], settings: EvalSettings
+) -> list[tuple[str, str, int]]:
+    """(what, prompt, max new tokens) of each mode's requests, for token_budget.check_budget."""
+    tokens = {"direct": settings.direct_tokens, "reasoning": settings.reasoning_tokens}
+    return [
+        (f"evaluation ({mode} mode)", task_prompt(MODES[mode], classes), tokens[mode])
+        for mode in modes
+    ]
+
+
+def check_eval_budget(job: EvalJob, settings: EvalSettings, classes: Sequence[str]) -> None:
+    """Every mode's longest request fits the engine's context, checked before any weights load."""
+    options = job_options(job, settings)
+    context = engine_context(settings.engine, job.model, options)
+    if context is None:
+        return
+    processor = load_processor(job.model, options.get("image_limits"))
+    fix = (
+        f"raise --max-model-len (now {context}), or lower --max-new-tokens"
+        if settings.engine == "vllm"
+        else "lower --max-new-tokens, or the run's image_max_tiles / image_max_pixels"
+    )
+    for what, prompt, new_tokens in budget_asks(job_modes(job, settings), classes, settings):
+        check_budget(processor, prompt, new_tokens, context, f"{what} with the {settings.engine} engine", fix)
 
 
 def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
@@ -522,8 +592,16 @@ def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     job_modes(job, settings)
     check_eval_dir(job, settings)
     splits = load_job_splits(job, job_splits(job, settings), settings.cache_dir)
-    start_eval_dir(job, settings)
-    with open_engine(settings.engine, job.model, job.adapter, **settings.engine_options) as engine:
+    check_eval_budget(job, settings, class_names(splits["test"]))
+    state = process_state()
+    if state.is_main_process:
+        start_eval_dir(job, settings)
+    state.wait_for_everyone()
+    options = job_options(job, settings)
+    if settings.engine == "vllm":
+        log = "vllm.log" if state.num_processes == 1 else f"vllm-rank-{state.process_index}.log"
+        options = {"log_path": job.eval_dir / log} | options
+    with open_engine(settings.engine, job.model, job.adapter, **options) as engine:
         return run_job(job, engine, splits, settings)
 
 
@@ -546,7 +624,8 @@ def evaluate_command(
     if (run is None) == (zero_shot is None):
         raise UserError("pass --run RUN_DIR (a trained run) or --model MODEL (any model, zero-shot), not both")
     metrics = evaluate_run(run, settings) if run is not None else evaluate_model(zero_shot, settings)
-    print_metrics(metrics)
+    if process_state().is_main_process:
+        print_metrics(metrics)
     return metrics
 
 

@@ -1,0 +1,102 @@
+"""One MTCT optimiser step under `accelerate launch`; rank 0 saves the update and the logs.
+
+tests/test_distributed.py runs it with 1 process x micro-batch 2b and 2 processes x b on
+the same rows and compares: with SGD at lr 1 and no clipping the update is minus the
+gradient, so equal updates mean equal gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import SFTConfig
+
+from train.lora import lora_config
+from train.mtct_data import build_examples
+from train.mtct_trainer import MTCTTrainer
+
+CLASSES = ("circle", "cross", "square", "star", "triangle")
+COLOURS = ("red", "green", "blue", "yellow", "white")
+
+
+def rows() -> datasets.Dataset:
+    """7 images, 2 of them without a chain: 12 rows (5 pairs, 2 class-name-only rows)."""
+    records = []
+    for index in range(7):
+        name = CLASSES[index % 5]
+        chain = (
+            f"<SUMMARY>colour</SUMMARY><CAPTION>{COLOURS[index % 5]} {'x' * index}</CAPTION>"
+            f"<REASONING>so</REASONING><REFLECTION>sure</REFLECTION><CONCLUSION>{name}</CONCLUSION>"
+        )
+        records.append(
+            {
+                "id": f"SynthDG/photo/{name}/{index}.png",
+                "label": index % 5,
+                "image": Image.new("RGB", (32, 32), COLOURS[index % 5]),
+                "chain": None if index in (2, 5) else chain,
+            }
+        )
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(CLASSES)),
+            "image": datasets.Image(),
+            "chain": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_list(records, features=features)
+
+
+def mtct_trainer(model_dir: Path, out: Path, **settings: object) -> MTCTTrainer:
+    """An MTCT trainer with LoRA on vision and language over `rows()`, for one step."""
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        **settings,
+    )
+    return MTCTTrainer(
+        model=model,
+        args=args,
+        train_dataset=build_examples(rows(), "mtct", CLASSES),
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+        peft_config=lora_config(model, 8, 16, 0.0, train_vision=True),
+    )
+
+
+def main(model_dir: Path, out: Path, batch: int) -> None:
+    trainer = mtct_trainer(
+        model_dir,
+        out,
+        per_device_train_batch_size=batch,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        use_cpu=True,
+    )
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        after = dict(trainer.model.named_parameters())
+        update = {k: (after[k].detach() - v).contiguous() for k, v in before.items()}
+        save_file(update, out / "update.safetensors")
+        logs = [entry for entry in trainer.state.log_history if "loss_cls" in entry]
+        report = {"processes": trainer.accelerator.num_processes, "logs": logs}
+        (out / "logs.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
