@@ -7,12 +7,17 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 from rich.console import Console
+from transformers import AutoProcessor
 from typer.testing import CliRunner
 
+from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.cli import app
+from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.offline.demo import METHODS, SMALL, DemoConfig, run_demo
+from domainbed_reasoning.offline.demo import LEARNS, METHODS, SMALL, DemoConfig, run_demo
+from domainbed_reasoning.offline.demo_clock import Reference, estimate, machine
 
 ROW_LABELS = ("CLS only", "Reasoning only", "MTCT", "RD-MLDG")
 
@@ -38,8 +43,8 @@ def test_teacher_errors_are_visibly_rejected(demo_run) -> None:
 def test_load_dataset_saw_every_domain(demo_run) -> None:
     config, result, _ = demo_run
     assert set(result.splits) == {"cartoon", "painting", "photo", "sketch"}
-    accepted = pl.read_parquet(config.chains_root / "SynthDG" / "chains.parquet").height
-    assert sum(result.splits.values()) == accepted
+    images = 5 * 4 * config.size.images_per_class  # classes x domains: every image, chain or not
+    assert sum(result.splits.values()) == images
     assert (config.export_dir / "README.md").is_file()
 
 
@@ -89,6 +94,40 @@ def test_a_second_run_elsewhere_reproduces_the_chains_and_the_table(
 
     assert chains(again.chains_root).equals(chains(config.chains_root))
     assert rerun.report.markdown.read_text() == result.report.markdown.read_text()
+
+
+def test_the_demo_tokenizer_makes_the_prompts_short_and_loses_no_text(demo_run) -> None:
+    """Merges across words: a fixed prompt is a token or two, and every chain decodes back exactly."""
+    config, result, _ = demo_run
+    tokenizer = AutoProcessor.from_pretrained(result.model).tokenizer
+    classes = class_list(get_spec("SynthDG").classes)
+    for name in ("classify", "reason"):
+        prompt = load_prompt(name).render(classes=classes)
+        assert len(tokenizer.encode(prompt, add_special_tokens=False)) <= 2, name
+    chains = pl.read_parquet(config.chains_root / "SynthDG" / "chains.parquet")["chain"]
+    lengths = [len(tokenizer.encode(chain, add_special_tokens=False)) for chain in chains]
+    assert max(lengths) < config.size.chain_tokens * 2
+    assert all(tokenizer.decode(tokenizer.encode(chain)) == chain for chain in chains)
+
+
+def test_the_expected_duration_is_the_reference_scaled_by_the_calibration() -> None:
+    reference = Reference(machine="the reference", calibration_s=2.0, demo_s=600.0)
+    expected = estimate(300.0, reference)
+    assert expected.calibration_s > 0
+    assert expected.expected_s == pytest.approx(300.0 * expected.calibration_s / 2.0)
+    assert str(torch.backends.cpu.get_cpu_capability()) in machine()
+
+
+@pytest.mark.slow
+def test_the_reduced_demo_learns(tmp_path: Path) -> None:
+    """Not only runs: on the held-out style it beats chance (20%, 5 classes) by a wide margin."""
+    config = DemoConfig(tmp_path / "data", tmp_path / "runs", LEARNS)
+    result = run_demo(config, Console(record=True, width=200))
+    assert set(result.runs) == {"cls"}
+    metrics = json.loads((result.runs["cls"] / "eval" / "metrics.json").read_text())
+    held_out = metrics["results"]["test"]["direct"]
+    assert held_out["n"] == 5 * LEARNS.images_per_class  # every image of the held-out domain
+    assert held_out["accuracy"] >= 0.4, held_out
 
 
 def test_unknown_target_is_one_clear_line(tmp_path: Path) -> None:

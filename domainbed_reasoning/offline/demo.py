@@ -23,27 +23,40 @@ from rich.table import Table
 from domainbed_reasoning import artefacts
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.offline.demo_clock import REFERENCE, Estimate
 from train.config import CONFIG_DIR
 
 DATASET = "SynthDG"
 TARGET = "cartoon"
 METHODS = ("cls", "reasoning", "mtct", "rd-mldg")
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+CORPUS_CHAINS = 200  # training conversations per path the demo tokenizer learns from
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How much data and training; `small` keeps the test of the demo under a few minutes."""
+    """How much data and training, which methods, and how long the reference machine took.
+
+    `reference_s` is the reference run's total for this size (demo_clock.py scales it to
+    this machine); None says nothing before starting.
+    """
 
     images_per_class: int
     epochs: float
     max_train_images: int | None = None
-    chain_tokens: int = 320  # a SynthDG chain is about 200 tokens: room for a whole one
+    chain_tokens: int = 64  # a SynthDG chain is 15-60 tokens of the demo tokenizer
+    methods: tuple[str, ...] = METHODS
+    reference_s: float | None = None
 
 
-FULL = DemoSize(images_per_class=60, epochs=8)
+FULL = DemoSize(images_per_class=60, epochs=8, reference_s=REFERENCE.demo_s)
+# Every stage, in seconds: checks the pipeline, learns nothing.
 SMALL = DemoSize(images_per_class=3, epochs=1, max_train_images=16, chain_tokens=32)
+# The cheapest run that learns: CLS only, on a third of the images, for as many optimiser steps
+# as the full demo (360); `make test` checks it scores well above chance on the held-out domain.
+# Fewer steps (120, at 20 images per class and 8 epochs) stayed at chance.
+LEARNS = DemoSize(images_per_class=20, epochs=24, methods=("cls",))
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class DemoResult:
     runs: dict[str, Path] = field(default_factory=dict)
     report: Any = None
     seconds: dict[str, float] = field(default_factory=dict)
+    estimate: Estimate | None = None
 
 
 def teacher_faults(seed: int):
@@ -207,24 +221,27 @@ def load(config: DemoConfig, steps: Steps) -> dict[str, int]:
 
 
 def demo_model(config: DemoConfig, steps: Steps) -> Path:
+    """The tokenizer learns from conversations of the training domains only, as training will see them."""
     import polars as pl
 
-    from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
+    from domainbed_reasoning.chains.prompt_templates import humanise
     from domainbed_reasoning.offline.tiny_models import build_demo_qwen2vl, cached_tiny_model
+    from train.mtct_data import task_prompt
 
     spec = get_spec(DATASET)
-    chains = pl.read_parquet(artefacts.chains_path(artefacts.chains_dir(config.chains_root, spec))).sort(
-        "id"
+    chains = (
+        pl.read_parquet(artefacts.chains_path(artefacts.chains_dir(config.chains_root, spec)))
+        .filter(pl.col("domain") != config.target)
+        .sort("id")
     )
-    corpus = [
-        *chains["chain"].head(200).to_list(),
-        *(
-            load_prompt(name).render(classes=class_list(spec.classes))
-            for name in ("classify", "reason")
-        ),
+    sample = chains.sample(min(CORPUS_CHAINS, chains.height), seed=config.seed)
+    prompts = {task: task_prompt(task, spec.classes) for task in ("cls", "reasoning")}
+    conversations = [
+        *((prompts["reasoning"], chain) for chain in sample["chain"]),
+        *((prompts["cls"], humanise(name)) for name in sample["class_name"]),
     ]
     model = cached_tiny_model(
-        build_demo_qwen2vl, config.runs / "models", corpus=corpus, seed=config.seed
+        build_demo_qwen2vl, config.runs / "models", conversations=conversations, seed=config.seed
     )
     steps.artefact("base model (random weights, built from a config)", model)
     return model
@@ -292,6 +309,27 @@ def report(config: DemoConfig, steps: Steps):
     return written
 
 
+def announce(config: DemoConfig, console: Console) -> Estimate | None:
+    """Say what the demo runs on and, for a size with a reference run, how long it should take."""
+    from domainbed_reasoning.offline.demo_clock import estimate, machine
+
+    console.print(f"this machine: {machine()}", highlight=False)
+    if config.size.reference_s is None:
+        return None
+    expected = estimate(config.size.reference_s)
+    console.print(
+        f"expected duration: about {_minutes(expected.expected_s)} of steps (a {expected.calibration_s:.1f} s "
+        f"calibration here; {expected.reference.calibration_s:.1f} s and {_minutes(expected.reference_s)} "
+        f"on {expected.reference.machine})",
+        highlight=False,
+    )
+    return expected
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
 def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     """Every stage in order; returns where everything went and how long each step took."""
     console = console or Console()
@@ -299,8 +337,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         raise UserError(
             f"unknown held-out domain {config.target!r}: choose one of {', '.join(get_spec(DATASET).domains)}"
         )
-    result = DemoResult()
-    steps = Steps(console, total=6 + 2 * len(METHODS), result=result)
+    methods = config.size.methods
+    result = DemoResult(estimate=announce(config, console))
+    steps = Steps(console, total=6 + 2 * len(methods), result=result)
     with steps.step("SynthDG: draw the images"):
         synthesise(config, steps)
     with steps.step("build-chains: sample the simulated teacher, keep label-consistent chains"):
@@ -311,12 +350,12 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         result.splits = load(config, steps)
     with steps.step("model: a small Qwen2-VL from a config, random weights"):
         result.model = demo_model(config, steps)
-    for method in METHODS:
+    for method in methods:
         with steps.step(f"train {method} (held-out domain: {config.target})"):
             result.runs[method] = train_method(
                 config, result.model, method, steps, result.runs.get("mtct")
             )
-    for method in METHODS:
+    for method in methods:
         with steps.step(f"evaluate {method} on {config.target} and validation"):
             evaluate(config, result.runs[method], steps)
     with steps.step("report"):
@@ -324,5 +363,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     console.rule("[bold green]demo finished")
     for title, seconds in result.seconds.items():
         console.print(f"  {seconds:7.1f} s  {title}", highlight=False)
-    console.print(f"  {sum(result.seconds.values()):7.1f} s  total", highlight=False)
+    total = sum(result.seconds.values())
+    expected = f" (expected {result.estimate.expected_s:.0f} s)" if result.estimate else ""
+    console.print(f"  {total:7.1f} s  total{expected}", highlight=False)
     return result

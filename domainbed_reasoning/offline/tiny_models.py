@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
 )
+from transformers.utils.chat_template_utils import render_jinja_template
 
 STAGE_TAGS = ("SUMMARY", "CAPTION", "REASONING", "REFLECTION", "CONCLUSION")
 
@@ -112,24 +114,36 @@ def train_tokenizer(
     eos_token: str,
     pad_token: str,
     corpus: Iterable[str] = (),
+    split_words: bool = True,
+    min_frequency: int = 0,
     token_roles: Mapping[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Byte-level BPE, so any text (a teacher's chain, a class name) encodes without <unk>.
 
-    `corpus` adds whole texts (e.g. chains): merges learnt from them keep those sequences short.
-    `token_roles` names special tokens as attributes a processor reads (`tokenizer.start_image_token`).
+    `corpus` adds whole texts (e.g. chains, or whole conversations: the special tokens in
+    them are cut out first, as encoding does): merges learnt from them keep those sequences
+    short. `split_words=False` lets merges cross word boundaries (SentencePiece without its
+    whitespace split), so text seen over and over - a fixed prompt, a chain's stock
+    phrases - becomes a few tokens; `min_frequency` keeps one-off text from becoming a
+    token of its own. `token_roles` names special tokens as attributes a processor reads
+    (`tokenizer.start_image_token`).
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
+        add_prefix_space=False, use_regex=split_words
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
+        min_frequency=min_frequency,
         special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    specials = re.compile("|".join(re.escape(token) for token in special_tokens))
     texts = [*BASE_CORPUS, *(f"{w} the {w.replace('_', ' ')}." for w in words), *corpus]
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    pieces = [piece for text in texts for piece in specials.split(text) if piece]
+    tokenizer.train_from_iterator(pieces, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=eos_token,
@@ -148,12 +162,15 @@ def build_tiny_qwen2vl(
     layers: int = 2,
     heads: int = 2,
     vision_depth: int = 2,
+    vision_width: int | None = None,
     seed: int = 0,
     vocab_words: Iterable[str] = (),
     corpus: Iterable[str] = (),
     vocab_size: int = 1024,
     patch_size: int = 14,
     pixels: dict[str, int] | None = None,
+    split_words: bool = True,
+    min_frequency: int = 0,
 ) -> Path:
     """A Qwen2-VL with head_dim 64 (the smallest vLLM's CPU attention accepts)."""
     head_dim = hidden // heads
@@ -166,6 +183,8 @@ def build_tiny_qwen2vl(
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         corpus=corpus,
+        split_words=split_words,
+        min_frequency=min_frequency,
     )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
     config = Qwen2VLConfig(
@@ -189,7 +208,7 @@ def build_tiny_qwen2vl(
         },
         vision_config={
             "depth": vision_depth,
-            "embed_dim": hidden,
+            "embed_dim": vision_width or hidden,
             "hidden_size": hidden,
             "num_heads": heads,
             "patch_size": patch_size,
@@ -216,22 +235,47 @@ def build_tiny_qwen2vl(
 
 # SynthDG's 64x64 images at native resolution: 16-pixel patches, 2x2 merge -> 4 vision tokens.
 DEMO_PIXELS = {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}
+DEMO_PATCH = 16
+# A merge must be seen this often in the demo's conversations to become a token.
+DEMO_MIN_FREQUENCY = 10
+
+
+def chat_corpus(conversations: Iterable[tuple[str, str]], chat_template: str) -> list[str]:
+    """Each (prompt, answer) with an image, rendered as training renders it."""
+    return [
+        render_jinja_template(
+            [[
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ]],
+            chat_template=chat_template,
+        )[0][0]
+        for prompt, answer in conversations
+    ]  # fmt: skip
 
 
 def build_demo_qwen2vl(
-    out_dir: Path, *, corpus: Iterable[str] = (), seed: int = 0, vocab_size: int = 4096
+    out_dir: Path,
+    *,
+    conversations: Iterable[tuple[str, str]] = (),
+    seed: int = 0,
+    vocab_size: int = 4096,
 ) -> Path:
     """The `dbr demo` model: a Qwen2-VL small enough to train on 2 CPU cores in minutes.
 
-    Its tokenizer learns merges from the demo's own chains (`corpus`), so a chain is
-    about 200 tokens, and its vision patches fit 64-pixel SynthDG images without resizing.
-    Measured on 64 SynthDG images (full fine-tuning, lr 3e-4): 16-pixel patches (4 vision
-    tokens) memorise them within 400 steps where 8-pixel ones (16 tokens) are still near
-    chance, and they halve the cost of every step.
+    Its tokenizer learns from the demo's own training conversations (prompt, answer), with
+    merges across words: the fixed prompts and the chat template's text become a token or
+    two, a chain a few dozen, so an example costs its image and little else. Its vision
+    patches fit 64-pixel SynthDG images without resizing. Measured on 64 SynthDG images
+    (full fine-tuning, lr 3e-4): 16-pixel patches (4 vision tokens) memorise them within
+    400 steps where 8-pixel ones (16 tokens) are still near chance, and they halve the cost
+    of every step.
     """
     return build_tiny_qwen2vl(
-        out_dir, hidden=128, layers=2, heads=2, vision_depth=2, seed=seed, corpus=corpus,
-        vocab_size=vocab_size, patch_size=16, pixels=DEMO_PIXELS,
+        out_dir, hidden=128, layers=2, heads=2, vision_depth=2, seed=seed,
+        corpus=chat_corpus(conversations, QWEN2VL_CHAT_TEMPLATE), vocab_size=vocab_size,
+        patch_size=DEMO_PATCH, pixels=DEMO_PIXELS, split_words=False,
+        min_frequency=DEMO_MIN_FREQUENCY,
     )  # fmt: skip
 
 
