@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from peft import get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from builders.teacher_client import withheld_key_urls
 from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.chains.verdict import judge
@@ -251,6 +253,23 @@ def test_remote_engine_names_a_model_it_does_not_serve(synth_dir: Path) -> None:
         pytest.raises(UserError, match=r"does not serve model 'gpt-4o' \(it serves sim-teacher\)"),
     ):
         open_engine("remote", "gpt-4o", base_url=base_url)
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_key_named_by_api_key_env_also_goes_to_a_plain_http_host(
+    named: bool, synth_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the builder: OPENAI_API_KEY found by default stays off plain http beyond this machine."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default")
+    monkeypatch.setenv("ZERO_SHOT_KEY", "sk-named")
+    far = "http://10.1.2.3:8000/v1"
+    with (
+        run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
+        open_engine(
+            "remote", "sim-teacher", base_url=base_url, api_key_env="ZERO_SHOT_KEY" if named else None
+        ) as engine,
+    ):
+        assert withheld_key_urls(replace(engine.base, urls=(far,))) == ([] if named else [far])
 
 
 # --- errors ----------------------------------------------------------------------------------------------

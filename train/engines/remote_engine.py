@@ -62,6 +62,7 @@ class RemoteEngine(ClosingEngine):
             urls=(base_url,),
             model=model,
             api_key=resolve_api_key(api_key_env),
+            api_key_explicit=api_key_env is not None,
             timeout=timeout,
             max_retries=max_retries,
             concurrency=concurrency,
