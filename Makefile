@@ -22,10 +22,11 @@ REPO ?=
 .PHONY: setup vllm-env chromium test demo datasets download build-chains browse export publish serve-teacher sim-teacher bench lint clean train
 
 # The stamp is keyed on pyproject.toml, so re-running `make setup` is instant when nothing changed.
+# DeepSpeed (the optional extra) is installed too, so the ZeRO-3 save test runs on the CPU.
 $(VENV)/.stamp: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,deepspeed]'
 	@touch $@
 
 setup: $(VENV)/.stamp
