@@ -289,17 +289,23 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 LLAVA_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
 
-# ChatML with LLaVA's single `<image>` placeholder, which LlavaProcessor expands to
-# one token per vision patch.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<image>\n"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+def chatml_template(image_placeholder: str) -> str:
+    """ChatML where each image part becomes `image_placeholder` on a line of its own."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for content in message['content'] %}"
+        "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+        f"{image_placeholder}\n"
+        "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+# LLaVA's single `<image>` placeholder, which LlavaProcessor expands to one token per vision patch.
+LLAVA_CHAT_TEMPLATE = chatml_template("<image>")
 
 
 def build_tiny_llava(
@@ -397,17 +403,9 @@ INTERNVL_TOKEN_ROLES = {
     "video_token": "<video>",
 }
 
-# ChatML with one `<IMG_CONTEXT>` per image part, which InternVLProcessor expands to
+# One `<IMG_CONTEXT>` per image part, which InternVLProcessor expands to
 # `<img>` + image_seq_length x tiles `<IMG_CONTEXT>` + `</img>`, as InternVL3's template does.
-INTERNVL_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<IMG_CONTEXT>\n"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+INTERNVL_CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>")
 
 
 def build_tiny_internvl(
