@@ -23,7 +23,7 @@ from rich.table import Table
 from domainbed_reasoning import artefacts
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.offline.demo_clock import REFERENCE, Estimate
+from domainbed_reasoning.offline.demo_clock import REFERENCE, Estimate, estimate, machine
 from train.config import CONFIG_DIR
 
 DATASET = "SynthDG"
@@ -311,8 +311,6 @@ def report(config: DemoConfig, steps: Steps):
 
 def announce(config: DemoConfig, console: Console) -> Estimate | None:
     """Say what the demo runs on and, for a size with a reference run, how long it should take."""
-    from domainbed_reasoning.offline.demo_clock import estimate, machine
-
     console.print(f"this machine: {machine()}", highlight=False)
     if config.size.reference_s is None:
         return None
