@@ -49,11 +49,11 @@ url, data_dir, out, concurrency, candidates, extra = sys.argv[1], Path(sys.argv[
 BUILDER = (
     CHILD_SETUP
     + """
-from builders import build
-from builders.build_config import BuildConfig
-from builders.rejection_sampling import SamplingPlan
-from builders.teacher_client import TeacherConfig
-from builders.workers import worker_count
+from domainbed_reasoning.builders import build
+from domainbed_reasoning.builders.build_config import BuildConfig
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig
+from domainbed_reasoning.builders.workers import worker_count
 
 measured = {}
 sample = build.sample
@@ -76,8 +76,8 @@ print(json.dumps({"requests": run["requests"], "seconds": run["seconds"]} | meas
 )
 
 CLIENT_BODIES = """
-from builders.image_payload import PayloadPolicy, image_data_url
-from builders.teacher_client import encode_messages, request_body
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy, image_data_url
+from domainbed_reasoning.builders.transport.teacher_client import encode_messages, request_body
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.data.scan import scan_dataset
@@ -102,7 +102,7 @@ LEAN_CLIENT = (
     CHILD_SETUP
     + CLIENT_BODIES
     + """
-from builders.teacher_client import TeacherConfig, TeacherPool
+from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig, TeacherPool
 
 async def main():
     async with TeacherPool(TeacherConfig((url,), "sim-teacher", concurrency=concurrency)) as pool:

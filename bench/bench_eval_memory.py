@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 import datasets
+from domainbed_reasoning.train.engines.factory import open_engine
+from domainbed_reasoning.train.evaluation.evaluate import EvalJob, EvalSettings, run_job
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.offline.tiny_models import build_tiny_qwen2vl, cached_tiny_model
-from train.engines.factory import open_engine
-from train.evaluation.evaluate import EvalJob, EvalSettings, run_job
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tiny-models"
 SPEC = get_spec("SynthDG")

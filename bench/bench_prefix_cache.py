@@ -31,8 +31,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from builders.image_payload import PayloadPolicy, image_data_url
-from builders.teacher_client import TeacherConfig, TeacherPool, encode_messages
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy, image_data_url
+from domainbed_reasoning.builders.transport.teacher_client import (
+    TeacherConfig,
+    TeacherPool,
+    encode_messages,
+)
+
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.data.scan import scan_dataset

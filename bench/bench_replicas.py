@@ -25,11 +25,11 @@ import urllib.request
 from pathlib import Path
 
 from bench_builder import cpu_description, load, start_teacher
+from domainbed_reasoning.builders.build import build_chains
+from domainbed_reasoning.builders.build_config import BuildConfig
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig
 
-from builders.build import build_chains
-from builders.build_config import BuildConfig
-from builders.rejection_sampling import SamplingPlan
-from builders.teacher_client import TeacherConfig
 from domainbed_reasoning.offline.synth import generate
 from domainbed_reasoning.serving.vllm_server import free_port
 

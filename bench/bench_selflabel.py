@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from domainbed_reasoning.train.engines.base import GenRequest, SamplingSpec
+from domainbed_reasoning.train.engines.factory import open_engine
 from rich.console import Console
 from rich.table import Table
 
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.offline.synth import SPEC, generate, read_sidecar
 from domainbed_reasoning.offline.tiny_models import build_tiny_qwen2vl, cached_tiny_model
-from train.engines.base import GenRequest, SamplingSpec
-from train.engines.factory import open_engine
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tiny-models"
 WARM_UP_IMAGES = 4

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from domainbed_reasoning.builders.store.candidate_store import CANDIDATE_SCHEMA, shard_path
 
-from builders.candidate_store import CANDIDATE_SCHEMA, shard_path
 from domainbed_reasoning.chains.chain_format import STAGES, format_chain
 from domainbed_reasoning.data.registry import get_spec
 
@@ -51,10 +51,10 @@ NEW_START = (
 import sys, time
 from pathlib import Path
 import polars as pl
-from builders.build import refuse_mixing
-from builders.candidate_store import compact, scan_candidates
-from builders.image_payload import PayloadPolicy
-from builders.rejection_sampling import SamplingPlan, pending_tasks, progress_by_image
+from domainbed_reasoning.builders.build import refuse_mixing
+from domainbed_reasoning.builders.store.candidate_store import compact, scan_candidates
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan, pending_tasks, progress_by_image
 store, manifest = Path(sys.argv[1]), pl.read_parquet(sys.argv[2])
 start = time.perf_counter()
 compact(store)
@@ -70,9 +70,9 @@ OLD_START = (
 import sys, time
 from pathlib import Path
 import polars as pl
-from builders.candidate_store import CANDIDATE_SCHEMA
-from builders.image_payload import PayloadPolicy
-from builders.rejection_sampling import SamplingPlan, pending_tasks
+from domainbed_reasoning.builders.store.candidate_store import CANDIDATE_SCHEMA
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan, pending_tasks
 store, manifest = Path(sys.argv[1]), pl.read_parquet(sys.argv[2])
 start = time.perf_counter()
 frame = pl.read_parquet(sorted(store.glob("part-*.parquet")), schema=CANDIDATE_SCHEMA)
@@ -89,7 +89,7 @@ DERIVE = (
 import sys, time
 from pathlib import Path
 import polars as pl
-from builders.build_report import RunInfo, write_outputs
+from domainbed_reasoning.builders.build_report import RunInfo, write_outputs
 from domainbed_reasoning.chains.matching import ClassMatcher
 from domainbed_reasoning.data.registry import get_spec
 store, manifest, out = Path(sys.argv[1]), pl.read_parquet(sys.argv[2]), Path(sys.argv[3])

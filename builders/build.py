@@ -17,24 +17,33 @@ import zlib
 from pathlib import Path
 
 import polars as pl
-from rich.console import Console
-
-from builders.batch_mode import BatchPlan, runner_for, sample_in_batches
-from builders.build_config import BuildConfig, Shard
-from builders.build_report import RunInfo, write_outputs
-from builders.candidate_store import compact, scan_candidates, store_lock
-from builders.progress import progress_bar
-from builders.rejection_sampling import Judging, pending_tasks, progress_by_image
-from builders.rejudge import rejudge_and_summarise, require_current_judge
-from builders.sampling import Counters, Share, check_teacher, sample_share
-from builders.spending import budget_left, dry_run_lines, folder_spend, pacing_plan
-from builders.teacher_client import (
+from domainbed_reasoning.builders.batch.batch_mode import BatchPlan, runner_for, sample_in_batches
+from domainbed_reasoning.builders.build_config import BuildConfig, Shard
+from domainbed_reasoning.builders.build_report import RunInfo, write_outputs
+from domainbed_reasoning.builders.cost.spending import (
+    budget_left,
+    dry_run_lines,
+    folder_spend,
+    pacing_plan,
+)
+from domainbed_reasoning.builders.progress import progress_bar
+from domainbed_reasoning.builders.rejection_sampling import (
+    Judging,
+    pending_tasks,
+    progress_by_image,
+)
+from domainbed_reasoning.builders.sampling import Counters, Share, check_teacher, sample_share
+from domainbed_reasoning.builders.store.candidate_store import compact, scan_candidates, store_lock
+from domainbed_reasoning.builders.store.rejudge import rejudge_and_summarise, require_current_judge
+from domainbed_reasoning.builders.transport.teacher_client import (
     DEFAULT_KEY_ENV,
     MessagesTemplate,
     url_host,
     withheld_key_urls,
 )
-from builders.workers import sample_in_workers, split_shares, worker_count
+from domainbed_reasoning.builders.workers import sample_in_workers, split_shares, worker_count
+from rich.console import Console
+
 from domainbed_reasoning.artefacts import candidates_dir, chains_dir, manifest_path, report_path
 from domainbed_reasoning.chains.matching import ClassMatcher
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt

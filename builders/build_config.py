@@ -7,11 +7,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builders.image_payload import PayloadPolicy
-from builders.pricing import Price, resolve_price
-from builders.rate_limits import RateLimits
-from builders.rejection_sampling import SamplingPlan
-from builders.teacher_client import TeacherConfig, url_host
+from domainbed_reasoning.builders.cost.pricing import Price, resolve_price
+from domainbed_reasoning.builders.cost.rate_limits import RateLimits
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy
+from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig, url_host
+
 from domainbed_reasoning.errors import UserError
 
 SHARD_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")

@@ -13,11 +13,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
+from domainbed_reasoning.builders.cost.budget import spend_by_mode
+from domainbed_reasoning.builders.cost.pricing import Price, unknown_price_note
+from domainbed_reasoning.builders.rejection_sampling import (
+    ACCEPTED,
+    REQUEST_ERROR,
+    progress_by_image,
+)
+from domainbed_reasoning.builders.store.candidate_store import scan_candidates
 
-from builders.budget import spend_by_mode
-from builders.candidate_store import scan_candidates
-from builders.pricing import Price, unknown_price_note
-from builders.rejection_sampling import ACCEPTED, REQUEST_ERROR, progress_by_image
 from domainbed_reasoning import atomic
 from domainbed_reasoning.artefacts import chains_path, report_path, stats_path
 from domainbed_reasoning.chains.matching import ClassMatcher

@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 import polars as pl
+from domainbed_reasoning.builders.store.candidate_store import CandidateRecord
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy, image_data_url
+from domainbed_reasoning.builders.transport.teacher_client import MessagesTemplate, Reply
 
-from builders.candidate_store import CandidateRecord
-from builders.image_payload import PayloadPolicy, image_data_url
-from builders.teacher_client import MessagesTemplate, Reply
 from domainbed_reasoning.chains.chain_format import RejectReason
 from domainbed_reasoning.chains.matching import ClassMatcher
 from domainbed_reasoning.chains.verdict import judge

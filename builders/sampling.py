@@ -16,13 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-
-from builders.build_config import BuildConfig
-from builders.candidate_store import CandidateRecord, CandidateWriter
-from builders.pacing import BudgetSpent, PacingPlan, Spend
-from builders.rejection_sampling import Judging, Outcome, image_tasks, resolve_image
-from builders.replicas import AllReplicasDown
-from builders.teacher_client import MessagesTemplate, TeacherConfig, TeacherPool
+from domainbed_reasoning.builders.build_config import BuildConfig
+from domainbed_reasoning.builders.cost.pacing import BudgetSpent, PacingPlan, Spend
+from domainbed_reasoning.builders.rejection_sampling import (
+    Judging,
+    Outcome,
+    image_tasks,
+    resolve_image,
+)
+from domainbed_reasoning.builders.store.candidate_store import CandidateRecord, CandidateWriter
+from domainbed_reasoning.builders.transport.replicas import AllReplicasDown
+from domainbed_reasoning.builders.transport.teacher_client import (
+    MessagesTemplate,
+    TeacherConfig,
+    TeacherPool,
+)
 
 REPORT_SECONDS = 0.1
 BUDGET_SPENT = "--budget-usd is spent: raise it and run the same command to go on"

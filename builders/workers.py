@@ -27,8 +27,9 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from queue import Empty
 
-from builders.pacing import Spend
-from builders.sampling import REPORT_SECONDS, Counters, Share, sample_share
+from domainbed_reasoning.builders.cost.pacing import Spend
+from domainbed_reasoning.builders.sampling import REPORT_SECONDS, Counters, Share, sample_share
+
 from domainbed_reasoning.errors import UserError
 
 STOP_SECONDS = 10.0

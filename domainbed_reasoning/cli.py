@@ -247,13 +247,13 @@ def build_chains_command(
     batch_poll_s: float = typer.Option(30.0, help="--mode batch: seconds between polls of the Batch API."),
 ) -> None:
     """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
-    from builders.build import build_and_summarise
-    from builders.build_config import BatchRunner, BuildConfig, Shard, Spending
-    from builders.image_payload import PayloadPolicy
-    from builders.rate_limits import RateLimits
-    from builders.rejection_sampling import SamplingPlan, parse_temperatures
-    from builders.replicas import HealthPolicy
-    from builders.teacher_client import TeacherConfig, resolve_api_key
+    from domainbed_reasoning.builders.build import build_and_summarise
+    from domainbed_reasoning.builders.build_config import BatchRunner, BuildConfig, Shard, Spending
+    from domainbed_reasoning.builders.cost.rate_limits import RateLimits
+    from domainbed_reasoning.builders.rejection_sampling import SamplingPlan, parse_temperatures
+    from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy
+    from domainbed_reasoning.builders.transport.replicas import HealthPolicy
+    from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig, resolve_api_key
 
     teacher = TeacherConfig(
         urls=tuple(teacher_url),
@@ -318,9 +318,9 @@ def train_command(
     evaluate: bool = typer.Option(True, help="Evaluate the final adapter on the held-out domain and validation."),
 ) -> None:
     """RD-MLDG training with LoRA via TRL, leave-one-domain-out: MTCT (or one path), or MTCT + SARR rounds."""
-    from train.config import load_config, parse_overrides
-    from train.run import train_and_evaluate
-    from train.stage import TrainRequest
+    from domainbed_reasoning.train.config import load_config, parse_overrides
+    from domainbed_reasoning.train.stages.run import train_and_evaluate
+    from domainbed_reasoning.train.stages.stage import TrainRequest
 
     sarr = {"sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine}
     chosen = {key: value for key, value in sarr.items() if value is not None}
@@ -396,7 +396,7 @@ def eval_command(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Leave-one-domain-out accuracy (direct and reasoning modes) of a trained run or of any model."""
-    from train.evaluation import evaluate
+    from domainbed_reasoning.train.evaluation import evaluate
 
     if model is not None and run is None and (dataset is None or target is None):
         raise UserError("--model needs --dataset and --target (the LODO test split to evaluate on)")
@@ -424,7 +424,7 @@ def report(
     out: Path = typer.Option(Path("runs/report"), help="Writes results.md, results.png and results.json here."),
 ) -> None:
     """The results table in the paper's format (beside the paper's numbers), a bar plot and a JSON."""
-    from train.evaluation.report import report_command
+    from domainbed_reasoning.train.evaluation.report import report_command
 
     report_command(runs, out)
 
@@ -461,9 +461,9 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="With --dry-run or --status: print the plan as JSON."),
 ) -> None:
     """Every (dataset, held-out domain, method, seed) run and zero-shot row of the paper's tables; resumable."""
-    from train.sweep.launchers import SlurmOptions
-    from train.sweep.plan import RemoteModel, SweepSpec, parse_seeds
-    from train.sweep.sweep import LaunchOptions, sweep_command
+    from domainbed_reasoning.train.sweep.launchers import SlurmOptions
+    from domainbed_reasoning.train.sweep.plan import RemoteModel, SweepSpec, parse_seeds
+    from domainbed_reasoning.train.sweep.sweep import LaunchOptions, sweep_command
 
     remote = RemoteModel(*zero_shot_remote, api_key_env) if zero_shot_remote else None
     spec = None

@@ -293,8 +293,8 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def train_request():
     """`train_request(export_dir, model, out, resume=False, target="sketch", **overrides)`: a fast LODO request."""
-    from train.config import build_config
-    from train.stage import TrainRequest
+    from domainbed_reasoning.train.config import build_config
+    from domainbed_reasoning.train.stages.stage import TrainRequest
 
     def make(
         export: Path, model: Path, out: Path, resume: bool = False, target: str = "sketch", **overrides

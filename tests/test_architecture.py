@@ -1,26 +1,42 @@
-"""The package structure stays as DESIGN.md draws it: no import circles, counting imports made
-inside functions, and stages that only reach forward through files, never backward through code."""
+"""The package structure stays as docs/architecture.md draws it: no import circles, counting
+imports made inside functions; stages that only reach forward through files, never backward
+through code; folders small enough to read; and installed names that a user's own `train.py` or
+`builders/` cannot shadow."""
 
 from __future__ import annotations
 
 import ast
 import graphlib
+import os
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("domainbed_reasoning", "builders", "train", "prompts")
+# Each folder of the repository and the package it installs as.
+PACKAGES = {
+    "domainbed_reasoning": "domainbed_reasoning",
+    "builders": "domainbed_reasoning.builders",
+    "train": "domainbed_reasoning.train",
+    "prompts": "domainbed_reasoning.prompts",
+}
+MOST_MODULES_SIDE_BY_SIDE = 12
 
 
-def module_name(path: Path, root: Path) -> str:
-    parts = path.relative_to(root).with_suffix("").parts
+def module_name(path: Path, root: Path, package: str) -> str:
+    parts = (package, *path.relative_to(root).with_suffix("").parts[1:])
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def modules_under(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
+def modules_under(root: Path, packages: dict[str, str]) -> dict[str, Path]:
     return {
-        module_name(path, root): path for package in packages for path in (root / package).rglob("*.py")
+        module_name(path, root, package): path
+        for folder, package in packages.items()
+        for path in (root / folder).rglob("*.py")
+        if not (folder == "domainbed_reasoning" and path.relative_to(root / folder).parts[0] in packages)
     }
 
 
@@ -49,7 +65,7 @@ def imported(path: Path, name: str, known: set[str]) -> set[str]:
     return found - {name}
 
 
-def import_graph(root: Path = REPO, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+def import_graph(root: Path = REPO, packages: dict[str, str] = PACKAGES) -> dict[str, set[str]]:
     modules = modules_under(root, packages)
     return {name: imported(path, name, set(modules)) for name, path in modules.items()}
 
@@ -65,9 +81,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_sees_imports_inside_functions() -> None:
     """The checker itself: the CLI imports its stages inside commands, and those edges are seen."""
     graph = import_graph()
-    assert "builders.build" in graph["domainbed_reasoning.cli"]
-    assert "train.run" in graph["domainbed_reasoning.cli"]
-    assert "train.engines" in graph["train.engines.factory"]  # the package __init__ runs too
+    assert "domainbed_reasoning.builders.build" in graph["domainbed_reasoning.cli"]
+    assert "domainbed_reasoning.train.stages.run" in graph["domainbed_reasoning.cli"]
+    engines = "domainbed_reasoning.train.engines"
+    assert engines in graph[f"{engines}.factory"]  # the package __init__ runs too
 
 
 def test_no_import_cycles() -> None:
@@ -84,7 +101,7 @@ def test_a_cycle_hidden_in_a_function_is_found(tmp_path: Path) -> None:
     (package / "factory.py").write_text("def make():\n    from .engine import Engine\n    return Engine()\n")
     (package / "engine.py").write_text("from pkg import factory\n\nclass Engine:\n    pass\n")
     (package / "leaf.py").write_text("import pkg.engine\n")
-    graph = import_graph(tmp_path, ("pkg",))
+    graph = import_graph(tmp_path, {"pkg": "pkg"})
     assert graph["pkg.leaf"] == {"pkg", "pkg.engine"}
     assert set(find_cycle(graph)) == {"pkg.factory", "pkg.engine"}
 
@@ -92,17 +109,18 @@ def test_a_cycle_hidden_in_a_function_is_found(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("lower", "higher"),
     [
-        ("domainbed_reasoning.chains", "builders"),
-        ("domainbed_reasoning.chains", "train"),
-        ("domainbed_reasoning.data", "builders"),
-        ("domainbed_reasoning.data", "train"),
-        ("domainbed_reasoning.hub", "builders"),
-        ("domainbed_reasoning.hub", "train"),
-        ("builders", "train"),
-        ("builders", "domainbed_reasoning.offline"),
-        ("train.engines", "train.stage"),
-        ("train.engines", "train.run"),
-        ("train.engines", "train.sarr"),
+        ("domainbed_reasoning.chains", "domainbed_reasoning.builders"),
+        ("domainbed_reasoning.chains", "domainbed_reasoning.train"),
+        ("domainbed_reasoning.data", "domainbed_reasoning.builders"),
+        ("domainbed_reasoning.data", "domainbed_reasoning.train"),
+        ("domainbed_reasoning.hub", "domainbed_reasoning.builders"),
+        ("domainbed_reasoning.hub", "domainbed_reasoning.train"),
+        ("domainbed_reasoning.builders", "domainbed_reasoning.train"),
+        ("domainbed_reasoning.builders", "domainbed_reasoning.offline"),
+        ("domainbed_reasoning.train.engines", "domainbed_reasoning.train.stages"),
+        ("domainbed_reasoning.train.engines", "domainbed_reasoning.train.sarr"),
+        ("domainbed_reasoning.train.mtct", "domainbed_reasoning.train.sarr"),
+        ("domainbed_reasoning.train.mtct", "domainbed_reasoning.train.evaluation"),
     ],
 )
 def test_stages_do_not_import_later_stages(lower: str, higher: str) -> None:
@@ -116,3 +134,50 @@ def test_stages_do_not_import_later_stages(lower: str, higher: str) -> None:
         if target == higher or target.startswith(higher + ".")
     }
     assert not offenders
+
+
+def test_no_folder_holds_more_than_a_reader_takes_in() -> None:
+    crowded = {
+        str(folder.relative_to(REPO)): count
+        for top in PACKAGES
+        for folder in [REPO / top, *(p for p in (REPO / top).rglob("*") if p.is_dir())]
+        if (count := len([m for m in folder.glob("*.py") if m.name != "__init__.py"]))
+        > MOST_MODULES_SIDE_BY_SIDE
+    }
+    assert not crowded, f"split these folders by concept: {crowded}"
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject.toml lists the packages by name (the folders install under other names), so a
+    new subpackage that is not listed would be missing from a wheel."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {name for name, path in modules_under(REPO, PACKAGES).items() if path.name == "__init__.py"}
+    assert listed == on_disk
+
+
+@pytest.mark.parametrize("entry", ["dbr", "python -m domainbed_reasoning"])
+def test_a_users_own_train_and_builders_do_not_shadow_ours(tmp_path: Path, entry: str) -> None:
+    """Most training repositories hold a `train.py` or a `builders/`: run from such a folder, our
+    commands still run our code."""
+    (tmp_path / "train.py").write_text("raise SystemExit('the user train.py ran')\n")
+    (tmp_path / "builders").mkdir()
+    (tmp_path / "builders" / "__init__.py").write_text("raise SystemExit('the user builders ran')\n")
+    (tmp_path / "prompts.py").write_text("raise SystemExit('the user prompts.py ran')\n")
+    bin_dir = Path(sys.executable).parent
+    argv = [str(bin_dir / "dbr")] if entry == "dbr" else [sys.executable, "-m", "domainbed_reasoning"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    missing = tmp_path / "missing"
+    commands = {  # each stops with one of our own errors, raised inside our train/ and builders/
+        "model folder": ["train", "SynthDG", "--data", str(missing), "--target", "sketch",
+                         "--model", str(missing)],
+        "dataset folder": ["build-chains", "SynthDG", "--data-dir", str(missing), "--out",
+                           str(missing), "--teacher-url", "http://127.0.0.1:9/v1"],
+    }
+    for expected, command in commands.items():
+        done = subprocess.run(
+            [*argv, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=300, check=False,
+        )
+        output = done.stdout + done.stderr
+        assert "the user" not in output and expected in output, output
+        assert done.returncode == 2, output

@@ -10,8 +10,7 @@ from pathlib import Path
 import openai
 import polars as pl
 import pytest
-
-from builders.batch_files import (
+from domainbed_reasoning.builders.batch.batch_files import (
     BatchRequest,
     Journal,
     Part,
@@ -19,9 +18,10 @@ from builders.batch_files import (
     read_requests,
     write_parts,
 )
-from builders.image_payload import PayloadPolicy, image_data_url
-from builders.openai_batch import OpenAIBatches
-from builders.teacher_client import encode_messages, request_body
+from domainbed_reasoning.builders.batch.openai_batch import OpenAIBatches
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy, image_data_url
+from domainbed_reasoning.builders.transport.teacher_client import encode_messages, request_body
+
 from domainbed_reasoning.chains.chain_format import parse_chain
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.data.scan import scan_dataset

@@ -6,10 +6,10 @@ import asyncio
 
 import polars as pl
 import pytest
+from domainbed_reasoning.builders.cost.budget import Budget, spend_by_mode
+from domainbed_reasoning.builders.cost.pacing import BudgetSpent, Pacing, RunningUsage
+from domainbed_reasoning.builders.cost.pricing import resolve_price
 
-from builders.budget import Budget, spend_by_mode
-from builders.pacing import BudgetSpent, Pacing, RunningUsage
-from builders.pricing import resolve_price
 from domainbed_reasoning.errors import UserError
 
 

@@ -21,18 +21,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-from builders.build import build_chains, select_images
-from builders.build_config import BuildConfig, Shard
-from builders.candidate_store import KEY, read_candidates
-from builders.image_payload import PayloadPolicy
-from builders.pacing import PacingPlan, RunningUsage
-from builders.rate_limits import RateLimits
-from builders.rejection_sampling import SamplingPlan, parse_temperatures
-from builders.sampling import SAMPLING_GC_THRESHOLDS, Share, rare_collections
-from builders.teacher_client import (
+from domainbed_reasoning.builders.build import build_chains, select_images
+from domainbed_reasoning.builders.build_config import BuildConfig, Shard
+from domainbed_reasoning.builders.cost.pacing import PacingPlan, RunningUsage
+from domainbed_reasoning.builders.cost.rate_limits import RateLimits
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan, parse_temperatures
+from domainbed_reasoning.builders.sampling import SAMPLING_GC_THRESHOLDS, Share, rare_collections
+from domainbed_reasoning.builders.store.candidate_store import KEY, read_candidates
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy
+from domainbed_reasoning.builders.transport.teacher_client import (
     MessagesTemplate,
     Sample,
     TeacherConfig,
@@ -42,7 +39,10 @@ from builders.teacher_client import (
     request_messages,
     resolve_api_key,
 )
-from builders.workers import AUTO, split_shares, worker_count
+from domainbed_reasoning.builders.workers import AUTO, split_shares, worker_count
+from PIL import Image
+from typer.testing import CliRunner
+
 from domainbed_reasoning import artefacts
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.data.registry import get_spec

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from domainbed_reasoning.builders.batch.batch_files import JOURNAL, Journal
+from domainbed_reasoning.builders.batch.batch_mode import BATCH_FOLDER
+from domainbed_reasoning.builders.build import build_chains
+from domainbed_reasoning.builders.build_config import BatchRunner, BuildConfig, Spending
+from domainbed_reasoning.builders.rejection_sampling import REQUEST_ERROR, SamplingPlan
+from domainbed_reasoning.builders.store.candidate_store import read_candidates
+from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig
 
-from builders.batch_files import JOURNAL, Journal
-from builders.batch_mode import BATCH_FOLDER
-from builders.build import build_chains
-from builders.build_config import BatchRunner, BuildConfig, Spending
-from builders.candidate_store import read_candidates
-from builders.rejection_sampling import REQUEST_ERROR, SamplingPlan
-from builders.teacher_client import TeacherConfig
 from domainbed_reasoning import artefacts
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.offline.sim_batches import SimBatchConfig

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from domainbed_reasoning.builders.store.candidate_store import KEY, SHARD_GLOB
 
-from builders.candidate_store import KEY, SHARD_GLOB
 from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
 from domainbed_reasoning.offline.synth import generate
 

@@ -9,15 +9,19 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from domainbed_reasoning.builders.build import build_chains
+from domainbed_reasoning.builders.build_config import BuildConfig, Spending
+from domainbed_reasoning.builders.cost import rate_limits
+from domainbed_reasoning.builders.cost.rate_limits import RateLimits
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+from domainbed_reasoning.builders.store.candidate_store import read_candidates
+from domainbed_reasoning.builders.transport.teacher_client import (
+    MessagesTemplate,
+    TeacherConfig,
+    request_fields,
+)
 from typer.testing import CliRunner
 
-from builders import rate_limits
-from builders.build import build_chains
-from builders.build_config import BuildConfig, Spending
-from builders.candidate_store import read_candidates
-from builders.rate_limits import RateLimits
-from builders.rejection_sampling import SamplingPlan
-from builders.teacher_client import MessagesTemplate, TeacherConfig, request_fields
 from domainbed_reasoning import artefacts
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.data.registry import get_spec

@@ -22,14 +22,22 @@ import openai
 import polars as pl
 import pytest
 from aiohttp import web
+from domainbed_reasoning.builders.build import build_chains
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+from domainbed_reasoning.builders.store.candidate_store import read_candidates, store_lock
+from domainbed_reasoning.builders.transport.replicas import HealthPolicy
+from domainbed_reasoning.builders.transport.retry_policy import (
+    retry_after,
+    retry_delay,
+    should_retry,
+)
+from domainbed_reasoning.builders.transport.teacher_client import (
+    TeacherConfig,
+    key_travels,
+    withheld_key_urls,
+)
 from test_builder import FAST, IMAGES, all_ids, answers, assert_consistent, config, outputs
 
-from builders.build import build_chains
-from builders.candidate_store import read_candidates, store_lock
-from builders.rejection_sampling import SamplingPlan
-from builders.replicas import HealthPolicy
-from builders.retry_policy import retry_after, retry_delay, should_retry
-from builders.teacher_client import TeacherConfig, key_travels, withheld_key_urls
 from domainbed_reasoning.chains.prompt_templates import load_prompt
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.offline import sim_teacher

@@ -20,13 +20,17 @@ import urllib.request
 from pathlib import Path
 
 import polars as pl
+from domainbed_reasoning.builders.build import build_chains
+from domainbed_reasoning.builders.build_config import BuildConfig
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+from domainbed_reasoning.builders.store.candidate_store import read_candidates
+from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy, image_data_url
+from domainbed_reasoning.builders.transport.teacher_client import (
+    TeacherConfig,
+    TeacherPool,
+    encode_messages,
+)
 
-from builders.build import build_chains
-from builders.build_config import BuildConfig
-from builders.candidate_store import read_candidates
-from builders.image_payload import PayloadPolicy, image_data_url
-from builders.rejection_sampling import SamplingPlan
-from builders.teacher_client import TeacherConfig, TeacherPool, encode_messages
 from domainbed_reasoning import artefacts
 from domainbed_reasoning.chains.chain_format import RejectReason
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt

@@ -6,11 +6,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from PIL import Image
-from transformers import AutoProcessor
-
-from builders.candidate_store import CANDIDATE_SCHEMA
-from builders.dry_run import (
+from domainbed_reasoning.builders.cost.dry_run import (
     ASSUMED_ANSWER_TOKENS,
     DryRunInputs,
     Measured,
@@ -18,8 +14,8 @@ from builders.dry_run import (
     measure,
     render,
 )
-from builders.pricing import GPT_4O, resolve_price
-from builders.token_estimate import (
+from domainbed_reasoning.builders.cost.pricing import GPT_4O, resolve_price
+from domainbed_reasoning.builders.cost.token_estimate import (
     high_detail_tiles,
     openai_image_tokens,
     processor_prompt_tokens,
@@ -27,6 +23,10 @@ from builders.token_estimate import (
     text_tokens,
     tile_cost,
 )
+from domainbed_reasoning.builders.store.candidate_store import CANDIDATE_SCHEMA
+from PIL import Image
+from transformers import AutoProcessor
+
 from domainbed_reasoning.errors import UserError
 
 GPT_4O_TILES = tile_cost("gpt-4o")

@@ -21,12 +21,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from domainbed_reasoning.train.config import parse_overrides
+from domainbed_reasoning.train.evaluation.evaluate import (
+    EvalSettings,
+    evaluate_run,
+    predictions_path,
+)
+from domainbed_reasoning.train.stages.run import train
 from safetensors.torch import load_file
 
 from domainbed_reasoning.serving.vllm_server import free_port
-from train.config import parse_overrides
-from train.evaluation.evaluate import EvalSettings, evaluate_run, predictions_path
-from train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).parent / "workers"

@@ -17,11 +17,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from domainbed_reasoning.builders.transport.teacher_client import withheld_key_urls
+from domainbed_reasoning.train.engines.base import GenerationEngine, GenRequest, SamplingSpec
+from domainbed_reasoning.train.engines.factory import open_engine
+from domainbed_reasoning.train.engines.transformers_engine import TransformersEngine
+from domainbed_reasoning.train.engines.vllm_engine import (
+    LORA_NAME,
+    VLLMEngine,
+    serving_plan,
+    touches_vision,
+)
+from domainbed_reasoning.train.model.lora import lora_config
+from domainbed_reasoning.train.model.processor import ImageLimits
 from peft import get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from builders.teacher_client import withheld_key_urls
 from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.chains.verdict import judge
@@ -29,12 +40,6 @@ from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
 from domainbed_reasoning.offline.synth import SPEC, generate, read_sidecar
 from domainbed_reasoning.serving.vllm_server import free_port
-from train.engines.base import GenerationEngine, GenRequest, SamplingSpec
-from train.engines.factory import open_engine
-from train.engines.transformers_engine import TransformersEngine
-from train.engines.vllm_engine import LORA_NAME, VLLMEngine, serving_plan, touches_vision
-from train.lora import lora_config
-from train.processor import ImageLimits
 
 GREEDY = SamplingSpec(max_new_tokens=12)
 SAMPLED = SamplingSpec(n=3, temperature=1.0, max_new_tokens=8, seed=1)

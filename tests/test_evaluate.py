@@ -17,15 +17,8 @@ from typing import Self
 import datasets
 import polars as pl
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-from domainbed_reasoning.chains.chain_format import format_chain
-from domainbed_reasoning.cli import app
-from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
-from train.engines.base import Generation, GenRequest, SamplingSpec
-from train.evaluation.evaluate import (
+from domainbed_reasoning.train.engines.base import Generation, GenRequest, SamplingSpec
+from domainbed_reasoning.train.evaluation.evaluate import (
     EvalJob,
     EvalSettings,
     ZeroShotRequest,
@@ -38,8 +31,15 @@ from train.evaluation.evaluate import (
     run_job,
     score,
 )
-from train.mtct_data import task_prompt
-from train.run import train
+from domainbed_reasoning.train.mtct.mtct_data import task_prompt
+from domainbed_reasoning.train.stages.run import train
+from PIL import Image
+from typer.testing import CliRunner
+
+from domainbed_reasoning.chains.chain_format import format_chain
+from domainbed_reasoning.cli import app
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from domainbed_reasoning.builders.transport.image_payload import (
+    ImagePayload,
+    PayloadPolicy,
+    image_data_url,
+)
 from PIL import Image
 
-from builders.image_payload import ImagePayload, PayloadPolicy, image_data_url
 from domainbed_reasoning.errors import UserError
 
 

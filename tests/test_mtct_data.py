@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import datasets
 import pytest
+from domainbed_reasoning.train.mtct.mtct_data import (
+    SplitCounts,
+    build_examples,
+    check_split,
+    class_names,
+)
+from domainbed_reasoning.train.mtct.mtct_trainer import GroupShuffleSampler, TaskCollator
 from PIL import Image
 
 from domainbed_reasoning.chains.chain_format import format_chain
@@ -11,8 +18,6 @@ from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.export import features
-from train.mtct_data import SplitCounts, build_examples, check_split, class_names
-from train.mtct_trainer import GroupShuffleSampler, TaskCollator
 
 SPEC = get_spec("OfficeHome")
 CLASSES = list(SPEC.classes)

@@ -6,8 +6,12 @@ import math
 
 import pytest
 import torch
-
-from train.mtct_loss import mtct_loss, per_example_nll, task_counts, task_ids
+from domainbed_reasoning.train.mtct.mtct_loss import (
+    mtct_loss,
+    per_example_nll,
+    task_counts,
+    task_ids,
+)
 
 # Four examples: image A's cls and reasoning paths, image B's cls and reasoning paths.
 # Log-probs of each completion token; the mask marks completion tokens (prompt/padding are 0).

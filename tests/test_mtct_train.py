@@ -18,6 +18,19 @@ import datasets
 import polars as pl
 import pytest
 import torch
+from domainbed_reasoning.train.config import (
+    DEFAULT_CONFIG,
+    TrainConfig,
+    build_config,
+    load_config,
+    parse_overrides,
+)
+from domainbed_reasoning.train.evaluation.evaluate import EvalSettings, evaluate_run
+from domainbed_reasoning.train.model.lora import lora_config, target_modules_regex
+from domainbed_reasoning.train.mtct.mtct_data import build_examples
+from domainbed_reasoning.train.mtct.mtct_trainer import MTCTTrainer
+from domainbed_reasoning.train.stages.run import train
+from domainbed_reasoning.train.stages.stage import sft_config
 from peft import PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -27,13 +40,6 @@ from typer.testing import CliRunner
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.loading import load_domains
-from train.config import DEFAULT_CONFIG, TrainConfig, build_config, load_config, parse_overrides
-from train.evaluation.evaluate import EvalSettings, evaluate_run
-from train.lora import lora_config, target_modules_regex
-from train.mtct_data import build_examples
-from train.mtct_trainer import MTCTTrainer
-from train.run import train
-from train.stage import sft_config
 
 SYNTH_CLASSES = ("circle", "cross", "square", "star", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "white")

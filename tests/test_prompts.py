@@ -24,7 +24,7 @@ def test_shipped_prompts() -> None:
 
 @pytest.mark.parametrize("name", ["teacher", "classify", "reason"])
 def test_version_is_the_content_hash_and_stable(name: str) -> None:
-    raw = resources.files("prompts").joinpath(f"{name}.txt").read_bytes()
+    raw = resources.files("domainbed_reasoning.prompts").joinpath(f"{name}.txt").read_bytes()
     prompt = load_prompt(name)
     assert prompt.version == hashlib.sha256(raw).hexdigest()[:12]
     assert re.fullmatch(r"[0-9a-f]{12}", prompt.version)

@@ -6,8 +6,7 @@ import asyncio
 import time
 
 import pytest
-
-from builders.rate_limits import (
+from domainbed_reasoning.builders.cost.rate_limits import (
     AdaptiveConcurrency,
     Bucket,
     Permit,
@@ -16,6 +15,7 @@ from builders.rate_limits import (
     parse_duration,
     retry_after_seconds,
 )
+
 from domainbed_reasoning.errors import UserError
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from domainbed_reasoning.builders.build import build_chains
+from domainbed_reasoning.builders.build_config import BuildConfig
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+from domainbed_reasoning.builders.store.candidate_store import SHARD_GLOB, read_candidates
+from domainbed_reasoning.builders.store.rejudge import rejudge
+from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig
 from typer.testing import CliRunner
 
-from builders.build import build_chains
-from builders.build_config import BuildConfig
-from builders.candidate_store import SHARD_GLOB, read_candidates
-from builders.rejection_sampling import SamplingPlan
-from builders.rejudge import rejudge
-from builders.teacher_client import TeacherConfig
 from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.chains.chain_format import parse_chain
 from domainbed_reasoning.chains.verdict import judge_version

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from domainbed_reasoning.train.evaluation.paper_results import PAPER_ROWS, paper_rows_for
+from domainbed_reasoning.train.evaluation.report import build_rows, collect, figure, write_report
 from matplotlib.container import BarContainer
 from PIL import Image
 from typer.testing import CliRunner
 
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from train.evaluation.paper_results import PAPER_ROWS, paper_rows_for
-from train.evaluation.report import build_rows, collect, figure, write_report
 
 
 def scores(accuracy: float, n: int = 100, unparseable: int = 0) -> dict:

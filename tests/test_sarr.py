@@ -12,19 +12,23 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from domainbed_reasoning.train.config import build_config
+from domainbed_reasoning.train.engines.base import Generation
+from domainbed_reasoning.train.mtct.mtct_data import task_prompt
+from domainbed_reasoning.train.sarr import sarr
+from domainbed_reasoning.train.sarr.self_label import (
+    Supervised,
+    merge_self_labels,
+    self_label_stats,
+)
+from domainbed_reasoning.train.stages.run import train
+from domainbed_reasoning.train.stages.stage import prepare
 from typer.testing import CliRunner
 
 from domainbed_reasoning.chains.chain_format import format_chain
 from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
-from train import sarr
-from train.config import build_config
-from train.engines.base import Generation
-from train.mtct_data import task_prompt
-from train.run import train
-from train.self_label import Supervised, merge_self_labels, self_label_stats
-from train.stage import prepare
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 

@@ -16,18 +16,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from domainbed_reasoning.train.config import build_config, save_config
+from domainbed_reasoning.train.sweep import launchers
+from domainbed_reasoning.train.sweep.launchers import SlurmOptions, run_local_gpus, time_minutes
+from domainbed_reasoning.train.sweep.plan import RemoteModel, SweepSpec, parse_seeds, plan
+from domainbed_reasoning.train.sweep.sweep import LaunchOptions, sweep_command
+from domainbed_reasoning.train.sweep.trial import ACCELERATE_DIR, command, visible_gpus
 from rich.console import Console
 from typer.testing import CliRunner
 
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.serving.vllm_server import free_port
-from train.config import build_config, save_config
-from train.sweep import launchers
-from train.sweep.launchers import SlurmOptions, run_local_gpus, time_minutes
-from train.sweep.plan import RemoteModel, SweepSpec, parse_seeds, plan
-from train.sweep.sweep import LaunchOptions, sweep_command
-from train.sweep.trial import ACCELERATE_DIR, command, visible_gpus
 
 # A trial is two subprocesses (`dbr train`, `dbr eval`), each paying Python's start-up and torch's
 # import, which is most of a tiny trial's time: 16 of them in the reduced sweep.

@@ -10,16 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from domainbed_reasoning.train.evaluation.evaluate import (
+    EvalSettings,
+    ZeroShotRequest,
+    evaluate_model,
+)
+from domainbed_reasoning.train.model.processor import ImageLimits, load_processor
+from domainbed_reasoning.train.mtct.mtct_data import task_prompt, user_message
+from domainbed_reasoning.train.mtct.token_budget import (
+    PROBE_RATIOS,
+    check_budget,
+    longest_prompt,
+    probe_size,
+)
+from domainbed_reasoning.train.stages.run import train
 from PIL import Image
 from trl.data_utils import apply_chat_template
 
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.offline.tiny_models import build_tiny_internvl, cached_tiny_model
-from train.evaluation.evaluate import EvalSettings, ZeroShotRequest, evaluate_model
-from train.mtct_data import task_prompt, user_message
-from train.processor import ImageLimits, load_processor
-from train.run import train
-from train.token_budget import PROBE_RATIOS, check_budget, longest_prompt, probe_size
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 PROMPT = task_prompt("reasoning", CLASSES)

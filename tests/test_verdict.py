@@ -1,4 +1,6 @@
 import pytest
+from domainbed_reasoning.train.engines.base import Generation
+from domainbed_reasoning.train.sarr.self_label import Supervised, merge_self_labels
 
 from domainbed_reasoning.chains.chain_format import Chain
 from domainbed_reasoning.chains.matching import ClassMatcher
@@ -6,8 +8,6 @@ from domainbed_reasoning.chains.rules import RULES, ReadBy, RejectReason
 from domainbed_reasoning.chains.verdict import Verdict, judge
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
-from train.engines.base import Generation
-from train.self_label import Supervised, merge_self_labels
 
 SUMMARY = "I will examine the subject's shape and parts, then compare them with the categories."
 CAPTION = "A four-legged animal standing on grass, with a long snout and a curled tail."

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from domainbed_reasoning.train.model.processor import ImageLimits
 
 from domainbed_reasoning.atomic import write_text
 from domainbed_reasoning.errors import UserError
-from train.processor import ImageLimits
 
 METHODS = ("mtct", "cls", "reasoning", "rd-mldg")
 ENGINES = ("transformers", "vllm")

@@ -16,7 +16,7 @@ from importlib import resources
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.terminal import err_console
 
-PROMPT_PACKAGE = "prompts"
+PROMPT_PACKAGE = "domainbed_reasoning.prompts"
 
 
 def humanise(class_name: str) -> str:

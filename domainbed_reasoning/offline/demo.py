@@ -24,7 +24,7 @@ from domainbed_reasoning import artefacts
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.offline.demo_clock import REFERENCE, Estimate, estimate, machine
-from train.config import CONFIG_DIR
+from domainbed_reasoning.train.config import CONFIG_DIR
 
 DATASET = "SynthDG"
 TARGET = "cartoon"
@@ -153,10 +153,10 @@ def synthesise(config: DemoConfig, steps: Steps) -> None:
 
 
 def build(config: DemoConfig, steps: Steps) -> dict[str, Any]:
-    from builders.build import build_chains
-    from builders.build_config import BuildConfig
-    from builders.rejection_sampling import SamplingPlan
-    from builders.teacher_client import TeacherConfig
+    from domainbed_reasoning.builders.build import build_chains
+    from domainbed_reasoning.builders.build_config import BuildConfig
+    from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+    from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig
     from domainbed_reasoning.offline.sim_teacher import run_sim_teacher
 
     faults = teacher_faults(config.seed)
@@ -226,7 +226,7 @@ def demo_model(config: DemoConfig, steps: Steps) -> Path:
 
     from domainbed_reasoning.chains.prompt_templates import humanise
     from domainbed_reasoning.offline.tiny_models import build_demo_qwen2vl, cached_tiny_model
-    from train.mtct_data import task_prompt
+    from domainbed_reasoning.train.mtct.mtct_data import task_prompt
 
     spec = get_spec(DATASET)
     chains = (
@@ -251,9 +251,9 @@ def train_method(
     config: DemoConfig, model: Path, method: str, steps: Steps, mtct_run: Path | None = None
 ) -> Path:
     """`mtct_run`, when given to rd-mldg, is its round 0: the same training is not paid for twice."""
-    from train.config import load_config
-    from train.run import train
-    from train.stage import TrainRequest
+    from domainbed_reasoning.train.config import load_config
+    from domainbed_reasoning.train.stages.run import train
+    from domainbed_reasoning.train.stages.stage import TrainRequest
 
     settings = load_config(
         config.config,
@@ -281,7 +281,7 @@ def train_method(
 
 
 def evaluate(config: DemoConfig, run_dir: Path, steps: Steps) -> None:
-    from train.evaluation.evaluate import EvalSettings, evaluate_run
+    from domainbed_reasoning.train.evaluation.evaluate import EvalSettings, evaluate_run
 
     if (run_dir / "eval" / "metrics.json").is_file():
         steps.artefact("evaluation (already done)", run_dir / "eval")
@@ -299,7 +299,7 @@ def evaluate(config: DemoConfig, run_dir: Path, steps: Steps) -> None:
 
 
 def report(config: DemoConfig, steps: Steps):
-    from train.evaluation.report import write_report
+    from domainbed_reasoning.train.evaluation.report import write_report
 
     written = write_report(config.train_root, config.report_dir)
     steps.console.print(written.text)

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import datasets
 import torch
+from domainbed_reasoning.train.model.lora import lora_config
+from domainbed_reasoning.train.mtct.mtct_data import build_examples
+from domainbed_reasoning.train.mtct.mtct_trainer import MTCTTrainer
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig
-
-from train.lora import lora_config
-from train.mtct_data import build_examples
-from train.mtct_trainer import MTCTTrainer
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "white")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from domainbed_reasoning.train.stages.stage import save_weights
 from safetensors.torch import load_file
 
 from tests.workers.mtct_step import mtct_trainer
-from train.stage import save_weights
 
 
 def main(model_dir: Path, out: Path) -> None:

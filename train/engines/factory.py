@@ -5,13 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from domainbed_reasoning.train.config import TrainConfig
+from domainbed_reasoning.train.engines.base import KINDS, GenerationEngine
+from domainbed_reasoning.train.engines.remote_engine import RemoteEngine
+from domainbed_reasoning.train.engines.transformers_engine import (
+    DEFAULT_BATCH_SIZE,
+    TransformersEngine,
+)
+from domainbed_reasoning.train.engines.vllm_engine import DEFAULT_MAX_MODEL_LEN, VLLMEngine
+from domainbed_reasoning.train.mtct.token_budget import model_context
+
 from domainbed_reasoning.errors import UserError
-from train.config import TrainConfig
-from train.engines.base import KINDS, GenerationEngine
-from train.engines.remote_engine import RemoteEngine
-from train.engines.transformers_engine import DEFAULT_BATCH_SIZE, TransformersEngine
-from train.engines.vllm_engine import DEFAULT_MAX_MODEL_LEN, VLLMEngine
-from train.token_budget import model_context
 
 
 def open_engine(

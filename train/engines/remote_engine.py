@@ -1,7 +1,7 @@
 """Generation over the OpenAI-compatible chat API, with the builder's own client.
 
 GPT-4o, a `vllm serve` someone else runs and the vLLM engine's own server are all
-reached through `builders.teacher_client.TeacherPool`: the same retries, the same
+reached through `domainbed_reasoning.builders.transport.teacher_client.TeacherPool`: the same retries, the same
 request body (image first, then the prompt), the same failed-request-as-a-value
 rule. So a zero-shot row, a SARR round and the chain builder differ only in the
 model behind the URL.
@@ -14,13 +14,24 @@ import io
 from collections.abc import Sequence
 from dataclasses import replace
 
+from domainbed_reasoning.builders.transport.image_payload import sniff_mime, to_data_url
+from domainbed_reasoning.builders.transport.replicas import HealthPolicy
+from domainbed_reasoning.builders.transport.teacher_client import (
+    Reply,
+    TeacherConfig,
+    TeacherPool,
+    resolve_api_key,
+)
+from domainbed_reasoning.train.engines.base import (
+    ClosingEngine,
+    Generation,
+    GenRequest,
+    SamplingSpec,
+    decode_image,
+)
 from rich.progress import Progress
 
-from builders.image_payload import sniff_mime, to_data_url
-from builders.replicas import HealthPolicy
-from builders.teacher_client import Reply, TeacherConfig, TeacherPool, resolve_api_key
 from domainbed_reasoning.errors import UserError
-from train.engines.base import ClosingEngine, Generation, GenRequest, SamplingSpec, decode_image
 
 
 def request_data_url(image: bytes) -> str:

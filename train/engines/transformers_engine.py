@@ -20,14 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import PeftModel
-from PIL import Image
-from rich.progress import track
-from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
-from trl.data_utils import apply_chat_template
-
-from domainbed_reasoning.errors import UserError
-from train.engines.base import (
+from domainbed_reasoning.train.engines.base import (
     ClosingEngine,
     Generation,
     GenRequest,
@@ -36,8 +29,15 @@ from train.engines.base import (
     check_model,
     decode_image,
 )
-from train.mtct_data import user_message
-from train.processor import ImageLimits, load_processor
+from domainbed_reasoning.train.model.processor import ImageLimits, load_processor
+from domainbed_reasoning.train.mtct.mtct_data import user_message
+from peft import PeftModel
+from PIL import Image
+from rich.progress import track
+from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
+from trl.data_utils import apply_chat_template
+
+from domainbed_reasoning.errors import UserError
 
 Decoded = tuple[int, GenRequest, Image.Image]
 DEFAULT_BATCH_SIZE = 8

@@ -24,19 +24,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-from builders.replicas import AllReplicasDown, HealthPolicy
-from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.serving.vllm_server import (
-    ServerConfig,
-    VLLMServer,
-    free_port,
-    resolve_vllm_python,
-)
-from train.engines.base import (
+from domainbed_reasoning.builders.transport.replicas import AllReplicasDown, HealthPolicy
+from domainbed_reasoning.train.engines.base import (
     ClosingEngine,
     Generation,
     GenRequest,
@@ -44,11 +33,22 @@ from train.engines.base import (
     adapter_config,
     check_model,
 )
-from train.engines.remote_engine import RemoteEngine
-from train.engines.transformers_engine import load_merged
-from train.lora import VISION_PARTS, linear_layer_names
-from train.processor import ImageLimits, limit_images, load_processor
-from train.token_budget import model_context
+from domainbed_reasoning.train.engines.remote_engine import RemoteEngine
+from domainbed_reasoning.train.engines.transformers_engine import load_merged
+from domainbed_reasoning.train.model.lora import VISION_PARTS, linear_layer_names
+from domainbed_reasoning.train.model.processor import ImageLimits, limit_images, load_processor
+from domainbed_reasoning.train.mtct.token_budget import model_context
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.serving.vllm_server import (
+    ServerConfig,
+    VLLMServer,
+    free_port,
+    resolve_vllm_python,
+)
 
 SERVED_NAME = "model"
 LORA_NAME = "adapter"

@@ -30,6 +30,29 @@ from typing import Any
 
 import polars as pl
 from datasets import Dataset, DatasetDict
+from domainbed_reasoning.train.config import TrainConfig, load_config
+from domainbed_reasoning.train.engines.base import (
+    Generation,
+    GenerationEngine,
+    GenRequest,
+    SamplingSpec,
+)
+from domainbed_reasoning.train.engines.factory import (
+    batch_unit,
+    config_options,
+    engine_context,
+    open_engine,
+)
+from domainbed_reasoning.train.model.processor import load_processor
+from domainbed_reasoning.train.model.weights import stage_weights
+from domainbed_reasoning.train.mtct.mtct_data import PROMPT_OF_TASK, class_names, task_prompt
+from domainbed_reasoning.train.mtct.token_budget import check_budget
+from domainbed_reasoning.train.sarr.sharding import (
+    chunk_size,
+    process_state,
+    row_chunks,
+    sharded_table,
+)
 from rich.table import Table
 
 from domainbed_reasoning import atomic
@@ -41,14 +64,6 @@ from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.loading import load_lodo
 from domainbed_reasoning.terminal import console
-from train.config import TrainConfig, load_config
-from train.engines.base import Generation, GenerationEngine, GenRequest, SamplingSpec
-from train.engines.factory import batch_unit, config_options, engine_context, open_engine
-from train.mtct_data import PROMPT_OF_TASK, class_names, task_prompt
-from train.processor import load_processor
-from train.sharding import chunk_size, process_state, row_chunks, sharded_table
-from train.token_budget import check_budget
-from train.weights import stage_weights
 
 EVAL_FORMAT = 1
 # mode -> the training path whose prompt it asks with

@@ -23,14 +23,19 @@ from statistics import fmean, pstdev
 from typing import Any
 
 import yaml
+from domainbed_reasoning.train.evaluation.evaluate import (
+    EVAL_FORMAT,
+    MODES,
+    ZEROSHOT,
+    zeroshot_name,
+)
+from domainbed_reasoning.train.evaluation.paper_results import PAPER_ROWS, PaperRow, paper_rows_for
 from matplotlib.figure import Figure
 
 from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.data.registry import REGISTRY, get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.terminal import console
-from train.evaluation.evaluate import EVAL_FORMAT, MODES, ZEROSHOT, zeroshot_name
-from train.evaluation.paper_results import PAPER_ROWS, PaperRow, paper_rows_for
 
 METHOD_LABELS = {
     "cls": "CLS only",

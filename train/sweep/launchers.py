@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from domainbed_reasoning.train.config import parse_overrides
+from domainbed_reasoning.train.sweep.plan import Trial
+from domainbed_reasoning.train.sweep.trial import TrialFailed, run_trial, visible_gpus
 from submitit.core.utils import FailedSubmissionError
 
 from domainbed_reasoning import atomic
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.terminal import console
-from train.config import parse_overrides
-from train.sweep.plan import Trial
-from train.sweep.trial import TrialFailed, run_trial, visible_gpus
 
 LAUNCHERS = ("local", "local-gpus", "slurm")
 JOBS_FILE = "jobs.json"

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from domainbed_reasoning.train.config import METHODS, TrainConfig, load_config, parse_overrides
+from domainbed_reasoning.train.evaluation.evaluate import ZEROSHOT, ZeroShotRequest, job_for_model
+from domainbed_reasoning.train.stages.stage import run_dir_for
 
 from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.data.registry import DatasetSpec, get_spec
 from domainbed_reasoning.errors import UserError
-from train.config import METHODS, TrainConfig, load_config, parse_overrides
-from train.evaluation.evaluate import ZEROSHOT, ZeroShotRequest, job_for_model
-from train.stage import run_dir_for
 
 SWEEP_FILE = "sweep.json"
 PAPER_METHODS = ("cls", "reasoning", "mtct", "rd-mldg")

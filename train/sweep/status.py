@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Any
 
+from domainbed_reasoning.train.sweep.launchers import ACTIVE_JOB_STATES, job_state, read_jobs
+from domainbed_reasoning.train.sweep.plan import DONE, Trial
 from rich.table import Table
 
 from domainbed_reasoning.terminal import console
-from train.sweep.launchers import ACTIVE_JOB_STATES, job_state, read_jobs
-from train.sweep.plan import DONE, Trial
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
-
-from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.terminal import console
-from train.sweep.launchers import (
+from domainbed_reasoning.train.sweep.launchers import (
     SlurmOptions,
     check_launcher,
     run_local,
@@ -18,8 +15,17 @@ from train.sweep.launchers import (
     slurm_parameters,
     submit,
 )
-from train.sweep.plan import DONE, SweepSpec, load_spec, plan, save_spec
-from train.sweep.status import TrialStatus, print_commands, print_status, status_json, statuses
+from domainbed_reasoning.train.sweep.plan import DONE, SweepSpec, load_spec, plan, save_spec
+from domainbed_reasoning.train.sweep.status import (
+    TrialStatus,
+    print_commands,
+    print_status,
+    status_json,
+    statuses,
+)
+
+from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.terminal import console
 
 ACTIONS = ("run", "dry-run", "status")
 

@@ -21,8 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from domainbed_reasoning.train.sweep.plan import Step, Trial
+
 from domainbed_reasoning import atomic
-from train.sweep.plan import Step, Trial
 
 ACCELERATE_DIR = Path(__file__).resolve().parents[1] / "accelerate"
 DBR = ("-m", "domainbed_reasoning")

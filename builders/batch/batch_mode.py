@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import polars as pl
-
-from builders.batch_files import (
+from domainbed_reasoning.builders.batch.batch_files import (
     BatchRequest,
     BatchResult,
     Journal,
@@ -33,11 +32,10 @@ from builders.batch_files import (
     read_requests,
     write_parts,
 )
-from builders.build_config import BuildConfig
-from builders.candidate_store import scan_candidates, write_shard
-from builders.openai_batch import OpenAIBatches
-from builders.pacing import Pacing
-from builders.rejection_sampling import (
+from domainbed_reasoning.builders.batch.openai_batch import OpenAIBatches
+from domainbed_reasoning.builders.build_config import BuildConfig
+from domainbed_reasoning.builders.cost.pacing import Pacing
+from domainbed_reasoning.builders.rejection_sampling import (
     ACCEPTED,
     REQUEST_ERROR,
     ImageTask,
@@ -47,8 +45,9 @@ from builders.rejection_sampling import (
     pending_tasks,
     progress_by_image,
 )
-from builders.sampling import Counters, Share
-from builders.teacher_client import (
+from domainbed_reasoning.builders.sampling import Counters, Share
+from domainbed_reasoning.builders.store.candidate_store import scan_candidates, write_shard
+from domainbed_reasoning.builders.transport.teacher_client import (
     NO_KEY,
     Reply,
     key_travels,
@@ -56,6 +55,7 @@ from builders.teacher_client import (
     request_body,
     request_fields,
 )
+
 from domainbed_reasoning.serving.vllm_batch import run_batch
 from domainbed_reasoning.serving.vllm_server import ServerConfig
 

@@ -37,21 +37,38 @@ import datasets
 import polars as pl
 import torch
 from datasets import Dataset
+from domainbed_reasoning.train.config import TrainConfig
+from domainbed_reasoning.train.engines.base import GenRequest, SamplingSpec
+from domainbed_reasoning.train.engines.factory import batch_unit, config_options, open_engine
+from domainbed_reasoning.train.model.weights import TrainedWeights, find_weights, stage_weights
+from domainbed_reasoning.train.mtct.mtct_data import build_examples, class_names, task_prompt
+from domainbed_reasoning.train.sarr.round_zero import adopt_round_zero, copy_folder
+from domainbed_reasoning.train.sarr.self_label import (
+    SCHEMA,
+    Supervised,
+    merge_self_labels,
+    self_label_stats,
+)
+from domainbed_reasoning.train.sarr.sharding import (
+    chunk_size,
+    process_state,
+    row_chunks,
+    sharded_table,
+)
+from domainbed_reasoning.train.stages.stage import (
+    Prepared,
+    StageResult,
+    TrainRequest,
+    model_card,
+    train_stage,
+    write_inputs,
+)
 from rich.console import Console
 
 from domainbed_reasoning import atomic
 from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.serving.vllm_server import resolve_vllm_python
-from train.config import TrainConfig
-from train.engines.base import GenRequest, SamplingSpec
-from train.engines.factory import batch_unit, config_options, open_engine
-from train.mtct_data import build_examples, class_names, task_prompt
-from train.round_zero import adopt_round_zero, copy_folder
-from train.self_label import SCHEMA, Supervised, merge_self_labels, self_label_stats
-from train.sharding import chunk_size, process_state, row_chunks, sharded_table
-from train.stage import Prepared, StageResult, TrainRequest, model_card, train_stage, write_inputs
-from train.weights import TrainedWeights, find_weights, stage_weights
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from domainbed_reasoning.train.mtct.mtct_data import user_message
 from PIL import Image
 from transformers import AutoConfig, ProcessorMixin
 from trl.data_utils import apply_chat_template
 
 from domainbed_reasoning.errors import UserError
-from train.mtct_data import user_message
 
 # width:height ratios; InternVL's tile grids up to 12 tiles all appear (12:1 ... 1:12).
 PROBE_RATIOS = (

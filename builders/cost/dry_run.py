@@ -13,15 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
-
-from builders.pricing import Price, unknown_price_note
-from builders.token_estimate import (
+from domainbed_reasoning.builders.cost.pricing import Price, unknown_price_note
+from domainbed_reasoning.builders.cost.token_estimate import (
     openai_image_tokens,
     processor_prompt_tokens,
     sent_size,
     text_tokens,
     tile_cost,
 )
+
 from domainbed_reasoning.chains.rules import RejectReason
 
 ASSUMED_ANSWER_TOKENS = 400  # a five-stage chain of a few sentences per stage

@@ -20,11 +20,11 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
+from domainbed_reasoning.train.config import METHODS
+from domainbed_reasoning.train.mtct.mtct_loss import TASKS
 
 from domainbed_reasoning.chains.prompt_templates import class_list, humanise, load_prompt
 from domainbed_reasoning.errors import UserError
-from train.config import METHODS
-from train.mtct_loss import TASKS
 
 TASKS_OF_METHOD: dict[str, tuple[str, ...]] = {
     "cls": ("cls",),

@@ -14,8 +14,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
+from domainbed_reasoning.builders.batch.batch_files import ENDPOINT, Journal, Part
 
-from builders.batch_files import ENDPOINT, Journal, Part
 from domainbed_reasoning import atomic
 from domainbed_reasoning.errors import UserError
 

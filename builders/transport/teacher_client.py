@@ -29,12 +29,12 @@ from typing import Self
 from urllib.parse import urlsplit
 
 import aiohttp
+from domainbed_reasoning.builders.cost.pacing import Pacing, RunningUsage
+from domainbed_reasoning.builders.cost.rate_limits import Permit
+from domainbed_reasoning.builders.cost.token_estimate import check_detail
+from domainbed_reasoning.builders.transport.replicas import HealthPolicy, Replica, ReplicaSet
+from domainbed_reasoning.builders.transport.retry_policy import retry_delay, should_retry
 
-from builders.pacing import Pacing, RunningUsage
-from builders.rate_limits import Permit
-from builders.replicas import HealthPolicy, Replica, ReplicaSet
-from builders.retry_policy import retry_delay, should_retry
-from builders.token_estimate import check_detail
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.terminal import err_console
 

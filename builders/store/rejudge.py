@@ -21,11 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import polars as pl
-from rich.table import Table
-
-from builders.build_config import BuildConfig
-from builders.build_report import RunInfo, image_status, write_outputs
-from builders.candidate_store import (
+from domainbed_reasoning.builders.build_config import BuildConfig
+from domainbed_reasoning.builders.build_report import RunInfo, image_status, write_outputs
+from domainbed_reasoning.builders.rejection_sampling import ACCEPTED, progress_by_image
+from domainbed_reasoning.builders.store.candidate_store import (
     KEY,
     SHARD_GLOB,
     compact,
@@ -34,7 +33,8 @@ from builders.candidate_store import (
     shards,
     store_lock,
 )
-from builders.rejection_sampling import ACCEPTED, progress_by_image
+from rich.table import Table
+
 from domainbed_reasoning import atomic
 from domainbed_reasoning.artefacts import (
     candidates_dir,

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from builders.budget import Budget
-from builders.dry_run import ASSUMED_ANSWER_TOKENS
-from builders.pricing import Price
-from builders.rate_limits import Permit, RateLimiter, RateLimits
+from domainbed_reasoning.builders.cost.budget import Budget
+from domainbed_reasoning.builders.cost.dry_run import ASSUMED_ANSWER_TOKENS
+from domainbed_reasoning.builders.cost.pricing import Price
+from domainbed_reasoning.builders.cost.rate_limits import Permit, RateLimiter, RateLimits
 
 
 class BudgetSpent(Exception):

@@ -26,6 +26,18 @@ import polars as pl
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
+from domainbed_reasoning.train.config import TrainConfig, load_config, save_config
+from domainbed_reasoning.train.model.lora import lora_config
+from domainbed_reasoning.train.model.processor import load_processor
+from domainbed_reasoning.train.model.weights import TrainedWeights, stage_weights, weights_dirname
+from domainbed_reasoning.train.mtct.mtct_data import (
+    SplitCounts,
+    build_examples,
+    check_split,
+    class_names,
+)
+from domainbed_reasoning.train.mtct.mtct_trainer import MTCTTrainer
+from domainbed_reasoning.train.sarr.sharding import process_state
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, ProcessorMixin
 from transformers.integrations import TensorBoardCallback
@@ -35,13 +47,6 @@ from domainbed_reasoning import atomic
 from domainbed_reasoning.data.registry import DatasetSpec, get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.loading import load_lodo
-from train.config import TrainConfig, load_config, save_config
-from train.lora import lora_config
-from train.mtct_data import SplitCounts, build_examples, check_split, class_names
-from train.mtct_trainer import MTCTTrainer
-from train.processor import load_processor
-from train.sharding import process_state
-from train.weights import TrainedWeights, stage_weights, weights_dirname
 
 
 @dataclass(frozen=True)

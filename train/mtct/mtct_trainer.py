@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from domainbed_reasoning.train.mtct.mtct_loss import mtct_loss, task_counts, task_ids
 from torch.utils.data import Sampler
 from trl import SFTTrainer
-
-from train.mtct_loss import mtct_loss, task_counts, task_ids
 
 ROW_KEYS = ("task", "id")
 

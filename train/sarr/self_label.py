@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import polars as pl
+from domainbed_reasoning.train.engines.base import Generation
 
 from domainbed_reasoning.chains.chain_format import RejectReason
 from domainbed_reasoning.chains.matching import ClassMatcher
 from domainbed_reasoning.chains.verdict import judge
-from train.engines.base import Generation
 
 ACCEPTED = "accepted"
 SELF, PREVIOUS = "self", "previous"

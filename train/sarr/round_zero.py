@@ -18,10 +18,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import polars as pl
+from domainbed_reasoning.train.config import TrainConfig, load_config
+from domainbed_reasoning.train.model.weights import stage_weights
 
 from domainbed_reasoning.errors import UserError
-from train.config import TrainConfig, load_config
-from train.weights import stage_weights
 
 # Settings that shape only the SARR rounds or the bookkeeping, never round 0's weights.
 NOT_ROUND_ZERO = frozenset(

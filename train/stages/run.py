@@ -8,22 +8,19 @@ evaluation are split between the processes (sharding.py).
 
 from __future__ import annotations
 
-from transformers import ProcessorMixin
-
-from domainbed_reasoning.data.registry import get_spec
-from domainbed_reasoning.terminal import console
-from train.engines.factory import config_options, engine_context
-from train.evaluation.evaluate import (
+from domainbed_reasoning.train.engines.factory import config_options, engine_context
+from domainbed_reasoning.train.evaluation.evaluate import (
     EvalSettings,
     budget_asks,
     default_modes,
     evaluate_run,
     print_metrics,
 )
-from train.mtct_data import task_prompt
-from train.sarr import engine_options, train_sarr
-from train.sharding import process_state
-from train.stage import (
+from domainbed_reasoning.train.mtct.mtct_data import task_prompt
+from domainbed_reasoning.train.mtct.token_budget import check_budget
+from domainbed_reasoning.train.sarr.sarr import engine_options, train_sarr
+from domainbed_reasoning.train.sarr.sharding import process_state
+from domainbed_reasoning.train.stages.stage import (
     StageResult,
     TrainRequest,
     model_card,
@@ -32,7 +29,10 @@ from train.stage import (
     train_stage,
     write_inputs,
 )
-from train.token_budget import check_budget
+from transformers import ProcessorMixin
+
+from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.terminal import console
 
 
 def train(request: TrainRequest, evaluate: bool = False) -> StageResult:

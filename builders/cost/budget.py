@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 
 import polars as pl
+from domainbed_reasoning.builders.cost.pricing import Price
 
-from builders.pricing import Price
 from domainbed_reasoning.errors import UserError
 
 MODES = ("online", "batch")

@@ -10,14 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+from domainbed_reasoning.builders.build_config import BuildConfig
+from domainbed_reasoning.builders.cost.budget import Budget, spend_by_mode
+from domainbed_reasoning.builders.cost.dry_run import DryRunInputs, estimate, measure, render
+from domainbed_reasoning.builders.cost.pacing import PacingPlan, RunningUsage
+from domainbed_reasoning.builders.cost.token_estimate import (
+    openai_image_tokens,
+    sent_size,
+    text_tokens,
+    tile_cost,
+)
+from domainbed_reasoning.builders.rejection_sampling import REQUEST_ERROR
+from domainbed_reasoning.builders.store.candidate_store import scan_candidates
 
-from builders.budget import Budget, spend_by_mode
-from builders.build_config import BuildConfig
-from builders.candidate_store import scan_candidates
-from builders.dry_run import DryRunInputs, estimate, measure, render
-from builders.pacing import PacingPlan, RunningUsage
-from builders.rejection_sampling import REQUEST_ERROR
-from builders.token_estimate import openai_image_tokens, sent_size, text_tokens, tile_cost
 from domainbed_reasoning.errors import UserError
 
 MEASURED_COLUMNS = ["id", "round", "reason", "teacher", "prompt_tokens", "completion_tokens"]
