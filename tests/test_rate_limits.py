@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
 
 import pytest
 from domainbed_reasoning.builders.cost.rate_limits import (
+    DEFAULT_PAUSE_S,
     AdaptiveConcurrency,
     Bucket,
     Permit,
     RateLimiter,
     RateLimits,
     parse_duration,
-    retry_after_seconds,
+    pause_for,
 )
 
 from domainbed_reasoning.errors import UserError
@@ -39,10 +41,14 @@ def test_reset_durations_in_openais_format(text: str | None, seconds: float | No
     assert parse_duration(text) == seconds
 
 
-def test_retry_after_prefers_milliseconds() -> None:
-    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
-    assert retry_after_seconds({"retry-after": "3"}) == 3.0
-    assert retry_after_seconds({}) is None
+def test_a_429_pauses_for_retry_after_read_as_the_retry_policy_reads_it() -> None:
+    assert pause_for({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
+    assert pause_for({"retry-after": "3"}) == 3.0
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert pause_for({"retry-after": soon}) == pytest.approx(30, abs=2)
+    past = email.utils.formatdate(time.time() - 30, usegmt=True)
+    assert pause_for({"retry-after": past}) == DEFAULT_PAUSE_S
+    assert pause_for({}) == DEFAULT_PAUSE_S
 
 
 def test_limits_are_checked_and_divided_between_processes() -> None:

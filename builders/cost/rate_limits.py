@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from domainbed_reasoning.builders.transport.retry_policy import retry_after
+
 from domainbed_reasoning.errors import UserError
 
 DECREASE = 0.5
@@ -78,11 +80,12 @@ def parse_duration(text: str | None) -> float | None:
     return sum(float(value) * UNIT_SECONDS[unit] for value, unit in parts)
 
 
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """`retry-after-ms`, else `retry-after` in seconds (the forms OpenAI's client honours)."""
-    if (milliseconds := parse_duration(headers.get("retry-after-ms"))) is not None:
-        return milliseconds / 1000
-    return parse_duration(headers.get("retry-after"))
+def pause_for(headers: Mapping[str, str]) -> float:
+    """How long a 429 pauses every slot: the server's Retry-After, read as the retry policy
+    reads it; a 429 without a wait to honour (none, zero, a date already past) still pauses
+    for a default second, or every slot would hit the limit again at once."""
+    wait = retry_after(headers)
+    return wait if wait is not None and wait > 0 else DEFAULT_PAUSE_S
 
 
 def header_number(headers: Mapping[str, str], name: str) -> float | None:
@@ -240,7 +243,7 @@ class RateLimiter:
         if status == 429:
             self.stats.throttled += 1
             self.concurrency.throttled(permit.sent_at, now)
-            self.pause(retry_after_seconds(headers) or DEFAULT_PAUSE_S, now)
+            self.pause(pause_for(headers), now)
         self._poke()
 
     def _sync(
