@@ -135,9 +135,10 @@ def test_vllm_python_comes_from_the_environment(
 def test_model_folder_without_config_is_refused_before_starting(tmp_path: Path) -> None:
     config = ServerConfig(model=str(tmp_path / "nope"), vllm_python=Path(sys.executable))
     with pytest.raises(
-        UserError, match=r"model folder .*nope has no config.json: pass a saved model"
+        UserError, match=r"model folder .*nope not found or has no config.json: pass a saved model"
     ):
         VLLMServer(config).start()
+
 
 
 def test_busy_port_is_refused(tmp_model: Path) -> None:

@@ -24,6 +24,7 @@ import httpx
 from rich.console import Console
 
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.model_folder import check_model_folder
 
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
@@ -121,12 +122,7 @@ def command(config: ServerConfig, python: Path) -> list[str]:
 
 def check_model(config: ServerConfig) -> None:
     """A local model folder must be a saved model, and each adapter a saved adapter."""
-    looks_local = config.model.startswith((".", "/", "~")) or Path(config.model).exists()
-    if looks_local and not (Path(config.model).expanduser() / "config.json").is_file():
-        raise UserError(
-            f"model folder {config.model} has no config.json: pass a saved model folder "
-            "or a Hub id with --model"
-        )
+    check_model_folder(config.model)
     for name, path in config.lora_modules.items():
         if not (Path(path) / "adapter_config.json").is_file():
             raise UserError(

@@ -109,19 +109,6 @@ def decode_image(data: bytes) -> Image.Image:
     return image
 
 
-def is_local_path(model: str) -> bool:
-    """A Hub id is `org/name`; anything else (or anything that exists) is meant as a folder."""
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    return Path(model).expanduser().exists() or not looks_like_hub_id
-
-
-def check_model(model: str) -> None:
-    if is_local_path(model) and not (Path(model).expanduser() / "config.json").is_file():
-        raise UserError(
-            f"model folder {model} not found or has no config.json: pass a saved checkpoint folder or a Hub id (org/name)"
-        )
-
-
 def adapter_config(adapter: Path) -> dict[str, Any]:
     """The adapter's PEFT config; its presence is what makes a folder an adapter."""
     path = Path(adapter) / "adapter_config.json"

@@ -26,7 +26,6 @@ from domainbed_reasoning.train.engines.base import (
     GenRequest,
     SamplingSpec,
     adapter_config,
-    check_model,
     decode_image,
 )
 from domainbed_reasoning.train.model.processor import ImageLimits, load_processor
@@ -38,6 +37,7 @@ from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrain
 from trl.data_utils import apply_chat_template
 
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.model_folder import check_model_folder
 
 Decoded = tuple[int, GenRequest, Image.Image]
 DEFAULT_BATCH_SIZE = 8
@@ -105,7 +105,7 @@ class TransformersEngine(ClosingEngine):
     ) -> None:
         if batch_size < 1:
             raise UserError(f"--batch-size {batch_size}: must be at least 1")
-        check_model(model)
+        check_model_folder(model)
         if adapter is not None:
             adapter_config(adapter)
         self.batch_size = batch_size

@@ -31,7 +31,6 @@ from domainbed_reasoning.train.engines.base import (
     GenRequest,
     SamplingSpec,
     adapter_config,
-    check_model,
 )
 from domainbed_reasoning.train.engines.remote_engine import RemoteEngine
 from domainbed_reasoning.train.engines.transformers_engine import load_merged
@@ -43,6 +42,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.model_folder import check_model_folder
 from domainbed_reasoning.serving.vllm_server import (
     ServerConfig,
     VLLMServer,
@@ -156,7 +156,7 @@ class VLLMEngine(ClosingEngine):
         startup_timeout_s: float = 900.0,
         extra_args: Sequence[str] = (),
     ) -> None:
-        check_model(model)
+        check_model_folder(model)
         python = resolve_vllm_python(vllm_python)
         rank = max_lora_rank(adapter) if adapter is not None else 8
         # vLLM refuses a context beyond the model's own; the budget check used the same bound.

@@ -12,12 +12,12 @@ A leaf module: the generation engines need the processor without the training st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoProcessor, ProcessorMixin
 
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.model_folder import check_model_folder
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,7 @@ def limit_images(processor: ProcessorMixin, limits: ImageLimits) -> dict[str, An
 
 def load_processor(model: str, limits: ImageLimits | None = None) -> ProcessorMixin:
     """The model's processor, which must be multimodal and carry a chat template, with `limits` applied."""
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if not Path(model).is_dir() and not looks_like_hub_id:
-        raise UserError(
-            f"model folder {model} not found: pass a local checkpoint folder or a Hub id (org/name)"
-        )
+    check_model_folder(model)
     try:
         processor = AutoProcessor.from_pretrained(model)
     except (OSError, ValueError) as err:
