@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from domainbed_reasoning.builders.cost.pricing import Price, resolve_price
+from domainbed_reasoning.builders.cost.pricing import MODES, Price, resolve_price
 from domainbed_reasoning.builders.cost.rate_limits import RateLimits
 from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
 from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy
@@ -16,7 +16,6 @@ from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig,
 from domainbed_reasoning.errors import UserError
 
 SHARD_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-MODES = ("online", "batch")
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 
 import polars as pl
-from domainbed_reasoning.builders.cost.pricing import Price
+from domainbed_reasoning.builders.cost.pricing import MODES, Price
 
 from domainbed_reasoning.errors import UserError
-
-MODES = ("online", "batch")
 
 
 def spend_by_mode(requests: pl.DataFrame, prices: dict[str, Price | None]) -> dict:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 from domainbed_reasoning.errors import UserError
 
+# How a build sends its requests, each billed at its own price: one at a time, or through the Batch API.
+MODES = ("online", "batch")
 PER_TOKENS = 1_000_000
 BATCH_DISCOUNT = 0.5
 PRICE_PAGE = "https://openai.com/api/pricing"

@@ -14,7 +14,6 @@ never loads a model or a dataset, so it is cheap to re-run after every evaluatio
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from math import nan, sqrt
@@ -27,6 +26,7 @@ from domainbed_reasoning.train.evaluation.evaluate import (
     EVAL_FORMAT,
     MODES,
     ZEROSHOT,
+    read_json,
     zeroshot_name,
 )
 from domainbed_reasoning.train.evaluation.paper_results import PAPER_ROWS, PaperRow, paper_rows_for
@@ -51,6 +51,7 @@ TABLE1_METHODS = (ZEROSHOT, "rd-mldg")
 TABLE2_METHODS = ("cls", "reasoning", "mtct", "sarr", "rd-mldg")
 TABLE1_DATASETS = ("PACS", "VLCS", "OfficeHome", "TerraIncognita")
 ABLATION_DATASETS = ("OfficeHome", "TerraIncognita")
+REEVALUATE = "re-run `dbr eval --force` on its run"
 IMAGE_COUNTS = ("train_images", "train_images_with_chain", "validation_images", "test_images")
 
 Seed = int | None  # None: a zero-shot evaluation, deterministic, one trial
@@ -173,7 +174,7 @@ def collect(runs: Path) -> list[Evaluation]:
 
 
 def read_evaluation(path: Path) -> Evaluation:
-    metrics = _read_json(path)
+    metrics = read_json(path, REEVALUATE)
     if not isinstance(metrics, dict) or metrics.get("format") != EVAL_FORMAT:
         found = metrics.get("format") if isinstance(metrics, dict) else None
         raise UserError(
@@ -186,7 +187,7 @@ def read_evaluation(path: Path) -> Evaluation:
     }
     results = metrics["results"]
     run_dir = path.parent.parent
-    info = _read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    info = read_json(run_dir / "run.json", REEVALUATE)
     settings = _read_settings(run_dir / "config.yaml")
     trained = metrics["method"] != ZEROSHOT
     return Evaluation(
@@ -212,13 +213,6 @@ def read_evaluation(path: Path) -> Evaluation:
         },
         images={key: info[key] for key in IMAGE_COUNTS if isinstance(info.get(key), int)},
     )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON: re-run `dbr eval --force` on its run") from None
 
 
 def _read_settings(path: Path) -> dict[str, Any]:
