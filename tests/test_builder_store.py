@@ -118,7 +118,7 @@ def test_levels_below_the_fanout_are_left_alone(tmp_path: Path) -> None:
 KILLER = """
 import sys, time
 from pathlib import Path
-from domainbed_reasoning.builders import candidate_store as store
+from domainbed_reasoning.builders.store import candidate_store as store
 
 def pause(*args, **kwargs):
     print("ready", flush=True)

@@ -28,10 +28,10 @@ import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self, get_type_hints
 
 import polars as pl
 
@@ -46,32 +46,6 @@ FANOUT = 32
 MERGED_FROM = "dbr_merged_from"
 LOCK_NAME = ".lock"
 
-CANDIDATE_SCHEMA = {
-    "id": pl.String,
-    "round": pl.Int32,
-    "candidate_index": pl.Int32,
-    "temperature": pl.Float64,
-    "text": pl.String,
-    "finish_reason": pl.String,
-    "reason": pl.String,
-    "predicted": pl.String,
-    "detail": pl.String,
-    "prompt_tokens": pl.Int64,
-    "completion_tokens": pl.Int64,
-    "latency_s": pl.Float64,
-    "teacher": pl.String,
-    "teacher_url": pl.String,
-    "prompt_version": pl.String,
-    "seed": pl.Int64,
-    "top_p": pl.Float64,
-    "max_tokens": pl.Int32,
-    "server_model": pl.String,
-    "system_fingerprint": pl.String,
-    "timestamp": pl.Datetime("us", "UTC"),
-    "downscaled": pl.Boolean,
-    "mode": pl.String,
-}
-
 
 @dataclass(frozen=True, slots=True)
 class CandidateRecord:
@@ -80,34 +54,44 @@ class CandidateRecord:
 
     Answers are unique by KEY. Token counts and latency belong to the request (one prefill, `n` samples), so
     every candidate of a request repeats them; totals sum `candidate_index == 0`.
-    The last seven fields make an answer reproducible: what was asked (seed, top_p,
-    max_tokens, whether the image was downscaled), who answered (the server's model
-    and fingerprint) and when.
+    The fields from `seed` to `downscaled` make an answer reproducible: what was asked
+    (seed, top_p, max_tokens, whether the image was downscaled), who answered (the
+    server's model and fingerprint) and when. Each field declares its Parquet column's
+    dtype, from which CANDIDATE_SCHEMA is read, so the record and the shards cannot drift.
     """
 
-    id: str
-    round: int
-    candidate_index: int
-    temperature: float
-    text: str
-    finish_reason: str | None
-    reason: str
-    predicted: str | None
-    detail: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float
-    teacher: str
-    teacher_url: str
-    prompt_version: str
-    seed: int | None
-    top_p: float
-    max_tokens: int
-    server_model: str | None
-    system_fingerprint: str | None
-    timestamp: datetime
-    downscaled: bool
-    mode: str  # online, or batch (billed at the Batch API's price)
+    id: Annotated[str, pl.String]
+    round: Annotated[int, pl.Int32]
+    candidate_index: Annotated[int, pl.Int32]
+    temperature: Annotated[float, pl.Float64]
+    text: Annotated[str, pl.String]
+    finish_reason: Annotated[str | None, pl.String]
+    reason: Annotated[str, pl.String]
+    predicted: Annotated[str | None, pl.String]
+    detail: Annotated[str | None, pl.String]
+    prompt_tokens: Annotated[int, pl.Int64]
+    completion_tokens: Annotated[int, pl.Int64]
+    latency_s: Annotated[float, pl.Float64]
+    teacher: Annotated[str, pl.String]
+    teacher_url: Annotated[str, pl.String]
+    prompt_version: Annotated[str, pl.String]
+    seed: Annotated[int | None, pl.Int64]
+    top_p: Annotated[float, pl.Float64]
+    max_tokens: Annotated[int, pl.Int32]
+    server_model: Annotated[str | None, pl.String]
+    system_fingerprint: Annotated[str | None, pl.String]
+    timestamp: Annotated[datetime, pl.Datetime("us", "UTC")]
+    downscaled: Annotated[bool, pl.Boolean]
+    mode: Annotated[str, pl.String]  # online, or batch (billed at the Batch API's price)
+
+
+def polars_schema(record: type) -> dict[str, pl.DataType]:
+    """The Parquet columns of a record dataclass: its fields, in order, with the dtype each declares."""
+    hints = get_type_hints(record, include_extras=True)
+    return {field.name: hints[field.name].__metadata__[0] for field in fields(record)}
+
+
+CANDIDATE_SCHEMA = polars_schema(CandidateRecord)
 
 
 def shards(folder: Path) -> list[Path]:
