@@ -63,6 +63,8 @@ def test_overrides_are_typed() -> None:
     config = load_config(DEFAULT_CONFIG, overrides)
     assert config.learning_rate == 1e-4 and config.train_vision is False
     assert config.max_length is None and config.epochs == 1.0
+    yaml_booleans = build_config(parse_overrides(["bf16=false", "image_max_tiles=null", "max_steps=-1"]))
+    assert (yaml_booleans.bf16, yaml_booleans.image_max_tiles, yaml_booleans.max_steps) == ("false", None, -1)
 
 
 @pytest.mark.parametrize(

@@ -3,18 +3,21 @@
 The YAML file holds the paper's defaults (train/configs/mtct.yaml) so a run is
 reproducible from the resolved copy saved beside its adapter; overrides are
 `key=value` strings parsed as YAML scalars so `--set learning_rate=1e-4` and
-`--set train_vision=false` get the right types without a flag per field.
+`--set train_vision=false` get the right types without a flag per field. transformers'
+HfArgumentParser brings every value to its field's type, as it does a training script's flags.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import yaml
 from domainbed_reasoning.train.model.processor import ImageLimits
+from transformers import HfArgumentParser
 
 from domainbed_reasoning.atomic import write_text
 from domainbed_reasoning.errors import UserError
@@ -199,38 +202,38 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 
 def build_config(values: dict[str, Any], source: str = "overrides") -> TrainConfig:
-    known = {field.name: field for field in fields(TrainConfig)}
+    """`values` (YAML-typed, as a config file or `--set` gives them) as a checked TrainConfig.
+
+    transformers' HfArgumentParser types each value by its field, as for a training script's
+    flags; a null goes in as the parser's default, since a flag cannot spell None.
+    """
+    known = [field.name for field in fields(TrainConfig)]
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserError(
             f"unknown training setting(s) {', '.join(unknown)} in {source}: known ones are {', '.join(known)}"
         )
-    return TrainConfig(**{key: _coerce(known[key], value) for key, value in values.items()})
-
-
-def _coerce(field: dataclasses.Field, value: Any) -> Any:
-    """YAML gives `1e-4` as a string and `3` as an int; bring each value to its field's type."""
-    kind = str(field.type)
-    if value is None:
-        if "None" in kind:
-            return None
-        raise UserError(f"setting {field.name} needs a value")
+    hints = get_type_hints(TrainConfig)
+    parser = HfArgumentParser(TrainConfig, allow_abbrev=False, exit_on_error=False)
+    for key in (key for key, value in values.items() if value is None):
+        if type(None) not in get_args(hints[key]):
+            raise UserError(f"setting {key} needs a value")
+        parser.set_defaults(**{key: None})
+    argv = [f"--{key}={_flag_text(value)}" for key, value in values.items() if value is not None]
     try:
-        if kind.startswith("bool"):
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if kind.startswith("int"):
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if kind.startswith("float"):
-            return float(value)
-        return str(value).lower() if field.name == "bf16" else str(value)
-    except (TypeError, ValueError):
+        (config,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except argparse.ArgumentError as err:
+        key = err.argument_name.split("/")[0].removeprefix("--")
+        kind = next(arg for arg in (*get_args(hints[key]), hints[key]) if arg is not type(None))
         raise UserError(
-            f"setting {field.name}={value!r} is not a valid {kind.split(' ')[0]}: fix it in the config or --set"
+            f"setting {key}={values[key]!r} is not a valid {kind.__name__}: fix it in the config or --set"
         ) from None
+    return config
+
+
+def _flag_text(value: Any) -> str:
+    """A YAML value as the text of its flag; booleans as YAML writes them, so `bf16: false` is "false"."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def save_config(config: TrainConfig, target: Path) -> None:
