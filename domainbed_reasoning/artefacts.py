@@ -11,6 +11,8 @@ from pathlib import Path
 
 from domainbed_reasoning.data.registry import DatasetSpec
 
+SELF_LABEL_STATS = "self_label_stats.json"  # a SARR round's self-labelling counts, in its folder
+
 
 def dataset_root(data_dir: Path, spec: DatasetSpec) -> Path:
     """`data/<dirname>`: DomainBed's layout, `<domain>/<class>/<image>` below it."""

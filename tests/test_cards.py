@@ -128,3 +128,13 @@ def test_the_model_card_is_unchanged(settings: dict, name: str, tmp_path: Path) 
         build_config(settings),
     )
     check(model_card(request, prepared_run(tmp_path)), name)
+
+
+@pytest.mark.parametrize("sarr_round", [0, 2])
+def test_a_sarr_rounds_model_card_is_unchanged(sarr_round: int, tmp_path: Path) -> None:
+    config = build_config({"method": "rd-mldg", "sarr_rounds": 2})
+    request = TrainRequest(
+        "PACS", "USER/domainbed-reasoning", "sketch", "Qwen/Qwen2-VL-2B-Instruct", tmp_path, config
+    )
+    card = model_card(request, prepared_run(tmp_path), sarr_round=sarr_round)
+    check(card, f"model_card_sarr_round{sarr_round}.md")

@@ -15,10 +15,8 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-import jinja2
 import polars as pl
 from PIL import Image, UnidentifiedImageError
 
@@ -35,6 +33,7 @@ from domainbed_reasoning.hub.chain_run import (
     read_chain_run,
     status_counts,
 )
+from domainbed_reasoning.templates import render
 from domainbed_reasoning.terminal import console
 
 PAGE_NAME = "browse.html"
@@ -136,10 +135,9 @@ def render_page(run: ChainRun, options: BrowseOptions) -> tuple[str, int]:
     reasons = (
         run.candidates.filter(pl.col("reason") != ACCEPTED).group_by("reason").len().sort("reason")
     )
-    template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
-        resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
-    )
-    html = template.render(
+    html = render(
+        __package__,
+        TEMPLATE,
         dataset=run.spec.name,
         folder=str(run.folder),
         totals=rates(outcomes.with_columns(pl.lit("all").alias("all")), "all")[0],

@@ -19,8 +19,10 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.data.registry import SPECS, DatasetSpec, citation, credit_of
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.templates import render
 
 CARD_NAME = "README.md"
+CARD_TEMPLATE = "dataset_card.md.j2"
 PAPER = "RD-MLDG (ICLR 2026), arXiv:2602.23777, https://arxiv.org/abs/2602.23777"
 
 
@@ -171,7 +173,7 @@ def card_data(exported: list[ExportedDataset]) -> DatasetCardData:
 ACCEPTANCE_COLUMNS = ("images", "accepted", "exhausted", "pending", "answered")
 
 
-def _count_cells(counts: dict) -> str:
+def count_cells(counts: dict) -> str:
     """A row of the acceptance table; counts an older export did not record show as `-`."""
     cells = [f"{counts[key]:,}" if counts.get(key) is not None else "-" for key in ACCEPTANCE_COLUMNS]
     answered = counts.get("answered")
@@ -179,203 +181,38 @@ def _count_cells(counts: dict) -> str:
     return " | ".join([*cells, rate])
 
 
-def _acceptance_table(exported: list[ExportedDataset]) -> str:
-    lines = [
-        "| dataset | domain (split) | images | with a chain | exhausted | pending | answered | acceptance |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for item in exported:
-        rows = item.build["acceptance"]
-        for row in rows:
-            lines.append(
-                f"| {item.spec.name} | {row['domain']} (`{artefacts.split_name(row['domain'])}`) "
-                f"| {_count_cells(row)} |"
-            )
-        totals = {
-            key: sum(row[key] for row in rows) if all(key in row for row in rows) else None
-            for key in ACCEPTANCE_COLUMNS
-        }
-        lines.append(f"| **{item.spec.name}** | all | {_count_cells(totals)} |")
-    return "\n".join(lines)
+def acceptance_totals(rows: list[dict]) -> dict:
+    """A dataset's row of the acceptance table: each count summed where every domain has it."""
+    return {
+        key: sum(row[key] for row in rows) if all(key in row for row in rows) else None
+        for key in ACCEPTANCE_COLUMNS
+    }
 
 
-def _provenance(item: ExportedDataset) -> str:
-    build = item.build
-    lines = [
-        f"### {item.spec.name}",
-        "",
-        f"- Teacher model(s): {', '.join(f'`{t}`' for t in build['teachers'])}",
-        f"- Prompt version(s): {', '.join(f'`{v}`' for v in build['prompt_versions'])}",
-    ]
-    lines += [f"- {label.capitalize()}: {value}" for label, value in build["builder"].items()]
-    if build["prompt"]:
-        lines += [
-            "",
-            f"Teacher prompt (version `{build['prompt']['version']}`), verbatim:",
-            "",
-            "```text",
-        ]
-        lines += [build["prompt"]["text"].rstrip(), "```"]
-    else:
-        lines += [
-            "",
-            "The text of this prompt version was not in the toolkit checkout that exported it.",
-        ]
-    return "\n".join(lines)
-
-
-def _example(item: ExportedDataset) -> str:
-    example = item.build.get("example")
-    if example is None:
-        return f"**{item.spec.name}**: re-export it to show an example here."
-    return "\n".join(
-        [
-            f"**{item.spec.name}** `{example['id']}` (domain {example['domain']}, class {example['class_name']}):",
-            "",
-            "```text",
-            example["chain"].rstrip(),
-            "```",
-        ]
-    )
-
-
-def _splits_table(exported: list[ExportedDataset]) -> str:
-    lines = ["| config | splits (domain -> split name: rows) | classes |", "|---|---|---:|"]
-    for item in exported:
-        splits = ", ".join(
-            f"{s.domain}{'' if s.name == s.domain else f' -> `{s.name}`'}: {s.num_examples:,}"
-            for s in item.splits
-        )
-        lines.append(f"| `{item.spec.name}` | {splits} | {len(item.spec.classes)} |")
-    return "\n".join(lines)
-
-
-def _sources(exported: list[ExportedDataset]) -> str:
-    lines = []
-    for item in exported:
-        source = credit_of(item.spec.name)
-        lines.append(
-            f"- **{item.spec.name}** ({source.url}): {item.spec.description} Terms: {source.terms}."
-        )
-    return "\n".join(lines)
-
-
-def _citations(exported: list[ExportedDataset]) -> str:
-    entries = [citation("rd_mldg"), citation("domainbed")] + [
+def citations(exported: list[ExportedDataset]) -> list[str]:
+    return [citation("rd_mldg"), citation("domainbed")] + [
         credit_of(item.spec.name).citation for item in exported if credit_of(item.spec.name).citation
     ]
-    return "```bibtex\n" + "\n\n".join(entries) + "\n```"
-
-
-INTRO = f"""# DomainBed-Reasoning
-
-Every image of the DomainBed domain-generalisation benchmarks, each paired with a five-stage reasoning
-chain written by a teacher multimodal LLM where the teacher produced a label-consistent one, as introduced
-by {PAPER}. It is the training data of RD-MLDG (multi-task cross-training and self-aligned reasoning
-regularisation). Every image of every domain is a row, so it is a strict superset of DomainBed and a
-held-out domain can be scored whole, as DomainBed's protocol requires.
-
-This card is generated by `dbr export` from the exported files; do not edit it by hand.
-"""
-
-SPLITS_NOTE = """## Configs and splits
-
-One config per source dataset, one split per domain. Split names must be word characters, so a domain
-name with spaces or punctuation is published with `_` in their place (e.g. OfficeHome's `Real World` is
-the split `Real_World`); the `domain` column keeps the original name.
-"""
-
-BUILD_NOTE = """## How it was built
-
-For each image the teacher saw the image and the dataset's class names, never the label. Several
-candidate chains were sampled per image (rejection sampling, over several rounds where the first ones
-failed); a candidate was kept only if all five stages parse and its conclusion names exactly the true
-class. An image for which no candidate was accepted keeps its row with null chain fields;
-`chain_status` says why. The table counts, per domain, the images with a chain, the exhausted ones
-(every allowed round sampled, none label-consistent), the pending ones (never sent, e.g. outside a
-trial run, or not yet resolved), and the images the teacher answered at least once; acceptance is
-taken over those answered images, so a trial run on part of a dataset is not read as a low rate.
-"""
-
-RECORD_FORMAT = """## Record format
-
-| field | type | meaning |
-|---|---|---|
-| `id` | string | stable key `dataset/domain/class/file` |
-| `dataset`, `domain`, `class_name` | string | where the image comes from (original domain name) |
-| `label` | ClassLabel | class index in DomainBed order (sorted class folder names) |
-| `image` | Image | the original file's bytes, not re-encoded |
-| `chain` | string | the full chain `<SUMMARY>..</SUMMARY> <CAPTION>..</CAPTION> <REASONING>..</REASONING> \
-<REFLECTION>..</REFLECTION> <CONCLUSION>..</CONCLUSION>` |
-| `summary`, `caption`, `reasoning`, `reflection`, `conclusion` | string | the five stages' text |
-| `teacher`, `prompt_version` | string | which model and prompt wrote the chain (for an image without a chain: the ones that were tried; null if none was) |
-| `attempts` | int32 | teacher answers (candidates) sampled for this image in total, including any sampled in the same request after the accepted one; requests that failed in transport are not counted; 0 when none |
-| `chain_status` | string | `accepted` (chain fields set), `exhausted` (every allowed round sampled, none label-consistent) or `pending` (not resolved: never sent, or only transport failures so far); chain fields are null unless `accepted` |
-| `round`, `temperature` | int32, float32 | the sampling round (as the builder numbers it, the first is 1) and temperature of the accepted candidate; null unless `accepted` |
-"""
-
-LICENCE_NOTE = """## Source datasets and licences
-
-The images belong to their source datasets and keep those datasets' terms; the chains are released for
-research use alongside them.
-"""
-
-LIMITATIONS = """## Known limitations
-
-- Chains are model-written: they can describe details that are not in the image even when the
-  conclusion is right; the filter checks only the format and the conclusion's class.
-- Only label-consistent chains are kept, so the images the teacher found hardest have no chain (see
-  the acceptance table): training on chains under-represents them. Evaluate on every row of a domain,
-  not only on rows with a chain.
-- Class names come from folder names (e.g. `Alarm_Clock`); the teacher saw them as written.
-- Source datasets carry their own biases and label noise (TerraIncognita especially).
-"""
-
-
-def _usage(exported: list[ExportedDataset]) -> str:
-    first, split = exported[0].spec.name, exported[0].splits[0].name
-    return f"""## Usage
-
-```python
-from datasets import load_dataset
-
-ds = load_dataset("USER/domainbed-reasoning", "{first}")  # or the local folder "domainbed-reasoning"
-row = ds["{split}"][0]
-row["image"], row["label"], row["chain"], row["chain_status"]
-with_chains = ds["{split}"].filter(lambda row: row["chain_status"] == "accepted")
-```
-
-Leave-one-domain-out splits (train = the other domains minus a seeded 20% validation holdout of each,
-test = every image of the held-out domain) come with the toolkit:
-`domainbed_reasoning.hub.loading.load_lodo("domainbed-reasoning", "{first}", "<target domain>")`.
-"""
-
-
-def card_body(exported: list[ExportedDataset]) -> str:
-    sections = [
-        INTRO,
-        SPLITS_NOTE,
-        _splits_table(exported) + "\n",
-        BUILD_NOTE,
-        _acceptance_table(exported) + "\n",
-        *[_provenance(item) + "\n" for item in exported],
-        RECORD_FORMAT,
-        "### Examples\n",
-        *[_example(item) + "\n" for item in exported],
-        _usage(exported),
-        LICENCE_NOTE,
-        _sources(exported) + "\n",
-        LIMITATIONS,
-        "## Citation\n",
-        _citations(exported) + "\n",
-    ]
-    return "\n".join(sections)
 
 
 def card_text(exported: list[ExportedDataset]) -> str:
     """The whole README.md for these datasets, listed in registry order whatever the input order."""
     ordered = sorted(exported, key=lambda item: [spec.name for spec in SPECS].index(item.spec.name))
-    return str(DatasetCard(f"---\n{card_data(ordered).to_yaml()}\n---\n\n{card_body(ordered)}"))
+    text = render(
+        __package__,
+        CARD_TEMPLATE,
+        front_matter=card_data(ordered).to_yaml(),
+        paper=PAPER,
+        exported=ordered,
+        first=ordered[0].spec.name,
+        first_split=ordered[0].splits[0].name,
+        split_name=artefacts.split_name,
+        count_cells=count_cells,
+        totals=acceptance_totals,
+        credit_of=credit_of,
+        citations=citations(ordered),
+    )
+    return str(DatasetCard(text))
 
 
 def render_card(export: Path) -> str:

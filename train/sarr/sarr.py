@@ -65,7 +65,7 @@ from domainbed_reasoning.train.stages.stage import (
 )
 from rich.console import Console
 
-from domainbed_reasoning import atomic
+from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.serving.vllm_server import resolve_vllm_python
@@ -73,7 +73,7 @@ from domainbed_reasoning.serving.vllm_server import resolve_vllm_python
 STATE_VERSION = 1
 STATE_FILE = "state.json"
 SELF_LABELS = "self_labels.parquet"
-SELF_LABEL_STATS = "self_label_stats.json"
+SELF_LABEL_STATS = artefacts.SELF_LABEL_STATS
 
 console = Console(stderr=True)
 
@@ -287,10 +287,7 @@ def train_round(
         if round_ > 0 and config.sarr_init == "continue"
         else TrainedWeights(request.model)
     )
-    card = model_card(request, prepared) + (
-        f"\nSARR round {round_} of {config.sarr_rounds} "
-        f"({'teacher chains' if round_ == 0 else 'self-labelled chains, see ../' + SELF_LABEL_STATS}).\n"
-    )
+    card = model_card(request, prepared, sarr_round=round_)
     return train_stage(
         start.model,
         prepared.processor,

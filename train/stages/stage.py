@@ -43,10 +43,13 @@ from transformers import AutoModelForImageTextToText, ProcessorMixin
 from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig
 
-from domainbed_reasoning import atomic
+from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.data.registry import DatasetSpec, get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.loading import load_lodo
+from domainbed_reasoning.templates import render
+
+MODEL_CARD_TEMPLATE = "model_card.md.j2"
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,8 @@ def stage_result(run_dir: Path, model: str) -> StageResult:
     return StageResult(run_dir, stage_weights(run_dir, model), metrics)
 
 
-def model_card(request: TrainRequest, prepared: Prepared) -> str:
+def model_card(request: TrainRequest, prepared: Prepared, sarr_round: int | None = None) -> str:
+    """The README.md saved beside the weights; a SARR round's card also says which round it is."""
     config = request.config
     lora = config.finetune == "lora"
     front = {
@@ -308,29 +312,17 @@ def model_card(request: TrainRequest, prepared: Prepared) -> str:
         "tags": ["domainbed-reasoning", "rd-mldg", config.method, config.finetune, "trl"],
         "datasets": [request.data],
     }
-    what = f"LoRA adapter for `{request.model}`" if lora else f"`{request.model}` fully fine-tuned"
-    load = (
-        "PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter)"
-        if lora
-        else "AutoModelForImageTextToText.from_pretrained(folder)"
-    )
-    settings = "\n".join(f"| {key} | {value} |" for key, value in config.to_dict().items())
-    counts = prepared.counts["train"]
-    trained = (
-        f"LoRA (rank {config.lora_rank}) on the language model"
-        + (" and the vision encoder" if config.train_vision else "")
-        + "; the vision-language projector is frozen (the same rule on every architecture)."
-        if lora
-        else "Every weight was trained, the vision-language projector included."
-    )
-    return (
-        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
-        f"# {prepared.spec.name} / held-out {request.target} / {config.method}\n\n"
-        f"{what}, trained with RD-MLDG stage 1 ({config.method}) on "
-        f"DomainBed-Reasoning {prepared.spec.name}, every domain except **{request.target}** "
-        f"({counts.images} training images, {counts.with_chain} of them with a teacher chain for the "
-        f"reasoning path; {len(prepared.train_examples)} examples). {trained} "
-        f"The held-out domain is the test split; `split.parquet` beside this folder lists every image's split.\n\n"
-        f"Load with `{load}`.\n\n"
-        f"| setting | value |\n|---|---|\n{settings}\n"
+    return render(
+        __package__,
+        MODEL_CARD_TEMPLATE,
+        front_matter=yaml.safe_dump(front, sort_keys=False),
+        spec=prepared.spec,
+        target=request.target,
+        model=request.model,
+        config=config,
+        lora=lora,
+        counts=prepared.counts["train"],
+        examples=len(prepared.train_examples),
+        sarr_round=sarr_round,
+        self_label_stats=artefacts.SELF_LABEL_STATS,
     )
