@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -181,3 +183,34 @@ def test_a_users_own_train_and_builders_do_not_shadow_ours(tmp_path: Path, entry
         output = done.stdout + done.stderr
         assert "the user" not in output and expected in output, output
         assert done.returncode == 2, output
+
+
+def declared_distributions() -> set[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = [requirement for group in project["optional-dependencies"].values() for requirement in group]
+    requirements = [*project["dependencies"], *extras]
+    return {canonical_name(re.split(r"[\s<>=!~\[;]", requirement)[0]) for requirement in requirements}
+
+
+def canonical_name(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def test_every_library_the_package_imports_is_a_declared_dependency() -> None:
+    """An import that works only because another library happens to pull its package in breaks
+    the day that library changes its own requirements."""
+    top_level = set()
+    for path in modules_under(REPO, PACKAGES).values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                top_level |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                top_level.add(node.module.split(".")[0])
+    providers = importlib.metadata.packages_distributions()
+    declared = declared_distributions()
+    undeclared = {
+        f"{module} (from {', '.join(providers.get(module, ['no installed distribution']))})"
+        for module in top_level - set(sys.stdlib_module_names) - {"domainbed_reasoning"}
+        if not declared & {canonical_name(name) for name in providers.get(module, [])}
+    }
+    assert not undeclared
