@@ -9,9 +9,14 @@ from pathlib import Path
 
 from domainbed_reasoning.builders.cost.pricing import MODES, Price, resolve_price
 from domainbed_reasoning.builders.cost.rate_limits import RateLimits
-from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
+from domainbed_reasoning.builders.rejection_sampling import SamplingPlan, parse_temperatures
 from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy
-from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig, url_host
+from domainbed_reasoning.builders.transport.replicas import HealthPolicy
+from domainbed_reasoning.builders.transport.teacher_client import (
+    TeacherConfig,
+    resolve_api_key,
+    url_host,
+)
 
 from domainbed_reasoning.errors import UserError
 
@@ -102,3 +107,82 @@ class BuildConfig:
             )
         for url in self.teacher.urls:
             url_host(url)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """`dbr build-chains`' flags as typed, one field a flag; `config()` groups them into the
+    BuildConfig the build takes, so the command line stays a list of flags."""
+
+    dataset: str
+    data_dir: Path
+    out: Path
+    teacher_url: list[str]
+    teacher_model: str
+    candidates: int
+    max_rounds: int
+    temperatures: str
+    top_p: float
+    seed: int
+    concurrency: int
+    timeout: float
+    max_retries: int
+    outage_wait: float
+    shard: str
+    limit: int | None
+    max_side: int
+    max_tokens: int
+    api_key_env: str | None
+    allow_mixed: bool
+    progress: bool
+    workers: int
+    rejudge: bool
+    mode: str
+    dry_run: bool
+    budget_usd: float | None
+    max_requests_per_minute: float | None
+    max_tokens_per_minute: float | None
+    detail: str
+    price_in: float | None
+    price_out: float | None
+    teacher_checkpoint: str | None
+    vllm_arg: list[str]
+    batch_poll_s: float
+
+    def teacher(self) -> TeacherConfig:
+        return TeacherConfig(
+            urls=tuple(self.teacher_url),
+            model=self.teacher_model,
+            api_key=resolve_api_key(self.api_key_env),
+            api_key_explicit=self.api_key_env is not None,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            concurrency=self.concurrency,
+            max_tokens=self.max_tokens,
+            top_p=self.top_p,
+            health=HealthPolicy(outage_wait_s=self.outage_wait),
+            detail=self.detail,
+        )
+
+    def config(self) -> BuildConfig:
+        return BuildConfig(
+            dataset=self.dataset,
+            data_dir=self.data_dir,
+            out=self.out,
+            teacher=self.teacher(),
+            plan=SamplingPlan(
+                self.candidates, self.max_rounds, parse_temperatures(self.temperatures), self.seed
+            ),
+            policy=PayloadPolicy(max_side=self.max_side),
+            shard=Shard.parse(self.shard),
+            limit=self.limit,
+            show_progress=self.progress,
+            workers=self.workers,
+            allow_mixed=self.allow_mixed,
+            mode=self.mode,
+            dry_run=self.dry_run,
+            spending=Spending(self.price_in, self.price_out, self.budget_usd),
+            limits=RateLimits(self.max_requests_per_minute, self.max_tokens_per_minute),
+            batch=BatchRunner(tuple(self.vllm_arg), self.batch_poll_s),
+            teacher_checkpoint=self.teacher_checkpoint,
+        )

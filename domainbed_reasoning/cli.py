@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -24,6 +25,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+# Options several commands share, declared once so their flags and help read the same everywhere.
+DatasetName = Annotated[str, typer.Argument(help="Dataset name, e.g. PACS (see `dbr datasets`).")]
+DataDir = Annotated[Path, typer.Option(help="Folder holding <dirname>/<domain>/<class>/<image>.")]
+ShowProgress = Annotated[bool, typer.Option(help="Show the progress bar.")]
+TrainingData = Annotated[str, typer.Option(help="DomainBed-Reasoning export folder or Hub repo id.")]
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
@@ -63,8 +70,8 @@ def judge_command(
 
 @app.command()
 def scan(
-    dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
-    data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
+    dataset: DatasetName,
+    data_dir: DataDir = Path("data"),
     out: Path = typer.Option(Path("manifest.parquet"), help="Where to write the Parquet manifest."),
 ) -> None:
     """Walk a DomainBed folder and write its manifest: one row per image."""
@@ -120,7 +127,7 @@ def sim_teacher(
 
 @app.command()
 def download(
-    dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
+    dataset: DatasetName,
     data_dir: Path = typer.Option(Path("data"), help="Folder to write <dirname>/<domain>/<class>/<image> into."),
     from_archive: list[Path] = typer.Option(
         [], "--from-archive", help="An archive you already hold (or a folder of them); repeatable. Skips HTTP."
@@ -186,8 +193,9 @@ def serve_teacher(
     "an outage past --outage-wait): run the same command again to retry exactly those.",
 )
 def build_chains_command(
-    dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
-    data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
+    ctx: typer.Context,
+    dataset: DatasetName,
+    data_dir: DataDir = Path("data"),
     out: Path = typer.Option(Path("runs/chains"), help="Writes <out>/<DATASET>/{manifest,chains}.parquet etc."),
     teacher_url: list[str] = typer.Option(
         ["http://127.0.0.1:8000/v1"], help="OpenAI-compatible base URL; repeat for several replicas."
@@ -218,7 +226,7 @@ def build_chains_command(
     allow_mixed: bool = typer.Option(
         False, help="Add to an --out folder that holds another teacher's or prompt version's answers."
     ),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    progress: ShowProgress = True,
     workers: int = typer.Option(
         0, help="Client processes sharing --concurrency; 0 chooses from the free cores."
     ),
@@ -248,55 +256,16 @@ def build_chains_command(
 ) -> None:
     """Sample teacher chains for every image, keep label-consistent ones; resumable, re-run to continue."""
     from domainbed_reasoning.builders.build import build_and_summarise
-    from domainbed_reasoning.builders.build_config import BatchRunner, BuildConfig, Shard, Spending
-    from domainbed_reasoning.builders.cost.rate_limits import RateLimits
-    from domainbed_reasoning.builders.rejection_sampling import SamplingPlan, parse_temperatures
-    from domainbed_reasoning.builders.transport.image_payload import PayloadPolicy
-    from domainbed_reasoning.builders.transport.replicas import HealthPolicy
-    from domainbed_reasoning.builders.transport.teacher_client import TeacherConfig, resolve_api_key
+    from domainbed_reasoning.builders.build_config import BuildOptions
 
-    teacher = TeacherConfig(
-        urls=tuple(teacher_url),
-        model=teacher_model,
-        api_key=resolve_api_key(api_key_env),
-        api_key_explicit=api_key_env is not None,
-        timeout=timeout,
-        max_retries=max_retries,
-        concurrency=concurrency,
-        max_tokens=max_tokens,
-        top_p=top_p,
-        health=HealthPolicy(outage_wait_s=outage_wait),
-        detail=detail,
-    )
-    code = build_and_summarise(
-        BuildConfig(
-            dataset=dataset,
-            data_dir=data_dir,
-            out=out,
-            teacher=teacher,
-            plan=SamplingPlan(candidates, max_rounds, parse_temperatures(temperatures), seed),
-            policy=PayloadPolicy(max_side=max_side),
-            shard=Shard.parse(shard),
-            limit=limit,
-            show_progress=progress,
-            workers=workers,
-            allow_mixed=allow_mixed,
-            mode=mode,
-            dry_run=dry_run,
-            spending=Spending(price_in, price_out, budget_usd),
-            limits=RateLimits(max_requests_per_minute, max_tokens_per_minute),
-            batch=BatchRunner(tuple(vllm_arg), batch_poll_s),
-            teacher_checkpoint=teacher_checkpoint,
-        ),
-        rejudge=rejudge,
-    )
-    raise typer.Exit(code)
+    options = BuildOptions(**ctx.params)
+    raise typer.Exit(build_and_summarise(options.config(), rejudge=options.rejudge))
 
 
 @app.command("train")
 def train_command(
-    dataset: str = typer.Argument(..., help="Dataset name, e.g. PACS (see `dbr datasets`)."),
-    data: str = typer.Option("domainbed-reasoning", help="DomainBed-Reasoning export folder or Hub repo id."),
+    dataset: DatasetName,
+    data: TrainingData = "domainbed-reasoning",
     target: str = typer.Option(..., help="Held-out (test) domain; training uses every other domain."),
     model: str = typer.Option(..., help="Base MLLM: a local checkpoint folder or a Hub id."),
     method: str = typer.Option(
@@ -332,10 +301,10 @@ def train_command(
 def export(
     datasets: list[str] = typer.Argument(..., help="Dataset names to (re-)export, e.g. PACS VLCS."),
     chains_dir: Path = typer.Option(Path("runs/chains"), help="Holds <DATASET>/{manifest,chains}.parquet."),
-    data_dir: Path = typer.Option(Path("data"), help="Folder holding <dirname>/<domain>/<class>/<image>."),
+    data_dir: DataDir = Path("data"),
     out: Path = typer.Option(Path("domainbed-reasoning"), help="The Hub-layout folder (README.md + <DATASET>/)."),
     max_shard_mb: int = typer.Option(256, help="Largest Parquet shard, in MiB of image bytes."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    progress: ShowProgress = True,
 ) -> None:
     """Write DomainBed-Reasoning as Parquet with embedded images and regenerate its dataset card."""
     from domainbed_reasoning.hub.export import export_and_report
@@ -393,7 +362,7 @@ def eval_command(
     direct_tokens: int = typer.Option(32, help="Token limit of a direct (class name) answer."),
     max_new_tokens: int = typer.Option(1024, help="Token limit of a reasoning answer."),
     force: bool = typer.Option(False, help="Evaluate again over a finished evaluation."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    progress: ShowProgress = True,
 ) -> None:
     """Leave-one-domain-out accuracy (direct and reasoning modes) of a trained run or of any model."""
     from domainbed_reasoning.train.evaluation import evaluate
@@ -443,7 +412,7 @@ def sweep(
         None, "--zero-shot-remote", metavar="URL MODEL", help="Also evaluate MODEL behind an OpenAI-compatible URL."
     ),
     api_key_env: str | None = typer.Option(None, help="--zero-shot-remote: environment variable with the API key."),
-    data: str = typer.Option("domainbed-reasoning", help="DomainBed-Reasoning export folder or Hub repo id."),
+    data: TrainingData = "domainbed-reasoning",
     out: Path = typer.Option(Path("runs/sweep"), help="The sweep folder: every run, log, record and job id."),
     config: Path | None = typer.Option(None, help="YAML training settings (default: the paper's)."),
     set_: list[str] = typer.Option([], "--set", help="Override a training setting, KEY=VALUE; repeatable."),
