@@ -6,8 +6,9 @@ server all accept. Each builder writes one such folder (config, weights,
 processor, a byte-level BPE tokenizer trained on the spot, a chat template);
 `cached_tiny_model` keeps the result on disk so a test session builds it once.
 
-A new architecture (LLaVA, InternVL, ...) is one more `build_tiny_*` function
-that reuses `train_tokenizer` and is listed in `BUILDERS`.
+Every architecture is built by one function, `build_tiny_model`, over a row of
+`ARCHITECTURES`: its special tokens, chat template, model class and shape (sizes,
+config, processor). A new architecture is one more shape and one more row.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -35,6 +38,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2VLConfig,
@@ -155,84 +159,6 @@ def train_tokenizer(
     )
 
 
-def build_tiny_qwen2vl(
-    out_dir: Path,
-    *,
-    hidden: int = 128,
-    layers: int = 2,
-    heads: int = 2,
-    vision_depth: int = 2,
-    vision_width: int | None = None,
-    seed: int = 0,
-    vocab_words: Iterable[str] = (),
-    corpus: Iterable[str] = (),
-    vocab_size: int = 1024,
-    patch_size: int = 14,
-    pixels: dict[str, int] | None = None,
-    split_words: bool = True,
-    min_frequency: int = 0,
-) -> Path:
-    """A Qwen2-VL with head_dim 64 (the smallest vLLM's CPU attention accepts)."""
-    head_dim = hidden // heads
-    pixels = pixels or QWEN2VL_PIXELS
-    tokenizer = train_tokenizer(
-        vocab_words,
-        QWEN2VL_SPECIAL_TOKENS,
-        QWEN2VL_CHAT_TEMPLATE,
-        vocab_size=vocab_size,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        corpus=corpus,
-        split_words=split_words,
-        min_frequency=min_frequency,
-    )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
-            "max_position_embeddings": 4096,
-            "max_window_layers": layers,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1_000_000.0,
-                "mrope_section": _mrope_section(head_dim),
-            },
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": vision_depth,
-            "embed_dim": vision_width or hidden,
-            "hidden_size": hidden,
-            "num_heads": heads,
-            "patch_size": patch_size,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=patch_size),
-        video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=patch_size),
-        tokenizer=tokenizer,
-        chat_template=QWEN2VL_CHAT_TEMPLATE,
-    )
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return Path(out_dir)
-
-
 # SynthDG's 64x64 images at native resolution: 16-pixel patches, 2x2 merge -> 4 vision tokens.
 DEMO_PIXELS = {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}
 DEMO_PATCH = 16
@@ -308,84 +234,6 @@ def chatml_template(image_placeholder: str) -> str:
 LLAVA_CHAT_TEMPLATE = chatml_template("<image>")
 
 
-def build_tiny_llava(
-    out_dir: Path,
-    *,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 2,
-    kv_heads: int = 1,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
-    vision_heads: int = 2,
-    image_size: int = 32,
-    patch_size: int = 8,
-    vocab_size: int | None = None,
-    seed: int = 0,
-    vocab_words: Iterable[str] = (),
-) -> Path:
-    """LLaVA-1.5's shape (CLIP tower, 2-layer projector, decoder LM) with a Qwen2 LM.
-
-    A second architecture whose module names (`vision_tower`, `self_attn.out_proj`) and
-    image-token scheme differ from Qwen2-VL's, so per-architecture code is really tested.
-    The sizes are arguments so the GPU benchmark can build a real-size model from here.
-    """
-    tokenizer = train_tokenizer(
-        vocab_words,
-        LLAVA_SPECIAL_TOKENS,
-        LLAVA_CHAT_TEMPLATE,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in LLAVA_SPECIAL_TOKENS}
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=vision_hidden,
-            intermediate_size=4 * vision_hidden,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=max(vocab_size or 0, len(tokenizer)),
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        image_token_id=ids["<image>"],
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-        ),
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return Path(out_dir)
-
-
 INTERNVL_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -408,21 +256,129 @@ INTERNVL_TOKEN_ROLES = {
 INTERNVL_CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>")
 
 
-def build_tiny_internvl(
-    out_dir: Path,
-    *,
-    hidden: int = 128,
-    layers: int = 2,
-    heads: int = 2,
-    vision_hidden: int = 128,
-    vision_layers: int = 2,
-    vision_heads: int = 2,
-    tile_size: int = 56,
-    patch_size: int = 14,
-    max_tiles: int = 4,
-    seed: int = 0,
-    vocab_words: Iterable[str] = (),
-) -> Path:
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"  # also the begin-of-sequence token, as in Qwen2
+
+
+def text_config(ids: Mapping[str, int], vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                intermediate: int) -> dict[str, Any]:
+    """The Qwen2 language model every tiny architecture decodes with."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "bos_token_id": ids[PAD_TOKEN],
+        "eos_token_id": ids[EOS_TOKEN],
+        "pad_token_id": ids[PAD_TOKEN],
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Qwen2VLShape:
+    """A Qwen2-VL with head_dim 64 (the smallest vLLM's CPU attention accepts). Its tokenizer's
+    options are here too: the demo model trains its tokenizer on its own conversations."""
+
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 2
+    vision_depth: int = 2
+    vision_width: int | None = None
+    patch_size: int = 14
+    pixels: dict[str, int] | None = None
+    vocab_size: int = 1024
+    corpus: Iterable[str] = ()
+    split_words: bool = True
+    min_frequency: int = 0
+
+    def tokenizer_options(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "corpus": self.corpus, "split_words": self.split_words,
+                "min_frequency": self.min_frequency}  # fmt: skip
+
+    def config(self, ids: Mapping[str, int], vocab: int) -> Qwen2VLConfig:
+        rope = {"rope_type": "default", "rope_theta": 1_000_000.0,
+                "mrope_section": _mrope_section(self.hidden // self.heads)}  # fmt: skip
+        text = text_config(ids, vocab, self.hidden, self.layers, self.heads, self.heads, 2 * self.hidden)
+        return Qwen2VLConfig(
+            text_config=text | {"max_window_layers": self.layers, "rope_parameters": rope},
+            vision_config={"depth": self.vision_depth, "embed_dim": self.vision_width or self.hidden,
+                           "hidden_size": self.hidden, "num_heads": self.heads, "patch_size": self.patch_size},
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )  # fmt: skip
+
+    def processor(self, tokenizer: PreTrainedTokenizerFast) -> Qwen2VLProcessor:
+        pixels = self.pixels or QWEN2VL_PIXELS
+        return Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=self.patch_size),
+            video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=self.patch_size),
+            tokenizer=tokenizer,
+            chat_template=QWEN2VL_CHAT_TEMPLATE,
+        )
+
+
+@dataclass(frozen=True)
+class LlavaShape:
+    """LLaVA-1.5's shape (CLIP tower, 2-layer projector, decoder LM) with a Qwen2 LM.
+
+    A second architecture whose module names (`vision_tower`, `self_attn.out_proj`) and
+    image-token scheme differ from Qwen2-VL's, so per-architecture code is really tested.
+    The sizes are fields so the GPU benchmark can build a real-size model from here;
+    `vocab_size` pads the embedding to a real model's vocabulary.
+    """
+
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    kv_heads: int = 1
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    vocab_size: int | None = None
+
+    def tokenizer_options(self) -> dict[str, Any]:
+        return {}
+
+    def config(self, ids: Mapping[str, int], vocab: int) -> LlavaConfig:
+        vocab = max(self.vocab_size or 0, vocab)
+        text = text_config(ids, vocab, self.hidden, self.layers, self.heads, self.kv_heads, 4 * self.hidden)
+        return LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=self.vision_hidden, intermediate_size=4 * self.vision_hidden,
+                num_hidden_layers=self.vision_layers, num_attention_heads=self.vision_heads,
+                image_size=self.image_size, patch_size=self.patch_size,
+            ),
+            text_config=Qwen2Config(**text, tie_word_embeddings=False),
+            image_token_id=ids["<image>"],
+            image_seq_length=(self.image_size // self.patch_size) ** 2,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )  # fmt: skip
+
+    def processor(self, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+        return LlavaProcessor(
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": self.image_size},
+                crop_size={"height": self.image_size, "width": self.image_size},
+            ),
+            tokenizer=tokenizer,
+            patch_size=self.patch_size,
+            vision_feature_select_strategy="default",
+            image_token="<image>",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_CHAT_TEMPLATE,
+        )
+
+
+@dataclass(frozen=True)
+class InternVLShape:
     """InternVL3's `*-hf` layout (InternViT tower, pixel-shuffle projector, Qwen2 LM) at toy size.
 
     The paper's backbone. As in InternVL3 the processor tiles an image into up to
@@ -431,69 +387,114 @@ def build_tiny_internvl(
     shuffle, so the tiling is exercised at a size tests afford. Head dim 64 on both
     towers: the smallest vLLM's CPU attention accepts.
     """
+
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 2
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 2
+    tile_size: int = 56
+    patch_size: int = 14
+    max_tiles: int = 4
+    downsample_ratio: float = 0.5
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return int((self.tile_size // self.patch_size) ** 2 * self.downsample_ratio**2)
+
+    def tokenizer_options(self) -> dict[str, Any]:
+        return {}
+
+    def config(self, ids: Mapping[str, int], vocab: int) -> InternVLConfig:
+        text = text_config(ids, vocab, self.hidden, self.layers, self.heads, self.heads, 2 * self.hidden)
+        return InternVLConfig(
+            vision_config={
+                "hidden_size": self.vision_hidden, "num_hidden_layers": self.vision_layers,
+                "num_attention_heads": self.vision_heads, "intermediate_size": 2 * self.vision_hidden,
+                "image_size": [self.tile_size, self.tile_size], "patch_size": [self.patch_size, self.patch_size],
+            },
+            text_config={"model_type": "qwen2", **text, "tie_word_embeddings": False},
+            image_token_id=ids["<IMG_CONTEXT>"],
+            image_seq_length=self.tokens_per_tile,
+            downsample_ratio=self.downsample_ratio,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+
+    def processor(self, tokenizer: PreTrainedTokenizerFast) -> InternVLProcessor:
+        size = {"height": self.tile_size, "width": self.tile_size}
+        return InternVLProcessor(
+            image_processor=GotOcr2ImageProcessor(
+                size=size, crop_to_patches=self.max_tiles > 1, min_patches=1, max_patches=self.max_tiles
+            ),
+            tokenizer=tokenizer,
+            video_processor=InternVLVideoProcessor(size=size),
+            image_seq_length=self.tokens_per_tile,
+            chat_template=INTERNVL_CHAT_TEMPLATE,
+        )
+
+
+@dataclass(frozen=True)
+class TinyArchitecture:
+    """One row of ARCHITECTURES: the tokens and chat template its tokenizer carries, the model
+    class, and the shape (sizes, config and processor) a build may change."""
+
+    special_tokens: tuple[str, ...]
+    chat_template: str
+    model_class: type[PreTrainedModel]
+    shape: type[Qwen2VLShape | LlavaShape | InternVLShape]
+    token_roles: Mapping[str, str] | None = None
+
+
+ARCHITECTURES = {
+    "qwen2vl": TinyArchitecture(
+        QWEN2VL_SPECIAL_TOKENS, QWEN2VL_CHAT_TEMPLATE, Qwen2VLForConditionalGeneration, Qwen2VLShape
+    ),
+    "llava": TinyArchitecture(
+        LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, LlavaForConditionalGeneration, LlavaShape
+    ),
+    "internvl": TinyArchitecture(
+        INTERNVL_SPECIAL_TOKENS, INTERNVL_CHAT_TEMPLATE, InternVLForConditionalGeneration, InternVLShape,
+        INTERNVL_TOKEN_ROLES,
+    ),
+}
+
+
+def build_tiny_model(
+    out_dir: Path, architecture: str, *, seed: int = 0, vocab_words: Iterable[str] = (), **shape: Any
+) -> Path:
+    """A checkpoint folder of `architecture` (a key of ARCHITECTURES), `shape` its shape's fields:
+    a tokenizer trained on the spot, the config, random weights drawn from `seed`, the processor."""
+    row = ARCHITECTURES[architecture]
+    sizes = row.shape(**shape)
     tokenizer = train_tokenizer(
-        vocab_words,
-        INTERNVL_SPECIAL_TOKENS,
-        INTERNVL_CHAT_TEMPLATE,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        token_roles=INTERNVL_TOKEN_ROLES,
-    )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in INTERNVL_SPECIAL_TOKENS}
-    downsample_ratio = 0.5
-    tokens_per_tile = int((tile_size // patch_size) ** 2 * downsample_ratio**2)
-    config = InternVLConfig(
-        vision_config={
-            "hidden_size": vision_hidden,
-            "num_hidden_layers": vision_layers,
-            "num_attention_heads": vision_heads,
-            "intermediate_size": 2 * vision_hidden,
-            "image_size": [tile_size, tile_size],
-            "patch_size": [patch_size, patch_size],
-        },
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        image_token_id=ids["<IMG_CONTEXT>"],
-        image_seq_length=tokens_per_tile,
-        downsample_ratio=downsample_ratio,
-        tie_word_embeddings=False,
-    )
+        vocab_words, row.special_tokens, row.chat_template, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        token_roles=row.token_roles, **sizes.tokenizer_options(),
+    )  # fmt: skip
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in row.special_tokens}
+    config = sizes.config(ids, len(tokenizer))
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    size = {"height": tile_size, "width": tile_size}
-    processor = InternVLProcessor(
-        image_processor=GotOcr2ImageProcessor(
-            size=size, crop_to_patches=max_tiles > 1, min_patches=1, max_patches=max_tiles
-        ),
-        tokenizer=tokenizer,
-        video_processor=InternVLVideoProcessor(size=size),
-        image_seq_length=tokens_per_tile,
-        chat_template=INTERNVL_CHAT_TEMPLATE,
-    )
+    model = row.model_class(config)
+    model.generation_config.eos_token_id = ids[EOS_TOKEN]
+    model.generation_config.pad_token_id = ids[PAD_TOKEN]
     model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    sizes.processor(tokenizer).save_pretrained(out_dir)
     return Path(out_dir)
 
 
-BUILDERS: dict[str, Builder] = {
-    "qwen2vl": build_tiny_qwen2vl,
-    "llava": build_tiny_llava,
-    "internvl": build_tiny_internvl,
-}
+def build_tiny_qwen2vl(out_dir: Path, **options: Any) -> Path:
+    """A tiny Qwen2-VL: `options` are `seed`, `vocab_words` and Qwen2VLShape's fields."""
+    return build_tiny_model(out_dir, "qwen2vl", **options)
+
+
+def build_tiny_llava(out_dir: Path, **options: Any) -> Path:
+    """A tiny LLaVA: `options` are `seed`, `vocab_words` and LlavaShape's fields."""
+    return build_tiny_model(out_dir, "llava", **options)
+
+
+def build_tiny_internvl(out_dir: Path, **options: Any) -> Path:
+    """A tiny InternVL3: `options` are `seed`, `vocab_words` and InternVLShape's fields."""
+    return build_tiny_model(out_dir, "internvl", **options)
 
 
 def cached_tiny_model(builder: Builder, cache_dir: Path, **kwargs: object) -> Path:
