@@ -38,6 +38,7 @@ from domainbed_reasoning.builders.store.rejudge import rejudge_and_summarise, re
 from domainbed_reasoning.builders.transport.teacher_client import (
     DEFAULT_KEY_ENV,
     MessagesTemplate,
+    TeacherConfig,
     url_host,
     withheld_key_urls,
 )
@@ -147,46 +148,54 @@ def build_chains(config: BuildConfig, console: Console | None = None) -> dict | 
                 prompt, text_first=True, detail=teacher.detail if teacher.openai else None
             ),
             judging=Judging(
-                matcher,
-                teacher.model,
-                template.version,
-                teacher.top_p,
-                teacher.max_tokens,
-                config.mode,
+                matcher, teacher.model, template.version, teacher.top_p, teacher.max_tokens, config.mode
             ),
             folder=store,
             pacing=pacing_plan(config, store, prompt, selection, left),
         )
-        for url in withheld_key_urls(teacher):
-            err_console.print(
-                f"[yellow]not sending {DEFAULT_KEY_ENV} to {url}: plain http to another machine;"
-                f" pass --api-key-env {DEFAULT_KEY_ENV} to send it anyway[/]",
-                highlight=False,
-            )
+        warn_withheld_keys(config.teacher)
         start = time.perf_counter()
         counters = sample(share, config, console, selection) if len(share.tasks) else Counters()
-        run = RunInfo(
-            dataset=spec.name,
-            teacher=teacher.model,
-            teacher_hosts=[url_host(url) for url in teacher.urls],
-            candidates=config.plan.candidates,
-            max_rounds=config.plan.max_rounds,
-            temperatures=list(config.plan.temperatures),
-            seed=config.plan.seed,
-            top_p=teacher.top_p,
-            max_tokens=teacher.max_tokens,
-            shard=str(config.shard),
-            limit=config.limit,
-            selected=selection.height,
-            skipped_files=len(scan.skipped),
-            requests=counters.requests,
-            seconds=round(time.perf_counter() - start, 3),
-            stopped=counters.stopped,
-            mode=config.mode,
-            prices=config.spending.prices(teacher.model),
-            spent_usd=round(counters.spend.usd, 4),
-        )
+        seconds = time.perf_counter() - start
+        run = run_info(config, selection.height, len(scan.skipped), counters, seconds)
         return write_outputs(folder, manifest, selection["id"], store, matcher, run)
+
+
+def warn_withheld_keys(teacher: TeacherConfig) -> None:
+    for url in withheld_key_urls(teacher):
+        err_console.print(
+            f"[yellow]not sending {DEFAULT_KEY_ENV} to {url}: plain http to another machine;"
+            f" pass --api-key-env {DEFAULT_KEY_ENV} to send it anyway[/]",
+            highlight=False,
+        )
+
+
+def run_info(
+    config: BuildConfig, selected: int, skipped_files: int, counters: Counters, seconds: float
+) -> RunInfo:
+    """What this run was asked and what it did, as stats.json records it."""
+    teacher, plan = config.teacher, config.plan
+    return RunInfo(
+        dataset=get_spec(config.dataset).name,
+        teacher=teacher.model,
+        teacher_hosts=[url_host(url) for url in teacher.urls],
+        candidates=plan.candidates,
+        max_rounds=plan.max_rounds,
+        temperatures=list(plan.temperatures),
+        seed=plan.seed,
+        top_p=teacher.top_p,
+        max_tokens=teacher.max_tokens,
+        shard=str(config.shard),
+        limit=config.limit,
+        selected=selected,
+        skipped_files=skipped_files,
+        requests=counters.requests,
+        seconds=round(seconds, 3),
+        stopped=counters.stopped,
+        mode=config.mode,
+        prices=config.spending.prices(teacher.model),
+        spent_usd=round(counters.spend.usd, 4),
+    )
 
 
 def build_and_summarise(config: BuildConfig, rejudge: bool = False) -> int:

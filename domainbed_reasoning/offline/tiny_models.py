@@ -260,8 +260,9 @@ EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"  # also the begin-of-sequence token, as in Qwen2
 
 
-def text_config(ids: Mapping[str, int], vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
-                intermediate: int) -> dict[str, Any]:
+def text_config(
+    ids: Mapping[str, int], vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int
+) -> dict[str, Any]:
     """The Qwen2 language model every tiny architecture decodes with."""
     return {
         "vocab_size": vocab,
