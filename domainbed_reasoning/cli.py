@@ -105,6 +105,9 @@ def sim_teacher(
     stall_s: float = typer.Option(30.0, help="How long a stalled request sleeps."),
     outage_after: int | None = typer.Option(None, help="Chat requests answered before an outage begins."),
     outage_s: float = typer.Option(0.0, help="How long the outage lasts: every endpoint answers 503."),
+    engine_dead_after: int | None = typer.Option(
+        None, help="Chat requests answered before the engine dies: then every one answers vLLM's HTTP 500."
+    ),
     seed: int = typer.Option(0, help="Seed of the fault and wording draws."),
 ) -> None:
     """Serve an OpenAI-compatible simulated teacher for SynthDG, with optional fault injection."""
@@ -113,7 +116,8 @@ def sim_teacher(
     config = SimTeacherConfig(
         model=model, latency_ms=latency_ms, jitter_ms=jitter_ms, p_wrong=p_wrong, p_malformed=p_malformed,
         p_empty=p_empty, p_429=p_429, retry_after=retry_after, p_500=p_500, p_drop=p_drop, p_stall=p_stall,
-        stall_s=stall_s, outage_after=outage_after, outage_s=outage_s, seed=seed,
+        stall_s=stall_s, outage_after=outage_after, outage_s=outage_s, engine_dead_after=engine_dead_after,
+        seed=seed,
     )  # fmt: skip
     serve(config, data_dir, host, port)
 
