@@ -320,13 +320,16 @@ def train_command(
         None, help="Generation engine for SARR self-labelling and evaluation: transformers or vllm."
     ),
     evaluate: bool = typer.Option(True, help="Evaluate the final adapter on the held-out domain and validation."),
+    selection: str | None = typer.Option(
+        None, help="Weights tested: last (the paper's, config default) or training-domain (best kept checkpoint on validation)."
+    ),
 ) -> None:
     """RD-MLDG training with LoRA via TRL, leave-one-domain-out: MTCT (or one path), or MTCT + SARR rounds."""
     from domainbed_reasoning.train.config import load_config, parse_overrides
     from domainbed_reasoning.train.stages.run import train_and_evaluate
     from domainbed_reasoning.train.stages.stage import TrainRequest
 
-    sarr = {"sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine}
+    sarr = {"sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine, "model_selection": selection}
     chosen = {key: value for key, value in sarr.items() if value is not None}
     settings = load_config(config, {**parse_overrides(set_), **chosen, "method": method})
     train_and_evaluate(TrainRequest(dataset, data, target, model, out, settings, resume), evaluate)
@@ -398,6 +401,9 @@ def eval_command(
     max_new_tokens: int = typer.Option(1024, help="Token limit of a reasoning answer."),
     force: bool = typer.Option(False, help="Evaluate again over a finished evaluation."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    selection: str | None = typer.Option(
+        None, help="With --run: last or training-domain (default: the run's model_selection)."
+    ),
 ) -> None:
     """Leave-one-domain-out accuracy (direct and reasoning modes) of a trained run or of any model."""
     from domainbed_reasoning.train.evaluation import evaluate
@@ -418,6 +424,7 @@ def eval_command(
         reasoning_tokens=max_new_tokens,
         force=force,
         progress=progress,
+        selection=selection,
     )
     evaluate.evaluate_command(run, zero_shot, settings)
 
