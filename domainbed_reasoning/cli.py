@@ -303,8 +303,10 @@ def train_command(
     data: str = typer.Option("domainbed-reasoning", help="DomainBed-Reasoning export folder or Hub repo id."),
     target: str = typer.Option(..., help="Held-out (test) domain; training uses every other domain."),
     model: str = typer.Option(..., help="Base MLLM: a local checkpoint folder or a Hub id."),
-    method: str = typer.Option(
-        "mtct", help="mtct (both paths), cls (class name only), reasoning (chain only) or rd-mldg (MTCT + SARR)."
+    method: str | None = typer.Option(
+        None,
+        help="mtct (both paths), cls (class name only), reasoning (chain only) or rd-mldg (MTCT + SARR); "
+        "default: the config's (mtct).",
     ),
     out: Path = typer.Option(Path("runs/train"), help="Writes <out>/<DATASET>/<target>/<method>/."),
     config: Path | None = typer.Option(
@@ -329,9 +331,12 @@ def train_command(
     from domainbed_reasoning.train.stages.run import train_and_evaluate
     from domainbed_reasoning.train.stages.stage import TrainRequest
 
-    sarr = {"sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine, "model_selection": selection}
-    chosen = {key: value for key, value in sarr.items() if value is not None}
-    settings = load_config(config, {**parse_overrides(set_), **chosen, "method": method})
+    flags = {
+        "method": method, "sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine,
+        "model_selection": selection,
+    }  # fmt: skip
+    chosen = {key: value for key, value in flags.items() if value is not None}
+    settings = load_config(config, {**parse_overrides(set_), **chosen})
     train_and_evaluate(TrainRequest(dataset, data, target, model, out, settings, resume), evaluate)
 
 
