@@ -128,6 +128,7 @@ def test_eval_in_both_modes_scores_every_image(mtct_run: tuple[Path, Path]) -> N
             assert scores["n"] > 0 and "request_error" not in scores["unparseable_reasons"], (split, mode)
 
 
+@pytest.mark.parametrize("mtct_run", ["real_internvl"], indirect=True)  # the paper's backbone
 def test_one_sarr_round_labels_every_image_with_the_transformers_engine(
     mtct_run: tuple[Path, Path], export_dir: Path
 ) -> None:
