@@ -112,6 +112,9 @@ def sim_teacher(
     stall_s: float = typer.Option(30.0, help="How long a stalled request sleeps."),
     outage_after: int | None = typer.Option(None, help="Chat requests answered before an outage begins."),
     outage_s: float = typer.Option(0.0, help="How long the outage lasts: every endpoint answers 503."),
+    engine_dead_after: int | None = typer.Option(
+        None, help="Chat requests answered before the engine dies: then every one answers vLLM's HTTP 500."
+    ),
     seed: int = typer.Option(0, help="Seed of the fault and wording draws."),
 ) -> None:
     """Serve an OpenAI-compatible simulated teacher for SynthDG, with optional fault injection."""
@@ -120,7 +123,8 @@ def sim_teacher(
     config = SimTeacherConfig(
         model=model, latency_ms=latency_ms, jitter_ms=jitter_ms, p_wrong=p_wrong, p_malformed=p_malformed,
         p_empty=p_empty, p_429=p_429, retry_after=retry_after, p_500=p_500, p_drop=p_drop, p_stall=p_stall,
-        stall_s=stall_s, outage_after=outage_after, outage_s=outage_s, seed=seed,
+        stall_s=stall_s, outage_after=outage_after, outage_s=outage_s, engine_dead_after=engine_dead_after,
+        seed=seed,
     )  # fmt: skip
     serve(config, data_dir, host, port)
 
@@ -268,8 +272,10 @@ def train_command(
     data: TrainingData = "domainbed-reasoning",
     target: str = typer.Option(..., help="Held-out (test) domain; training uses every other domain."),
     model: str = typer.Option(..., help="Base MLLM: a local checkpoint folder or a Hub id."),
-    method: str = typer.Option(
-        "mtct", help="mtct (both paths), cls (class name only), reasoning (chain only) or rd-mldg (MTCT + SARR)."
+    method: str | None = typer.Option(
+        None,
+        help="mtct (both paths), cls (class name only), reasoning (chain only) or rd-mldg (MTCT + SARR); "
+        "default: the config's (mtct).",
     ),
     out: Path = typer.Option(Path("runs/train"), help="Writes <out>/<DATASET>/<target>/<method>/."),
     config: Path | None = typer.Option(
@@ -285,15 +291,21 @@ def train_command(
         None, help="Generation engine for SARR self-labelling and evaluation: transformers or vllm."
     ),
     evaluate: bool = typer.Option(True, help="Evaluate the final adapter on the held-out domain and validation."),
+    selection: str | None = typer.Option(
+        None, help="Weights tested: last (the paper's, config default) or training-domain (best kept checkpoint on validation)."
+    ),
 ) -> None:
     """RD-MLDG training with LoRA via TRL, leave-one-domain-out: MTCT (or one path), or MTCT + SARR rounds."""
     from domainbed_reasoning.train.config import load_config, parse_overrides
     from domainbed_reasoning.train.stages.run import train_and_evaluate
     from domainbed_reasoning.train.stages.stage import TrainRequest
 
-    sarr = {"sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine}
-    chosen = {key: value for key, value in sarr.items() if value is not None}
-    settings = load_config(config, {**parse_overrides(set_), **chosen, "method": method})
+    flags = {
+        "method": method, "sarr_rounds": sarr_rounds, "sarr_init": sarr_init, "engine": engine,
+        "model_selection": selection,
+    }  # fmt: skip
+    chosen = {key: value for key, value in flags.items() if value is not None}
+    settings = load_config(config, {**parse_overrides(set_), **chosen})
     train_and_evaluate(TrainRequest(dataset, data, target, model, out, settings, resume), evaluate)
 
 
@@ -363,6 +375,9 @@ def eval_command(
     max_new_tokens: int = typer.Option(1024, help="Token limit of a reasoning answer."),
     force: bool = typer.Option(False, help="Evaluate again over a finished evaluation."),
     progress: ShowProgress = True,
+    selection: str | None = typer.Option(
+        None, help="With --run: last or training-domain (default: the run's model_selection)."
+    ),
 ) -> None:
     """Leave-one-domain-out accuracy (direct and reasoning modes) of a trained run or of any model."""
     from domainbed_reasoning.train.evaluation import evaluate
@@ -383,6 +398,7 @@ def eval_command(
         reasoning_tokens=max_new_tokens,
         force=force,
         progress=progress,
+        selection=selection,
     )
     evaluate.evaluate_command(run, zero_shot, settings)
 

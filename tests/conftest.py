@@ -22,6 +22,7 @@ from domainbed_reasoning.chains.chain_format import format_chain
 from domainbed_reasoning.chains.prompt_templates import load_prompt
 from domainbed_reasoning.data.registry import SPECS, get_spec
 from domainbed_reasoning.offline import synth
+from domainbed_reasoning.offline.real_shapes import build_real_shape
 from domainbed_reasoning.offline.tiny_models import (
     build_tiny_internvl,
     build_tiny_llava,
@@ -32,6 +33,10 @@ from domainbed_reasoning.serving.vllm_server import Endpoint, ServerConfig, VLLM
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODELS = REPO / ".cache" / "tiny-models"
+REAL_SHAPE_MODELS = REPO / ".cache" / "real-shape-models"
+# The non-weight files of real checkpoints (one folder each): $DBR_REAL_SHAPES, else the
+# `shared/real_shapes` folder beside the checkout, where CI keeps them.
+REAL_SHAPES = Path(os.environ.get("DBR_REAL_SHAPES") or REPO.parent / "shared" / "real_shapes")
 REPO_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 # Class and domain names become whole tokens, so chains about them stay short.
@@ -72,6 +77,29 @@ def tiny_llava() -> Path:
 def tiny_internvl() -> Path:
     """The paper's backbone family: InternVL3's `*-hf` layout (InternViT, pixel-shuffle projector, Qwen2 LM)."""
     return cached_tiny_model(build_tiny_internvl, TINY_MODELS, vocab_words=TINY_VOCAB)
+
+
+def real_shape_model(folder: str) -> Path:
+    """A random-weight model with the real tokenizer, template, processor and config in `folder`."""
+    source = REAL_SHAPES / folder
+    if not (source / "config.json").is_file():
+        pytest.skip(
+            f"real-checkpoint tests need {source}/ (tokenizer, template, processor and config files "
+            "of the checkpoint, no weights): set DBR_REAL_SHAPES to the folder that holds it"
+        )
+    return cached_tiny_model(build_real_shape, REAL_SHAPE_MODELS, source=str(source.resolve()))
+
+
+@pytest.fixture(scope="session")
+def real_internvl() -> Path:
+    """InternVL3-2B-hf's own files (151,675-token tokenizer, template, tiling processor), 2 layers."""
+    return real_shape_model("internvl3_2b_hf")
+
+
+@pytest.fixture(scope="session")
+def real_qwen2vl() -> Path:
+    """Qwen2-VL-2B-Instruct's own files (system prompt, left padding, legacy pixel keys), 2 layers."""
+    return real_shape_model("qwen2_vl_2b_instruct")
 
 
 @pytest.fixture(scope="session")

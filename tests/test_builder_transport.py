@@ -34,6 +34,7 @@ from domainbed_reasoning.builders.transport.retry_policy import (
 from domainbed_reasoning.builders.transport.teacher_client import (
     TeacherConfig,
     key_travels,
+    url_host,
     withheld_key_urls,
 )
 from test_builder import FAST, IMAGES, all_ids, answers, assert_consistent, config, outputs
@@ -116,6 +117,29 @@ def test_an_outage_shorter_than_outage_wait_costs_no_image(data_dir: Path, tmp_p
     assert_consistent(tmp_path, all_ids(data_dir))
     assert stats["images"] == {"attempted": IMAGES, "accepted": IMAGES}
     assert stats["run"]["stopped"] is None and stats["run"]["unresolved"] == 0
+
+
+def test_a_teacher_whose_engine_died_stops_the_build_at_once_and_says_where_its_log_is(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM after its EngineCore died: /models answers, every completion is HTTP 500 "EngineCore
+    encountered an issue". Nothing brings it back, so the build stops at the first such answer
+    rather than retrying every image into a request_error or waiting out --outage-wait."""
+    dead = SimTeacherConfig(**FAST | {"engine_dead_after": 5})
+    with run_sim_teacher(dead, data_dir) as url:
+        stats = build_chains(
+            config(url, data_dir, tmp_path, health=QUICK_HEALTH, max_retries=3, concurrency=2)
+        )
+        served = json.load(urllib.request.urlopen(url.removesuffix("/v1") + "/stats"))
+    stopped = stats["run"]["stopped"]
+    assert stopped.startswith(f"the teacher's engine died on {url_host(url)} (every request answered HTTP 500")
+    assert "EngineCore encountered an issue" in stopped
+    assert "`dbr serve-teacher` writes runs/vllm/teacher.log" in stopped
+    assert stopped.endswith("run the same command again to resume")
+    assert served["engine_dead"] <= 2  # the requests in flight when it died, none retried
+    raw, _, _ = outputs(tmp_path)
+    assert raw.height > 0 and "request_error" not in set(raw["reason"])
+    assert stats["run"]["unresolved"] == IMAGES - stats["images"]["accepted"] > 0
 
 
 def test_an_outage_past_outage_wait_stops_the_build_and_a_rerun_accepts_every_image(

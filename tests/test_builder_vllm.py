@@ -7,8 +7,9 @@ whole build path runs, that vLLM honours the seed we record, and that its prefix
 reuses the prompt that precedes the image.
 
 vLLM 0.32's CPU build kills its engine when it prefills a seeded request in chunks
-("CPU Generator does not use offset"), and the shared test server keeps vLLM's default
-2,048-token step; so these tests keep one request in flight whose samples fit one step.
+("CPU Generator does not use offset"); the servers here, like `dbr serve-teacher`'s, run
+the CPU build with `--no-enable-chunked-prefill` (vllm_server.CPU_BUILD_ARGS), and a
+real-size prompt is served in test_real_shapes.py.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
   counts, and the gradient of 1 process x 2b on the same rows.
 - RD-MLDG: a round with 2 processes completes, and its self-labelled chains (from the same
   round-0 weights, same seed) are those of a 1-process run, each rank labelling its share.
+  Rank 0 runs ahead to its first barrier before rank 1 looks at the run folder
+  (workers/rank0_ahead.py), the interleaving in which a check made after rank 0's first
+  writes fails.
 - Evaluation with 2 processes gives exactly the 1-process predictions, every image scored.
 
 Each launch starts fresh Python processes (about 30 s each on an idle 2-core machine).
@@ -111,7 +114,8 @@ def two_process_round(
         )
     ).run_dir
     launch(
-        2, "-m", "domainbed_reasoning", "train", "SynthDG", "--data", str(export_dir),
+        2, str(WORKERS / "rank0_ahead.py"), str(root / "rank0-at-barrier"),
+        "train", "SynthDG", "--data", str(export_dir),
         "--target", "sketch", "--model", str(tiny_qwen2vl), "--out", str(root / "two"),
         "--method", "rd-mldg", "--no-evaluate",
         *(arg for pair in [*SARR_2P, f"sarr_round0_from={mtct}"] for arg in ("--set", pair)),

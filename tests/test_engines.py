@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from domainbed_reasoning.builders.transport.replicas import HealthPolicy, TeacherEngineDied
 from domainbed_reasoning.builders.transport.teacher_client import withheld_key_urls
 from domainbed_reasoning.train.engines.base import GenerationEngine, GenRequest, SamplingSpec
 from domainbed_reasoning.train.engines.factory import open_engine
@@ -244,6 +245,18 @@ def test_remote_failures_after_retries_are_values(
         generations = engine.generate(requests_[:2], GREEDY, progress=False)
     assert [g.texts for g in generations] == [(), ()]
     assert all(g.error and "InternalServerError" in g.error for g in generations)
+
+
+def test_a_served_engine_that_died_stops_generation_naming_its_log(
+    synth_dir: Path, requests_: list[GenRequest]
+) -> None:
+    health = HealthPolicy(outage_wait_s=1800.0, server_log="runs/x/vllm.log")
+    with (
+        run_sim_teacher(SimTeacherConfig(engine_dead_after=0), synth_dir) as base_url,
+        open_engine("remote", "sim-teacher", base_url=base_url, health=health) as engine,
+        pytest.raises(TeacherEngineDied, match=r"its log: runs/x/vllm\.log\): restart the teacher"),
+    ):
+        engine.generate(requests_[:2], GREEDY, progress=False)
 
 
 def test_remote_engine_that_does_not_answer_fails_at_open() -> None:

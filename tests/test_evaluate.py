@@ -31,6 +31,7 @@ from domainbed_reasoning.train.evaluation.evaluate import (
     run_job,
     score,
 )
+from domainbed_reasoning.train.evaluation.selection import best_checkpoint
 from domainbed_reasoning.train.mtct.mtct_data import task_prompt
 from domainbed_reasoning.train.stages.run import train
 from PIL import Image
@@ -504,3 +505,73 @@ def test_cli_needs_a_run_or_a_model(tmp_path: Path) -> None:
         assert isinstance(result.exception, UserError) and message in str(result.exception), (
             result.output
         )
+
+
+# --- model selection --------------------------------------------------------------------------------
+
+
+def dbr(*argv: str) -> str:
+    result = CliRunner().invoke(app, list(argv), env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_the_best_checkpoint_wins_and_a_tie_goes_to_the_later_one() -> None:
+    assert best_checkpoint({"checkpoint-1": 0.7, "checkpoint-2": 0.5}) == "checkpoint-1"
+    assert best_checkpoint({"checkpoint-1": 0.5, "checkpoint-2": 0.5, "checkpoint-3": 0.1}) == "checkpoint-2"
+
+
+@pytest.fixture(scope="module")
+def selected_run(
+    export_dir: Path, tiny_qwen2vl: Path, train_request, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """2 steps, a checkpoint after each, trained with model_selection: training-domain."""
+    out = tmp_path_factory.mktemp("selection")
+    request = train_request(export_dir, tiny_qwen2vl, out, model_selection="training-domain")
+    return train(request).run_dir
+
+
+def test_training_domain_selection_tests_the_best_checkpoint_on_validation_and_says_its_cost(
+    selected_run: Path,
+) -> None:
+    flags = ["--direct-tokens", "4", "--max-new-tokens", "8", "--no-progress"]
+    output = dbr("eval", "--run", str(selected_run), *flags)
+    validation = pl.read_parquet(selected_run / "split.parquet").filter(pl.col("split") == "validation").height
+    line = (
+        f"model selection training-domain: 2 checkpoint(s) x {validation} validation images x 2 mode(s) = "
+        f"{4 * validation} generations before the test"
+    )
+    assert line in output
+    metrics = json.loads((selected_run / "eval" / "metrics.json").read_text())
+    selection = metrics["selection"]
+    assert selection["rule"] == "training-domain"
+    assert list(selection["validation_accuracy"]) == ["checkpoint-1", "checkpoint-2"]
+    assert selection["cost"] == {
+        "checkpoints": 2, "validation_images": validation, "modes": 2, "generations": 4 * validation,
+    }  # fmt: skip
+    chosen = selection["selected"]
+    assert chosen == best_checkpoint(selection["validation_accuracy"])
+    assert metrics["adapter"] == str(selected_run / "checkpoints" / chosen)
+    tested = metrics["results"]["validation"]
+    assert selection["validation_accuracy"][chosen] == pytest.approx(
+        (tested["direct"]["accuracy"] + tested["reasoning"]["accuracy"]) / 2
+    )
+    for name in selection["validation_accuracy"]:
+        kept = selected_run / "eval" / "selection" / name
+        assert sorted(path.name for path in kept.iterdir()) == [
+            "predictions-validation-direct.parquet", "predictions-validation-reasoning.parquet",
+        ]  # fmt: skip
+    assert "model selection training-domain" in output and f"({chosen})" in output
+
+    last = dbr("eval", "--run", str(selected_run), *flags, "--force", "--selection", "last")
+    metrics = json.loads((selected_run / "eval" / "metrics.json").read_text())
+    assert metrics["selection"] == {"rule": "last"} and metrics["adapter"] == str(selected_run / "adapter")
+    assert "model selection training-domain:" not in last
+
+
+def test_training_domain_selection_without_checkpoints_is_refused(trained_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("eval", "checkpoints"))
+    with pytest.raises(UserError, match=r"model selection training-domain needs the checkpoints .* holds none"):
+        evaluate_run(copy, fast(tmp_path, selection="training-domain"))
+    assert not (copy / "eval").exists()

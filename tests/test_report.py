@@ -235,6 +235,21 @@ def test_full_fine_tunes_are_one_row_named_after_their_backbone(runs: Path, tmp_
     assert len([line for line in vlcs.splitlines() if line.startswith("| MTCT")]) == 1
 
 
+def test_the_model_selection_rule_is_named_and_gets_its_own_row(runs: Path, tmp_path: Path) -> None:
+    """Every trained run here tested its last weights (their metrics predate the rule: `last`); one
+    VLCS run selected by training-domain validation is a row of its own, never mixed into `last`'s."""
+    path = write_eval(runs, "VLCS", "LabelMe", "mtct", QWEN, {"reasoning": 0.6}, seed=0)
+    metrics = json.loads(path.read_text())
+    path.write_text(json.dumps(metrics | {"selection": {"rule": "training-domain", "selected": "checkpoint-2"}}))
+    report = write_report(runs, tmp_path / "report")
+    assert "Model selection: `last` (13 runs), `training-domain` (1 run)." in report.text
+    assert "the paper's rule, the default" in report.text
+    assert "| MTCT (tiny-qwen2vl, training-domain selection) | reasoning | — | 60.00 (1; 1/4 domains) |" in report.text
+    data = json.loads(report.data.read_text())
+    assert data["model_selection"] == ["last", "training-domain"]
+    assert {ev["selection"] for ev in data["evaluations"] if ev["method"] != "zeroshot"} == {"last", "training-domain"}
+
+
 def test_tables_1_and_2_in_the_papers_layout_with_its_numbers(runs: Path, tmp_path: Path) -> None:
     text = write_report(runs, tmp_path / "report").text
     table1 = text.split("## Table 1")[1].split("\n## ")[0]

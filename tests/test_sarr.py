@@ -457,3 +457,20 @@ def test_round_zero_is_taken_from_a_matching_mtct_run_and_refused_from_another(
     assert json.loads((round_0 / "metrics.json").read_text()) == mtct.metrics
     stats = json.loads((result.run_dir / "round-1" / "self_label_stats.json").read_text())
     assert stats["adapter"] == str(round_0 / "adapter")
+
+
+@pytest.mark.parametrize("where", ["config", "set"])
+def test_the_method_of_a_config_file_or_set_is_not_overridden_by_the_flags_default(
+    where: str, tmp_path: Path
+) -> None:
+    """`--config` of a saved rd-mldg run (or `--set method=...`) keeps its method when --method is
+    not given. Seen through a check only mtct and rd-mldg make: an odd per-device batch."""
+    settings = tmp_path / "config.yaml"
+    settings.write_text("per_device_batch_size: 3\n" + ("method: cls\n" if where == "config" else ""))
+    args = ["train", "SynthDG", "--data", str(tmp_path), "--target", "sketch", "--model", str(tmp_path / "nope")]
+    args += ["--config", str(settings)] + (["--set", "method=cls"] if where == "set" else [])
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception).startswith(f"model folder {tmp_path / 'nope'} not found")
+    with_flag = CliRunner().invoke(app, [*args, "--method", "mtct"])
+    assert str(with_flag.exception).startswith("per_device_batch_size 3 is odd")

@@ -27,6 +27,8 @@ ENGINES = ("transformers", "vllm")
 SARR_INITS = ("base", "continue")
 FINETUNES = ("lora", "full")
 REPORT_TO = ("tensorboard", "wandb", "none")
+# Which weights are tested: the last (the paper's), or DomainBed's training-domain validation pick.
+SELECTIONS = ("last", "training-domain")
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "mtct.yaml"
 
@@ -76,6 +78,7 @@ class TrainConfig:
     self_label_temperature: float = 1.0
     self_label_max_new_tokens: int = 1024
     engine: str = "transformers"
+    model_selection: str = "last"
 
     def __post_init__(self) -> None:
         _check(self)
@@ -125,6 +128,10 @@ def _check(config: TrainConfig) -> None:
 
 
 def _check_runtime(config: TrainConfig) -> None:
+    if config.model_selection not in SELECTIONS:
+        raise UserError(
+            f"unknown model_selection {config.model_selection!r}: choose one of {', '.join(SELECTIONS)}"
+        )
     if config.report_to not in REPORT_TO:
         raise UserError(
             f"unknown report_to {config.report_to!r}: choose one of {', '.join(REPORT_TO)}"

@@ -8,6 +8,10 @@ so a replica whose /models answers while its completions fail does not flap back
 full rate. When no replica is left, requests wait (`outage_wait_s`) for one to come
 back, and then raise `AllReplicasDown`, which stops the build with a resume hint.
 A 429 is load, not ill health: it is retried (after Retry-After), never ejected.
+A replica whose inference engine has died (vLLM answers every completion with HTTP 500
+"EngineCore encountered an issue" while its /models still answers) never comes back
+by itself: it leaves the rotation for good, and when every replica is in that state
+`TeacherEngineDied` stops the build at once instead of waiting out `outage_wait_s`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from dataclasses import dataclass, field
 
 from domainbed_reasoning.errors import UserError
 
+# The message of vLLM's EngineDeadError, which its API server sends back with HTTP 500.
+ENGINE_DEAD = "EngineCore encountered an issue"
+SERVE_TEACHER_LOG = "runs/vllm/teacher.log"  # `dbr serve-teacher`'s default --log
+
 
 @dataclass(frozen=True)
 class HealthPolicy:
@@ -26,6 +34,7 @@ class HealthPolicy:
     probe_first_s: float = 0.5
     probe_max_s: float = 30.0
     outage_wait_s: float = 1800.0
+    server_log: str | None = None  # the served engine's log, named when the engine dies
 
     def __post_init__(self) -> None:
         if self.outage_wait_s < 0:
@@ -35,6 +44,10 @@ class HealthPolicy:
 class AllReplicasDown(UserError):
     """Every replica stayed down for `outage_wait_s`. The builder stops its slots, writes what
     was answered and exits 3; any other client (evaluation, SARR) fails in one line."""
+
+
+class TeacherEngineDied(AllReplicasDown):
+    """Every replica's inference engine died: no wait brings one back, so the build stops at once."""
 
 
 @dataclass(eq=False)
@@ -47,6 +60,7 @@ class Replica:
     healthy: bool = True
     probe_delay: float = 0.0
     last_error: str = ""
+    dead: bool = False  # its engine died: out of the rotation for good
 
     @property
     def chat_url(self) -> str:
@@ -87,6 +101,8 @@ class ReplicaSet:
     async def acquire(self, avoid: Replica | None = None) -> Replica:
         """A healthy replica, waiting out an outage of every replica for at most `outage_wait_s`."""
         while (replica := self.pick(avoid)) is None:
+            if all(r.dead for r in self.replicas):
+                raise TeacherEngineDied(self._died_message())
             remaining = self.down_since + self.policy.outage_wait_s - time.monotonic()
             try:
                 await asyncio.wait_for(self.back.wait(), max(0.0, remaining))
@@ -99,11 +115,28 @@ class ReplicaSet:
         replica.probe_delay = 0.0
 
     def failed(self, replica: Replica, detail: str, *, hard: bool) -> None:
-        """Count a failure; eject on a refused connection, or after `eject_after` in a row."""
+        """Count a failure; eject on a refused connection, or after `eject_after` in a row;
+        retire the replica for good when the detail says its engine died."""
         replica.failures += 1
         replica.last_error = detail
-        if replica.healthy and (hard or replica.failures >= self.policy.eject_after):
+        if ENGINE_DEAD in detail:
+            self._retire(replica)
+        elif replica.healthy and (hard or replica.failures >= self.policy.eject_after):
             self._eject(replica)
+
+    def _retire(self, replica: Replica) -> None:
+        if replica.dead:
+            return
+        was_healthy = replica.healthy
+        replica.dead, replica.healthy = True, False
+        if all(r.dead for r in self.replicas):
+            self.back.set()  # whoever waits for a replica wakes up to raise TeacherEngineDied
+        elif not was_healthy:
+            return  # already out of the rotation; its probe stops
+        elif not any(r.healthy for r in self.replicas):
+            self._outage_began()
+        else:
+            self.say(f"teacher replica {replica.host}'s engine died ({self._log_hint()}); it stays out of the rotation")
 
     def _eject(self, replica: Replica) -> None:
         replica.healthy = False
@@ -111,21 +144,26 @@ class ReplicaSet:
             max(replica.probe_delay * 2, self.policy.probe_first_s), self.policy.probe_max_s
         )
         if not any(r.healthy for r in self.replicas):
-            self.down_since = time.monotonic()
-            self.back.clear()
-            self.say(
-                f"every teacher replica is down ({self._errors()}); waiting up to "
-                f"{self.policy.outage_wait_s:g} s for one to come back (--outage-wait)"
-            )
+            self._outage_began()
         else:
             self.say(f"teacher replica {replica.host} left the rotation ({replica.last_error})")
         task = asyncio.create_task(self._probe_until_back(replica))
         self.probes.add(task)
         task.add_done_callback(self.probes.discard)
 
+    def _outage_began(self) -> None:
+        self.down_since = time.monotonic()
+        self.back.clear()
+        self.say(
+            f"every teacher replica is down ({self._errors()}); waiting up to "
+            f"{self.policy.outage_wait_s:g} s for one to come back (--outage-wait)"
+        )
+
     async def _probe_until_back(self, replica: Replica) -> None:
         while True:
             await asyncio.sleep(replica.probe_delay)
+            if replica.dead:
+                return
             if await self.probe(replica):
                 break
             replica.probe_delay = min(replica.probe_delay * 2, self.policy.probe_max_s)
@@ -142,6 +180,18 @@ class ReplicaSet:
         return (
             f"every teacher replica stayed down for {self.policy.outage_wait_s:g} s "
             f"({self._errors()}): stopped; run the same command again to resume"
+        )
+
+    def _log_hint(self) -> str:
+        if self.policy.server_log:
+            return f"its log: {self.policy.server_log}"
+        return f"see its log; `dbr serve-teacher` writes {SERVE_TEACHER_LOG} unless --log says otherwise"
+
+    def _died_message(self) -> str:
+        hosts = ", ".join(r.host for r in self.replicas)
+        return (
+            f"the teacher's engine died on {hosts} (every request answered HTTP 500 "
+            f"\"{ENGINE_DEAD}\"; {self._log_hint()}): restart the teacher and run the same command again to resume"
         )
 
     async def close(self) -> None:

@@ -2,7 +2,8 @@
 
 It exists for the offline demo (a teacher that needs no weights), for fault injection (every
 failure the builder must survive, on demand and counted: bad answers, 429s, 5xx, dropped and
-stalled requests, and an outage window in which every endpoint answers 503; a replica that
+stalled requests, an outage window in which every endpoint answers 503, and vLLM's dead
+engine, after which every completion answers 500 while /models still answers; a replica that
 dies is this server's process killed) and for benchmarks (a server cheap
 enough that the client is what gets measured). It recognises an image only by the hash of the
 bytes it receives (or of their decoded pixels), looked up in the SynthDG sidecar, and never reads
@@ -57,12 +58,16 @@ STAT_KEYS = (
     "rate_limited",
     "files_uploaded",
     "batches_created",
+    "engine_dead",
     *TRANSPORT_FAULTS,
     *CONTENT_FAULTS,
 )
 NON_NEGATIVE = frozenset(
     {"latency_ms", "jitter_ms", "retry_after", "stall_s", "outage_after", "outage_s", "rpm_limit"}
+    | {"engine_dead_after"}
 )
+# What vLLM's API server answers (HTTP 500) to every request once its EngineCore has died.
+ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 STAGE_BLOCK = re.compile(r"<(" + "|".join(STAGES) + r")>.*?</\1>", re.DOTALL)
 
 
@@ -84,6 +89,7 @@ class SimTeacherConfig:
     stall_s: float = 30.0
     outage_after: int | None = None  # chat requests answered before the outage begins
     outage_s: float = 0.0  # how long every endpoint then answers 503
+    engine_dead_after: int | None = None  # chat requests answered before the engine dies for good
     rpm_limit: float = 0.0
     rate_headers: bool = True
     seed: int = 0
@@ -455,6 +461,9 @@ class SimTeacher:
         if self.in_outage():
             return self.outage_reply()
         config = self.config
+        if config.engine_dead_after is not None and self.stats["requests"] > config.engine_dead_after:
+            self.stats["engine_dead"] += 1
+            return _error(500, ENGINE_DEAD_MESSAGE, "InternalServerError")
         raw = await request.read()
         if self.bucket is not None and (wait := self.bucket.take()):
             self.stats["rate_limited"] += 1

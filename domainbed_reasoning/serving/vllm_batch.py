@@ -16,6 +16,7 @@ from domainbed_reasoning.serving.vllm_server import (
     ServerConfig,
     check_model,
     engine_args,
+    is_cpu_build,
     log_tail,
     resolve_vllm_python,
     spawn,
@@ -26,12 +27,14 @@ BATCH_MODULE = "vllm.entrypoints.openai.run_batch"
 STOP_GRACE_S = 30.0
 
 
-def batch_command(config: ServerConfig, python: Path, input_path: Path, output_path: Path) -> list[str]:
+def batch_command(
+    config: ServerConfig, python: Path, input_path: Path, output_path: Path, cpu_build: bool = False
+) -> list[str]:
     return [
         str(python), "-m", BATCH_MODULE,
         "-i", str(input_path),
         "-o", str(output_path),
-        *engine_args(config),
+        *engine_args(config, cpu_build),
     ]  # fmt: skip
 
 
@@ -41,7 +44,7 @@ def run_batch(config: ServerConfig, input_path: Path, output_path: Path) -> Path
     check_model(config)
     config.log_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(output_path) as partial, open(config.log_path, "wb") as log:
-        process = spawn(batch_command(config, python, input_path, partial), config, log)
+        process = spawn(batch_command(config, python, input_path, partial, is_cpu_build(python)), config, log)
         try:
             code = process.wait()
         except BaseException:  # an interrupted build takes vLLM's engine workers down with it

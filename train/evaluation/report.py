@@ -74,6 +74,7 @@ class Evaluation:
     unparseable: dict[str, dict[str, int]]  # split -> mode -> count
     n: dict[str, int]  # split -> images scored
     images: dict[str, int]  # run.json's image counts, where the run recorded them
+    selection: str | None = None  # the model selection rule; None for a model evaluated as is
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,8 @@ def read_evaluation(path: Path) -> Evaluation:
             split: max(scores["n"] for scores in modes.values()) for split, modes in results.items()
         },
         images={key: info[key] for key in IMAGE_COUNTS if isinstance(info.get(key), int)},
+        # evaluations from before model selection existed tested the last weights
+        selection=(metrics.get("selection") or {"rule": "last"})["rule"] if trained else None,
     )
 
 
@@ -226,11 +229,15 @@ def _read_settings(path: Path) -> dict[str, Any]:
     return settings if isinstance(settings, dict) else {}
 
 
-def row_label(method: str, backbone: str, name: str, finetune: str | None = None) -> str:
+def row_label(
+    method: str, backbone: str, name: str, finetune: str | None = None, selection: str | None = None
+) -> str:
+    """Runs whose weights were chosen by another rule than the paper's `last` get a row of their own."""
     if method == ZEROSHOT:
         return f"zero-shot {name}"
     full = ", full fine-tune" if finetune == "full" else ""
-    return f"{METHOD_LABELS.get(method, method)} ({zeroshot_name(backbone)}{full})"
+    picked = f", {selection} selection" if selection not in (None, "last") else ""
+    return f"{METHOD_LABELS.get(method, method)} ({zeroshot_name(backbone)}{full}{picked})"
 
 
 def build_rows(evaluations: list[Evaluation]) -> list[Row]:
@@ -245,7 +252,7 @@ def build_rows(evaluations: list[Evaluation]) -> list[Row]:
     )
     seen: dict[tuple[str, str, str, Seed], Path] = {}
     for ev in evaluations:
-        label = row_label(ev.method, ev.backbone, ev.name, ev.finetune)
+        label = row_label(ev.method, ev.backbone, ev.name, ev.finetune, ev.selection)
         cell = (label, ev.dataset, ev.domain, ev.seed)
         if cell in seen:
             seed = f" with seed {ev.seed}" if ev.seed is not None else ""
@@ -539,7 +546,7 @@ def paper_table(paper_rows: tuple[PaperRow, ...]) -> str:
 def render_markdown(
     rows: list[Row], evaluations: list[Evaluation], found: list[dict[str, Any]]
 ) -> str:
-    parts = ["# Results", "", INTRO, "", main_table(rows)]
+    parts = ["# Results", "", INTRO, "", selection_line(evaluations), "", main_table(rows)]
     parts += [
         "",
         "## Table 1: RD-MLDG and zero-shot models, the paper's layout",
@@ -579,6 +586,20 @@ def render_markdown(
         "",
     ]
     return "\n".join(parts)
+
+
+def selection_line(evaluations: list[Evaluation]) -> str:
+    """Which model selection rule chose the tested weights, and how many runs each."""
+    counts: dict[str, int] = defaultdict(int)
+    for ev in evaluations:
+        if ev.selection is not None:
+            counts[ev.selection] += 1
+    used = ", ".join(f"`{rule}` ({count} run{'s' if count > 1 else ''})" for rule, count in sorted(counts.items()))
+    return (
+        f"Model selection: {used or 'none (no trained run)'}. `last` tests the weights training ended "
+        "with (the paper's rule, the default); `training-domain` tests the kept checkpoint with the best "
+        "accuracy on the training domains' validation split (DomainBed's rule)."
+    )
 
 
 def chance(dataset: str) -> float:
@@ -644,6 +665,7 @@ def report_data(
 ) -> dict:
     return {
         "unit": "percent",
+        "model_selection": sorted({ev.selection for ev in evaluations if ev.selection is not None}),
         "error": "standard error over trials (seeds): population std / sqrt(trials), as DomainBed",
         "rows": [
             {

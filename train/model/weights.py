@@ -44,6 +44,14 @@ def find_weights(stage_dir: Path, base_model: str) -> TrainedWeights | None:
     return None
 
 
+def saved_checkpoints(stage_dir: Path) -> list[Path]:
+    """The Trainer's `checkpoints/checkpoint-<step>` folders of a stage, oldest first."""
+    return sorted(
+        (Path(stage_dir) / "checkpoints").glob("checkpoint-*"),
+        key=lambda path: int(path.name.rsplit("-", 1)[-1]),
+    )
+
+
 def stage_weights(stage_dir: Path, base_model: str) -> TrainedWeights:
     weights = find_weights(stage_dir, base_model)
     if weights is None:

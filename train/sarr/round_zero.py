@@ -43,6 +43,7 @@ NOT_ROUND_ZERO = frozenset(
         "report_to",
         "dataloader_num_workers",
         "distributed_timeout_s",
+        "model_selection",
     }
 )
 RUN_IDENTITY = ("dataset", "data", "target", "model")

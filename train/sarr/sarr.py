@@ -319,6 +319,9 @@ def train_sarr(
     options = engine_options(config) | dict(extra_engine_options or {})
     done = load_state(run_dir, config.sarr_rounds, request.resume)
     state = process_state()
+    # Every rank has read the folder before rank 0 writes to it: a rank reading after the
+    # write would take this fresh run's state.json for an unfinished one.
+    state.wait_for_everyone()
     if state.is_main_process:
         write_inputs(request, prepared)
         save_state(run_dir, done)

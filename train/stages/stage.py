@@ -29,7 +29,12 @@ from datasets import Dataset, DatasetDict
 from domainbed_reasoning.train.config import TrainConfig, load_config, save_config
 from domainbed_reasoning.train.model.lora import lora_config
 from domainbed_reasoning.train.model.processor import load_processor
-from domainbed_reasoning.train.model.weights import TrainedWeights, stage_weights, weights_dirname
+from domainbed_reasoning.train.model.weights import (
+    TrainedWeights,
+    saved_checkpoints,
+    stage_weights,
+    weights_dirname,
+)
 from domainbed_reasoning.train.mtct.mtct_data import (
     SplitCounts,
     build_examples,
@@ -139,10 +144,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted(
-        (run_dir / "checkpoints").glob("checkpoint-*"),
-        key=lambda path: int(path.name.rsplit("-", 1)[-1]),
-    )
+    checkpoints = saved_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
 
 
