@@ -20,6 +20,8 @@ import torch
 from domainbed_reasoning.builders.transport.teacher_client import withheld_key_urls
 from domainbed_reasoning.train.engines.base import GenerationEngine, GenRequest, SamplingSpec
 from domainbed_reasoning.train.engines.factory import open_engine
+from domainbed_reasoning.train.engines.remote_engine import RemoteEngine
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.engines.transformers_engine import TransformersEngine
 from domainbed_reasoning.train.engines.vllm_engine import (
     LORA_NAME,
@@ -96,7 +98,7 @@ def language_adapter(tiny_qwen2vl: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def base_engine(tiny_qwen2vl: Path) -> Iterator[GenerationEngine]:
-    with open_engine("transformers", str(tiny_qwen2vl), batch_size=4) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=4), str(tiny_qwen2vl)) as engine:
         yield engine
 
 
@@ -148,7 +150,7 @@ def test_an_answer_that_ends_with_the_end_token_is_a_stop(
     vocab = json.loads((stopper / "config.json").read_text())["text_config"]["vocab_size"]
     config["eos_token_id"] = list(range(vocab))
     config_path.write_text(json.dumps(config))
-    with open_engine("transformers", str(stopper)) as engine:
+    with open_engine(EngineSettings("transformers"), str(stopper)) as engine:
         generations = engine.generate(requests_[:2], GREEDY, progress=False)
     assert [g.finish_reasons for g in generations] == [("stop",), ("stop",)]
 
@@ -162,7 +164,7 @@ def test_an_adapter_changes_the_answers(
 ) -> None:
     base = texts(base_engine.generate(requests_, GREEDY, progress=False))
     for adapter in (vision_adapter, language_adapter):
-        with open_engine("transformers", str(tiny_qwen2vl), adapter, batch_size=4) as engine:
+        with open_engine(EngineSettings("transformers", batch_size=4), str(tiny_qwen2vl), adapter) as engine:
             adapted = texts(engine.generate(requests_, GREEDY, progress=False))
         assert adapted != base
 
@@ -180,7 +182,7 @@ def test_an_unreadable_image_is_a_failed_generation_not_a_crash(
 
 
 def test_llava_architecture_generates_too(tiny_llava: Path, requests_: list[GenRequest]) -> None:
-    with open_engine("transformers", str(tiny_llava), batch_size=3) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=3), str(tiny_llava)) as engine:
         generations = engine.generate(requests_[:3], SAMPLED, progress=False)
     assert [len(g.texts) for g in generations] == [3, 3, 3]
 
@@ -196,12 +198,12 @@ def wide_requests(count: int) -> list[GenRequest]:
 
 
 def test_internvl_architecture_generates_with_its_tiles_capped(tiny_internvl: Path) -> None:
-    with open_engine("transformers", str(tiny_internvl), batch_size=2) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=2), str(tiny_internvl)) as engine:
         generations = engine.generate(wide_requests(3), SAMPLED, progress=False)
         tiles = engine.processor.image_processor.max_patches
     assert [len(g.texts) for g in generations] == [3, 3, 3] and tiles == 4
     limits = ImageLimits(max_tiles=2)
-    with open_engine("transformers", str(tiny_internvl), image_limits=limits) as engine:
+    with open_engine(EngineSettings("transformers", image_limits=limits), str(tiny_internvl)) as engine:
         assert engine.processor.image_processor.max_patches == 2
         capped = engine.generate(wide_requests(3), GREEDY, progress=False)
     assert all(g.error is None for g in capped)
@@ -225,7 +227,7 @@ def test_remote_engine_returns_the_teachers_chains_in_request_order(
     requests = [request for request, _ in labelled]
     with (
         run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
-        open_engine("remote", "sim-teacher", base_url=base_url) as engine,
+        open_engine(EngineSettings("remote", base_url=base_url), "sim-teacher") as engine,
     ):
         generations = engine.generate(requests, SamplingSpec(n=2, temperature=1.0), progress=False)
     assert [len(g.texts) for g in generations] == [2] * len(requests)
@@ -239,7 +241,7 @@ def test_remote_failures_after_retries_are_values(
 ) -> None:
     with (
         run_sim_teacher(SimTeacherConfig(p_500=1.0), synth_dir) as base_url,
-        open_engine("remote", "sim-teacher", base_url=base_url, max_retries=0) as engine,
+        RemoteEngine("sim-teacher", base_url=base_url, max_retries=0) as engine,
     ):
         generations = engine.generate(requests_[:2], GREEDY, progress=False)
     assert [g.texts for g in generations] == [(), ()]
@@ -249,7 +251,7 @@ def test_remote_failures_after_retries_are_values(
 def test_remote_engine_that_does_not_answer_fails_at_open() -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(UserError, match=rf"^remote engine: teacher at {url} is not reachable"):
-        open_engine("remote", "gpt-4o", base_url=url, max_retries=0)
+        RemoteEngine("gpt-4o", base_url=url, max_retries=0)
 
 
 def test_remote_engine_names_a_model_it_does_not_serve(synth_dir: Path) -> None:
@@ -257,7 +259,7 @@ def test_remote_engine_names_a_model_it_does_not_serve(synth_dir: Path) -> None:
         run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
         pytest.raises(UserError, match=r"does not serve model 'gpt-4o' \(it serves sim-teacher\)"),
     ):
-        open_engine("remote", "gpt-4o", base_url=base_url)
+        open_engine(EngineSettings("remote", base_url=base_url), "gpt-4o")
 
 
 @pytest.mark.parametrize("named", [True, False])
@@ -270,9 +272,7 @@ def test_a_key_named_by_api_key_env_also_goes_to_a_plain_http_host(
     far = "http://10.1.2.3:8000/v1"
     with (
         run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
-        open_engine(
-            "remote", "sim-teacher", base_url=base_url, api_key_env="ZERO_SHOT_KEY" if named else None
-        ) as engine,
+        open_engine(EngineSettings("remote", base_url=base_url, api_key_env="ZERO_SHOT_KEY" if named else None), "sim-teacher") as engine,
     ):
         assert withheld_key_urls(replace(engine.base, urls=(far,))) == ([] if named else [far])
 
@@ -284,7 +284,7 @@ def test_unknown_kind() -> None:
     with pytest.raises(
         UserError, match=r"^unknown engine 'tgi': choose one of transformers, vllm, remote$"
     ):
-        open_engine("tgi", "model")
+        open_engine(EngineSettings("tgi"), "model")
 
 
 @pytest.mark.parametrize("kind", ["transformers", "vllm"])
@@ -292,7 +292,7 @@ def test_missing_model_folder(kind: str, tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match=rf"^model folder {tmp_path}/nope not found or has no config.json"
     ):
-        open_engine(kind, str(tmp_path / "nope"))
+        open_engine(EngineSettings(kind), str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("kind", ["transformers", "vllm"])
@@ -305,7 +305,7 @@ def test_adapter_folder_without_adapter_config(
         UserError,
         match=rf"^adapter folder {tmp_path} has no adapter_config.json: pass the `adapter/`",
     ):
-        open_engine(kind, str(tiny_qwen2vl), tmp_path)
+        open_engine(EngineSettings(kind), str(tiny_qwen2vl), tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["transformers", "vllm"])
@@ -317,21 +317,21 @@ def test_a_full_checkpoint_passed_as_adapter_is_named(
         UserError,
         match=rf"^{tiny_qwen2vl} is a full checkpoint \(config.json\), not a LoRA adapter",
     ):
-        open_engine(kind, str(tiny_qwen2vl), tiny_qwen2vl)
+        open_engine(EngineSettings(kind), str(tiny_qwen2vl), tiny_qwen2vl)
 
 
 def test_remote_engine_refuses_an_adapter(tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match="a remote engine serves its own weights, it cannot apply adapter"
     ):
-        open_engine("remote", "gpt-4o", tmp_path, base_url="http://127.0.0.1:1/v1")
+        open_engine(EngineSettings("remote", base_url="http://127.0.0.1:1/v1"), "gpt-4o", tmp_path)
 
 
 def test_vllm_engine_without_vllm_says_make_vllm_env(tiny_qwen2vl: Path) -> None:
     with pytest.raises(
         UserError, match=r"vLLM python /no/python does not exist: run `make vllm-env`"
     ):
-        open_engine("vllm", str(tiny_qwen2vl), vllm_python=Path("/no/python"))
+        open_engine(EngineSettings("vllm", vllm_python=Path("/no/python")), str(tiny_qwen2vl))
 
 
 def test_adapter_rank_above_vllms_limit(tiny_qwen2vl: Path, tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ def test_adapter_rank_above_vllms_limit(tiny_qwen2vl: Path, tmp_path: Path) -> N
     with pytest.raises(
         UserError, match=r"LoRA rank 1024, above vLLM's maximum 512: use the transformers engine"
     ):
-        open_engine("vllm", str(tiny_qwen2vl), tmp_path, vllm_python=Path("/bin/sh"))
+        open_engine(EngineSettings("vllm", vllm_python=Path("/bin/sh")), str(tiny_qwen2vl), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -358,7 +358,7 @@ def test_bad_sampling(options: dict, message: str) -> None:
 
 def test_bad_batch_size(tiny_qwen2vl: Path) -> None:
     with pytest.raises(UserError, match=r"^--batch-size 0: must be at least 1$"):
-        open_engine("transformers", str(tiny_qwen2vl), batch_size=0)
+        open_engine(EngineSettings("transformers", batch_size=0), str(tiny_qwen2vl))
 
 
 # --- vLLM engine: which adapters are merged, then one real server ---------------------------------------
@@ -415,7 +415,7 @@ def test_vllm_engine_agrees_with_transformers_on_the_merged_model(
 ) -> None:
     """Same prompt format, same image processing, same weights: the same greedy answer."""
     short = SamplingSpec(max_new_tokens=4)
-    with open_engine("transformers", str(tiny_qwen2vl), vision_adapter, batch_size=1) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=1), str(tiny_qwen2vl), vision_adapter) as engine:
         expected = texts(engine.generate(requests_, short, progress=False))
     assert texts(vllm_engine.generate(requests_, short, progress=False)) == expected
 
@@ -449,7 +449,7 @@ def test_vllm_serves_internvl_and_agrees_with_transformers_under_the_same_tile_c
     limits = ImageLimits(max_tiles=2)
     requests = wide_requests(4)
     short = SamplingSpec(max_new_tokens=4)
-    with open_engine("transformers", str(tiny_internvl), image_limits=limits, batch_size=1) as engine:
+    with open_engine(EngineSettings("transformers", image_limits=limits, batch_size=1), str(tiny_internvl)) as engine:
         expected = texts(engine.generate(requests, short, progress=False))
     with VLLMEngine(
         str(tiny_internvl),

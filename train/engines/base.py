@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -95,6 +95,25 @@ class ClosingEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class OnDemand(ClosingEngine):
+    """An engine opened by the first `get()` and closed with the block: a step whose answers are
+    all on disk already (a resumed run) never loads a model."""
+
+    def __init__(self, opener: Callable[[], GenerationEngine]) -> None:
+        self.opener = opener
+        self.engine: GenerationEngine | None = None
+
+    def get(self) -> GenerationEngine:
+        if self.engine is None:
+            self.engine = self.opener()
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def decode_image(data: bytes) -> Image.Image:

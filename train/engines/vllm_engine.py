@@ -57,6 +57,8 @@ NEUTRAL_DECODING = ("--generation-config", "vllm")
 # One image per request and no video: an unlisted modality makes vLLM profile 999 of them at start-up.
 IMAGE_ONLY = {"image": 1, "video": 0}
 DEFAULT_MAX_MODEL_LEN = 8192
+# vLLM's own default (0.92) leaves too little of a 40 GB card for the CUDA context and NCCL's buffers.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
 # The engine's own server does not come back once it has died (`check_alive` names the exit),
 # so an outage is waited out for a minute, not the builder's half hour.
 OWN_SERVER_HEALTH = HealthPolicy(outage_wait_s=60.0)
@@ -147,12 +149,13 @@ class VLLMEngine(ClosingEngine):
         dtype: str | None = None,
         max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         image_limits: ImageLimits | None = None,
         concurrency: int = 64,
         timeout: float = 600.0,
         max_retries: int = 1,
         log_path: Path = Path("runs/vllm/engine.log"),
-        work_dir: Path | None = None,
+        merge_dir: Path | None = None,
         startup_timeout_s: float = 900.0,
         extra_args: Sequence[str] = (),
     ) -> None:
@@ -162,7 +165,7 @@ class VLLMEngine(ClosingEngine):
         # vLLM refuses a context beyond the model's own; the budget check used the same bound.
         max_model_len = min(max_model_len, model_context(model))
         self.server: VLLMServer | None = None
-        self.work_dir = Path(tempfile.mkdtemp(prefix="dbr-vllm-engine-", dir=work_dir))
+        self.work_dir = Path(tempfile.mkdtemp(prefix="dbr-vllm-engine-", dir=merge_dir))
         try:
             served, lora_modules, request_model = serving_plan(
                 model, adapter, self.work_dir, image_limits
@@ -180,7 +183,11 @@ class VLLMEngine(ClosingEngine):
                 dtype=dtype or ("auto" if torch.cuda.is_available() else "float32"),
                 lora_modules=lora_modules,
                 max_lora_rank=rank,
-                extra_args=(*NEUTRAL_DECODING, *extra_args),
+                extra_args=(
+                    *NEUTRAL_DECODING,
+                    *("--gpu-memory-utilization", str(gpu_memory_utilization)),
+                    *extra_args,
+                ),
                 vllm_python=python,
                 log_path=log_path,
                 startup_timeout_s=startup_timeout_s,
