@@ -429,6 +429,20 @@ def test_vllm_engine_reports_a_bad_image_as_a_value(
     assert generations[1].error is None and len(generations[1].texts) == 1
 
 
+def test_vllm_samples_are_seeded_per_image_so_a_redone_share_repeats_the_first_try(
+    vllm_engine: VLLMEngine, requests_: list[GenRequest]
+) -> None:
+    """A SARR share redone after a kill asks its images alone, beside other requests than the
+    first try's: each image's chains come from its own seed (run seed, round, image id), so they
+    are the first try's; the next round draws other chains."""
+    round_1 = SamplingSpec(n=2, temperature=1.0, max_new_tokens=8, seed=0, round=1)
+    first = texts(vllm_engine.generate(requests_, round_1, progress=False))
+    redone = texts(vllm_engine.generate(requests_[2:], round_1, progress=False))
+    assert redone == first[2:]
+    round_2 = texts(vllm_engine.generate(requests_, replace(round_1, round=2), progress=False))
+    assert round_2 != first
+
+
 def test_a_server_that_died_is_a_clear_error_and_closing_cleans_up(
     vllm_engine: VLLMEngine, requests_: list[GenRequest]
 ) -> None:

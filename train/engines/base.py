@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
 
+from domainbed_reasoning.builders.rejection_sampling import request_seed
 from PIL import Image, UnidentifiedImageError
 
 from domainbed_reasoning.errors import UserError
@@ -34,12 +35,18 @@ class GenRequest:
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """temperature 0 is greedy (evaluation); n > 1 with temperature > 0 gives K candidates (SARR)."""
+    """temperature 0 is greedy (evaluation); n > 1 with temperature > 0 gives K candidates (SARR).
+
+    Sampled answers are drawn from seeds derived from (`seed`, `round`, the image id), by
+    `request_seed`, the teacher's builder's rule: the same request gives the same answers
+    on every run and in whichever process's share it falls.
+    """
 
     n: int = 1
     temperature: float = 0.0
     max_new_tokens: int = 512
     seed: int = 0
+    round: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -57,6 +64,9 @@ class SamplingSpec:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def request_seed(self, image_id: str) -> int:
+        return request_seed(self.seed, image_id, self.round)
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,8 @@ def self_label_round(
         n=config.self_label_candidates,
         temperature=config.self_label_temperature,
         max_new_tokens=config.self_label_max_new_tokens,
-        seed=config.seed + round_,
+        seed=config.seed,
+        round=round_,
     )
     matcher = matcher_for(tuple(images.classes))
 
