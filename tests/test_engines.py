@@ -11,6 +11,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -474,3 +477,40 @@ def test_vllm_serves_internvl_and_agrees_with_transformers_under_the_same_tile_c
     ) as engine:
         assert engine.server.config.mm_processor_kwargs == {"max_patches": 2}
         assert texts(engine.generate(requests, short, progress=False)) == expected
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_process_killed_mid_generation_takes_its_vllm_server_with_it(
+    tiny_qwen2vl: Path, vllm_python: Path, tmp_path: Path
+) -> None:
+    """What torchrun does to the other ranks when one fails: SIGTERM. The server, in a session
+    of its own, must be stopped by the dying process, not left holding the GPU."""
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    repo = Path(__file__).resolve().parents[1]
+    worker = subprocess.Popen(
+        [sys.executable, str(repo / "tests" / "workers" / "vllm_killed.py"),
+         str(tiny_qwen2vl), str(image), str(vllm_python), str(tmp_path)],
+        cwd=repo, env=os.environ | {"PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    try:
+        for _ in range(6000):  # the server's start-up, at most ten minutes
+            if (tmp_path / "generating").is_file() or worker.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "generating").is_file(), "the worker never started generating"
+        server = int((tmp_path / "server.pid").read_text())
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 128 + signal.SIGTERM
+        assert not _group_alive(server)
+    finally:
+        worker.kill()
+        if (tmp_path / "server.pid").is_file() and _group_alive(server := int((tmp_path / "server.pid").read_text())):
+            os.killpg(server, signal.SIGKILL)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +64,25 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
 # The engine's own server does not come back once it has died (`check_alive` names the exit),
 # so an outage is waited out for a minute, not the builder's half hour.
 OWN_SERVER_HEALTH = HealthPolicy(outage_wait_s=60.0)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the servers' shutdown short
+    raise SystemExit(128 + signum)
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind the process as Ctrl-C does, so that every open engine's block closes it.
+
+    An engine's server runs in a session of its own (so that stopping it reaches vLLM's
+    workers), out of reach of the signals its process gets: when one rank fails, torchrun
+    SIGTERMs the others, and without this their servers would outlive them holding the GPUs.
+    A handler someone else installed is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
 
 
 def vision_layer_names(model: str) -> list[str]:
@@ -160,6 +181,7 @@ class VLLMEngine(ClosingEngine):
         extra_args: Sequence[str] = (),
     ) -> None:
         check_model(model)
+        unwind_on_sigterm()
         python = resolve_vllm_python(vllm_python)
         rank = max_lora_rank(adapter) if adapter is not None else 8
         # vLLM refuses a context beyond the model's own; the budget check used the same bound.
