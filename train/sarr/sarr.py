@@ -25,7 +25,6 @@ any other method.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from typing import Any
 
 import datasets
 import polars as pl
-import torch
 from datasets import Dataset
 from domainbed_reasoning.train.engines.base import Generation, OnDemand, SamplingSpec
 from domainbed_reasoning.train.engines.factory import batch_unit, open_engine
@@ -54,6 +52,7 @@ from domainbed_reasoning.train.stages.stage import (
     StageResult,
     TrainRequest,
     model_card,
+    release_memory,
     train_stage,
     write_inputs,
 )
@@ -284,13 +283,6 @@ def train_round(
     )
 
 
-def _release_memory() -> None:
-    """The trainer of one step and the engine of the next must not hold the GPU at once."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -343,7 +335,7 @@ def run_step(
         state.wait_for_everyone()
     else:
         train_round(request, prepared, step.round, images)
-    _release_memory()
+    release_memory(f"{step.name}")
 
 
 def _save_progress(run_dir: Path, done: list[str]) -> None:
