@@ -21,6 +21,7 @@ from domainbed_reasoning.train.mtct.mtct_data import task_prompt
 from domainbed_reasoning.train.mtct.token_budget import check_budget
 from domainbed_reasoning.train.sarr.sarr import train_sarr
 from domainbed_reasoning.train.sarr.sharding import process_state
+from domainbed_reasoning.train.stages.memory_estimate import check_training_memory
 from domainbed_reasoning.train.stages.stage import (
     StageResult,
     TrainRequest,
@@ -48,6 +49,7 @@ def train(request: TrainRequest, evaluate: bool = False) -> StageResult:
     if request.resume and (run_dir / "metrics.json").is_file():
         return stage_result(run_dir, request.model)
     check_generation_budget(request, prepared.processor, evaluate)
+    check_training_memory(request, prepared)
     if request.config.method == "rd-mldg":
         return train_sarr(request, prepared)
     if state.is_main_process:
