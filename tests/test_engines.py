@@ -6,6 +6,8 @@ whole file, with an adapter that touches the vision tower (the merge path).
 
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 import io
 import json
 import os
@@ -13,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from domainbed_reasoning.builders.transport.teacher_client import withheld_key_urls
+from domainbed_reasoning.train.engines import merge
 from domainbed_reasoning.train.engines.base import GenerationEngine, GenRequest, SamplingSpec
 from domainbed_reasoning.train.engines.factory import open_engine
 from domainbed_reasoning.train.engines.remote_engine import RemoteEngine
@@ -514,3 +518,38 @@ def test_a_process_killed_mid_generation_takes_its_vllm_server_with_it(
         worker.kill()
         if (tmp_path / "server.pid").is_file() and _group_alive(server := int((tmp_path / "server.pid").read_text())):
             os.killpg(server, signal.SIGKILL)
+
+
+def test_the_processes_of_a_machine_share_one_merged_checkpoint(
+    tiny_qwen2vl: Path, vision_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first process to take the folder's lock merges; one arriving meanwhile waits for it
+    and serves the same folder instead of writing its own copy."""
+    merges = []
+    real_merge = merge.merge_adapter
+    monkeypatch.setattr(merge, "merge_adapter", lambda *args: merges.append(args[2]) or real_merge(*args))
+    at_the_lock, real_flock = threading.Event(), fcntl.flock
+
+    def flock(file, operation) -> None:
+        at_the_lock.set()
+        real_flock(file, operation)
+
+    monkeypatch.setattr(merge.fcntl, "flock", flock)
+    folder = tmp_path / "step"
+    folder.mkdir()
+    with open(folder / merge.LOCK, "w") as lock:  # another process of the machine, merging now
+        real_flock(lock, fcntl.LOCK_EX)
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            merge.merged_checkpoint, str(tiny_qwen2vl), vision_adapter, folder
+        )
+        assert at_the_lock.wait(timeout=60)
+        real_merge(str(tiny_qwen2vl), vision_adapter, folder / merge.MERGED)  # what it writes
+    assert waiting.result(timeout=60) == folder / merge.MERGED and merges == []
+    merge.discard_merged(folder)
+    assert merge.merged_checkpoint(str(tiny_qwen2vl), vision_adapter, folder) == folder / merge.MERGED
+    assert merges == [folder / merge.MERGED] and (folder / merge.MERGED / "config.json").is_file()
+
+
+def test_a_merge_without_room_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=rf"^the merged checkpoint for vLLM needs [\d.]+ GiB in {tmp_path}, which has [\d.]+ GiB free: .*vllm_merge_dir"):
+        merge.check_space(tmp_path, 2**70)

@@ -65,6 +65,7 @@ class TrainConfig:
     vllm_max_model_len: int = 8192
     vllm_tensor_parallel_size: int = 1
     vllm_gpu_memory_utilization: float = 0.85
+    vllm_merge_dir: str | None = None
     generation_batch_size: int = 8
     seed: int = 0
     sarr_rounds: int = 3

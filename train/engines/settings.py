@@ -10,6 +10,8 @@ error at once, named as the command-line flag that sets it.
 from __future__ import annotations
 
 import dataclasses
+import socket
+import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -89,18 +91,23 @@ class EngineSettings:
                 "max_model_len": config.vllm_max_model_len,
                 "tensor_parallel_size": config.vllm_tensor_parallel_size,
                 "gpu_memory_utilization": config.vllm_gpu_memory_utilization,
+                "merge_dir": Path(config.vllm_merge_dir) if config.vllm_merge_dir else None,
                 "vllm_python": resolve_vllm_python(self.vllm_python),
             }
         else:
             run = {}
         return replace(self, **{name: value for name, value in run.items() if getattr(self, name) is None})
 
-    def logging_to(self, folder: Path, rank: int, processes: int) -> EngineSettings:
-        """vLLM's server log in `folder` (one per rank under several processes); others log nothing."""
+    def for_step(self, folder: Path, rank: int, processes: int) -> EngineSettings:
+        """The settings of one step writing into `folder`: vLLM's server log there (one per rank
+        under several processes), and the machine's merged checkpoint in a folder of the step's
+        own, under the chosen `merge_dir` or else `folder`. Other engines keep nothing on disk."""
         if self.kind != "vllm":
             return self
         name = "vllm.log" if processes == 1 else f"vllm-rank-{rank}.log"
-        return replace(self, log_path=folder / name)
+        step = zlib.crc32(str(folder.resolve()).encode())
+        merge = (self.merge_dir or folder) / f".vllm-merge-{socket.gethostname()}-{step:08x}"
+        return replace(self, log_path=folder / name, merge_dir=merge)
 
     def options(self) -> dict[str, Any]:
         """The given fields as the engine's keyword arguments (the engine's defaults for the rest)."""

@@ -2,8 +2,9 @@
 
 vLLM applies LoRA to the language model only. An adapter that stays there is served
 as is (`--enable-lora`, requested by its LoRA name), which costs nothing; an adapter
-that also adapts the vision encoder - RD-MLDG's default - is merged into a temporary
-checkpoint that vLLM serves instead, removed again on close. Decoding ignores the
+that also adapts the vision encoder - RD-MLDG's default - is merged into a checkpoint
+that vLLM serves instead (merge.py): in the caller's `merge_dir`, shared by the machine's
+processes, or else in a temporary folder removed again on close. Decoding ignores the
 checkpoint's sampling defaults (`--generation-config vllm`), as the transformers
 engine does, so both engines draw from the same distribution, and the image limits
 (processor.py) reach vLLM's copy of the processor as `--mm-processor-kwargs`, so
@@ -35,10 +36,10 @@ from domainbed_reasoning.train.engines.base import (
     adapter_config,
     check_model,
 )
+from domainbed_reasoning.train.engines.merge import merged_checkpoint
 from domainbed_reasoning.train.engines.remote_engine import RemoteEngine
-from domainbed_reasoning.train.engines.transformers_engine import load_merged
 from domainbed_reasoning.train.model.lora import VISION_PARTS, linear_layer_names
-from domainbed_reasoning.train.model.processor import ImageLimits, limit_images, load_processor
+from domainbed_reasoning.train.model.processor import ImageLimits, limit_images
 from domainbed_reasoning.train.mtct.token_budget import model_context
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -115,13 +116,6 @@ def max_lora_rank(adapter: Path) -> int:
     return fitting[0]
 
 
-def merge_adapter(model: str, adapter: Path, out: Path, limits: ImageLimits | None = None) -> Path:
-    """A full checkpoint (weights in the base's dtype, processor with `limits`) with the adapter folded in."""
-    load_merged(model, adapter, dtype="auto").save_pretrained(out)
-    load_processor(model, limits).save_pretrained(out)
-    return out
-
-
 def serving_plan(
     model: str, adapter: Path | None, work_dir: Path, limits: ImageLimits | None = None
 ) -> tuple[str, dict[str, Path], str]:
@@ -129,7 +123,7 @@ def serving_plan(
     if adapter is None:
         return model, {}, SERVED_NAME
     if touches_vision(model, adapter):
-        return str(merge_adapter(model, adapter, work_dir / "merged", limits)), {}, SERVED_NAME
+        return str(merged_checkpoint(model, adapter, work_dir, limits)), {}, SERVED_NAME
     return model, {LORA_NAME: Path(adapter)}, LORA_NAME
 
 
@@ -187,7 +181,9 @@ class VLLMEngine(ClosingEngine):
         # vLLM refuses a context beyond the model's own; the budget check used the same bound.
         max_model_len = min(max_model_len, model_context(model))
         self.server: VLLMServer | None = None
-        self.work_dir = Path(tempfile.mkdtemp(prefix="dbr-vllm-engine-", dir=merge_dir))
+        # A merge_dir is the caller's to share between processes and remove; else the engine's own.
+        self.owns_work_dir = merge_dir is None
+        self.work_dir = Path(merge_dir or tempfile.mkdtemp(prefix="dbr-vllm-engine-"))
         try:
             served, lora_modules, request_model = serving_plan(
                 model, adapter, self.work_dir, image_limits
@@ -244,4 +240,5 @@ class VLLMEngine(ClosingEngine):
         if self.server is not None:
             self.server.stop()
             self.server = None
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self.owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -37,6 +37,7 @@ from domainbed_reasoning.train.engines.base import (
     SamplingSpec,
 )
 from domainbed_reasoning.train.engines.factory import batch_unit, engine_context, open_engine
+from domainbed_reasoning.train.engines.merge import discard_merged
 from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.model.processor import load_processor
 from domainbed_reasoning.train.model.weights import stage_weights
@@ -571,9 +572,12 @@ def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     if state.is_main_process:
         start_eval_dir(job, settings)
     state.wait_for_everyone()
-    engine = job_engine(job, settings).logging_to(job.eval_dir, state.process_index, state.num_processes)
+    engine = job_engine(job, settings).for_step(job.eval_dir, state.process_index, state.num_processes)
     with OnDemand(lambda: open_engine(engine, job.model, job.adapter)) as model:
-        return run_job(job, model.get, splits, settings)
+        metrics = run_job(job, model.get, splits, settings)
+    if state.is_local_main_process:
+        discard_merged(engine.merge_dir)
+    return metrics
 
 
 def evaluate_run(run_dir: Path, settings: EvalSettings | None = None) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import polars as pl
 from datasets import Dataset
 from domainbed_reasoning.train.engines.base import Generation, OnDemand, SamplingSpec
 from domainbed_reasoning.train.engines.factory import batch_unit, open_engine
+from domainbed_reasoning.train.engines.merge import discard_merged
 from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.model.weights import TrainedWeights, find_weights, stage_weights
 from domainbed_reasoning.train.mtct.mtct_data import build_examples, class_names, task_prompt
@@ -223,12 +224,14 @@ def self_label_round(
         highlight=False,
     )
     folder = round_dir(run_dir, round_)
-    engine = engine.logging_to(folder, state.process_index, state.num_processes)
+    engine = engine.for_step(folder, state.process_index, state.num_processes)
     started = time.perf_counter()
     with OnDemand(lambda: open_engine(engine, weights.model, weights.adapter)) as model:
         frame = generated_table(
             state, folder / SELF_LABELS, images.subset, ask, batch_unit(engine), model.get
         )
+    if state.is_local_main_process:
+        discard_merged(engine.merge_dir)
     seconds = time.perf_counter() - started
     stats = self_label_stats(frame) | {
         "round": round_,
