@@ -376,7 +376,9 @@ def test_one_round_with_real_vllm(
     assert result.run_dir == run_dir
     _check_finished_run(run_dir, "vllm")
     assert (run_dir / "round-1" / "vllm.log").is_file()
-    assert not list((run_dir / "round-1").glob(".vllm-merge-*"))  # the round's merge, removed after it
+    # the round-0 adapter adapts the vision tower: merged inside the round's folder, removed after it
+    assert "round-1/.vllm-merge-" in (run_dir / "round-1" / "vllm.log").read_text()
+    assert not list((run_dir / "round-1").glob(".vllm-merge-*"))
 
 
 def test_full_fine_tuning_rounds_continue_from_the_previous_model(

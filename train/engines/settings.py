@@ -75,7 +75,10 @@ class EngineSettings:
     def for_run(cls, config: TrainConfig) -> EngineSettings:
         """The engine a training run self-labels and evaluates with; vLLM's python is checked now,
         before any model loads, so a missing environment does not surface after round 0."""
-        return cls(config.engine).filled_from(config)
+        filled = cls(config.engine).filled_from(config)
+        if filled.kind == "vllm":
+            return replace(filled, vllm_python=resolve_vllm_python(filled.vllm_python))
+        return filled
 
     def filled_from(self, config: TrainConfig) -> EngineSettings:
         """The run's values for every field not given: what the engine must share with training
@@ -92,7 +95,6 @@ class EngineSettings:
                 "tensor_parallel_size": config.vllm_tensor_parallel_size,
                 "gpu_memory_utilization": config.vllm_gpu_memory_utilization,
                 "merge_dir": Path(config.vllm_merge_dir) if config.vllm_merge_dir else None,
-                "vllm_python": resolve_vllm_python(self.vllm_python),
             }
         else:
             run = {}

@@ -71,7 +71,7 @@ def check_generation_budget(
 ) -> None:
     """SARR's and the final evaluation's longest requests fit the engine, checked before training."""
     config = request.config
-    context = engine_context(EngineSettings.for_run(config), request.model)
+    context = engine_context(EngineSettings(config.engine).filled_from(config), request.model)
     if context is None:
         return
     classes = get_spec(request.dataset).classes
