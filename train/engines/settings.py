@@ -34,6 +34,7 @@ APPLIES_TO = {
     "gpu_memory_utilization": "vllm",
     "log_path": "vllm",
     "merge_dir": "vllm",
+    "concurrency": ("vllm", "remote"),
     "base_url": "remote",
     "api_key_env": "remote",
 }
@@ -51,6 +52,7 @@ class EngineSettings:
     gpu_memory_utilization: float | None = None
     log_path: Path | None = None
     merge_dir: Path | None = None
+    concurrency: int | None = None
     base_url: str | None = None
     api_key_env: str | None = None
 
