@@ -23,6 +23,7 @@ from pathlib import Path
 
 import datasets
 from domainbed_reasoning.train.engines.factory import open_engine
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.evaluation.evaluate import EvalJob, EvalSettings, run_job
 from PIL import Image, ImageDraw
 from rich.console import Console
@@ -72,7 +73,7 @@ def evaluate_once(split_path: Path, model: Path, out: Path) -> None:
     split = datasets.Dataset.from_parquet(str(split_path), cache_dir=str(out / "hf"))
     job = EvalJob(out / "run", "SynthDG", "bench", "sketch", "cls", str(model), None, "bench")
     settings = EvalSettings(modes=("direct",), splits=("test",), direct_tokens=1, progress=False)
-    with open_engine("transformers", str(model), batch_size=16) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=16), str(model)) as engine:
         metrics = run_job(job, engine, datasets.DatasetDict({"test": split}), settings)
     assert metrics["results"]["test"]["direct"]["n"] == len(split)
 

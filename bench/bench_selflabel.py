@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from domainbed_reasoning.train.engines.base import GenRequest, SamplingSpec
 from domainbed_reasoning.train.engines.factory import open_engine
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from rich.console import Console
 from rich.table import Table
 
@@ -53,7 +54,7 @@ def measure(
 ) -> dict:
     """Start-up (open + a small warm-up batch) and steady-state generation, timed apart."""
     start = time.perf_counter()
-    with open_engine(kind, model, **options) as engine:
+    with open_engine(EngineSettings(kind, **options), model) as engine:
         engine.generate(requests[:WARM_UP_IMAGES], sampling, progress=False)
         ready = time.perf_counter()
         generations = engine.generate(requests, sampling, progress=False)

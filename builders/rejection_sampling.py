@@ -62,9 +62,14 @@ class SamplingPlan:
         return self.temperatures[min(round_, len(self.temperatures)) - 1]
 
     def request_seed(self, image_id: str, round_: int) -> int:
-        """The `seed` sent with an image's round: the same on every run, machine and retry,
-        so a server that honours it (vLLM does) gives the same answers to the same request."""
-        return zlib.crc32(f"{self.seed}:{image_id}:{round_}".encode())
+        return request_seed(self.seed, image_id, round_)
+
+
+def request_seed(seed: int, image_id: str, round_: int) -> int:
+    """The `seed` sent with an image's round: the same on every run, machine and retry, so a
+    server that honours it (vLLM does, sample i of n drawing with seed + i) gives the same
+    answers to the same request. The teacher's builder and SARR's self-labelling share it."""
+    return zlib.crc32(f"{seed}:{image_id}:{round_}".encode())
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:

@@ -380,6 +380,7 @@ def eval_command(
     ),
 ) -> None:
     """Leave-one-domain-out accuracy (direct and reasoning modes) of a trained run or of any model."""
+    from domainbed_reasoning.train.engines.settings import EngineSettings
     from domainbed_reasoning.train.evaluation import evaluate
 
     if model is not None and run is None and (dataset is None or target is None):
@@ -388,9 +389,14 @@ def eval_command(
         evaluate.ZeroShotRequest(dataset, data, target, model, out, name, adapter) if model is not None else None
     )
     settings = evaluate.EvalSettings(
-        engine=engine,
-        engine_options=evaluate.engine_options(
-            engine, base_url, api_key_env, batch_size, vllm_python, max_model_len, tensor_parallel_size
+        engine=EngineSettings(
+            engine,
+            batch_size=batch_size,
+            vllm_python=vllm_python,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            base_url=base_url,
+            api_key_env=api_key_env,
         ),
         modes=_csv(modes),
         splits=_csv(splits),

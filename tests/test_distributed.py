@@ -170,14 +170,11 @@ AUTO_DEEPSPEED_KEYS = (
 )
 
 
-def test_zero3_saves_whole_lora_weights_gathered_from_every_rank(
-    tiny_llava: Path, tmp_path: Path
-) -> None:
-    """DeepSpeed ZeRO-3 on the CPU (gloo), every parameter partitioned: the adapter `save_weights`
-    writes holds every LoRA tensor whole, equal to the gathered parameters; the main process
-    alone would have written empty tensors."""
+def zero3_launch_config(folder: Path, init_flag: bool) -> Path:
+    """An accelerate config for DeepSpeed ZeRO-3 on 2 CPU processes, every parameter partitioned;
+    `init_flag` builds each model sharded from the start (`zero3_init_flag`), as train/accelerate/zero3.yaml does."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is the optional extra: pip install -e '.[deepspeed]'")
-    ds_config = tmp_path / "ds_zero3.json"
+    ds_config = folder / "ds_zero3.json"
     ds_config.write_text(
         json.dumps(
             {
@@ -190,12 +187,22 @@ def test_zero3_saves_whole_lora_weights_gathered_from_every_rank(
             }
         )
     )
-    accelerate_config = tmp_path / "zero3.yaml"
+    accelerate_config = folder / "zero3.yaml"
     accelerate_config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
-        f"deepspeed_config:\n  deepspeed_config_file: {ds_config}\n  zero3_init_flag: false\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ds_config}\n  zero3_init_flag: {str(init_flag).lower()}\n"
         "num_machines: 1\nmachine_rank: 0\nnum_processes: 2\nuse_cpu: false\n"
     )
+    return accelerate_config
+
+
+def test_zero3_saves_whole_lora_weights_gathered_from_every_rank(
+    tiny_llava: Path, tmp_path: Path
+) -> None:
+    """DeepSpeed ZeRO-3 on the CPU (gloo), every parameter partitioned: the adapter `save_weights`
+    writes holds every LoRA tensor whole, equal to the gathered parameters; the main process
+    alone would have written empty tensors."""
+    accelerate_config = zero3_launch_config(tmp_path, init_flag=False)
     out = tmp_path / "out"
     launch(2, str(WORKERS / "zero3_save.py"), str(tiny_llava), str(out), config=accelerate_config)
     report = json.loads((out / "report.json").read_text())
@@ -204,3 +211,25 @@ def test_zero3_saves_whole_lora_weights_gathered_from_every_rank(
     assert report["alone_elements"] == 0  # what the main process alone used to save
     assert report["matched"] == len(report["saved"]) == len(report["local"]) > 0
     assert report["equal"] and report["saved_elements"] > 0
+
+
+def test_after_zero3_training_evaluation_and_a_sarr_round_load_whole_models(
+    export_dir: Path, tiny_llava: Path, tmp_path: Path
+) -> None:
+    """`dbr train --method rd-mldg` under ZeRO-3 with zero3_init_flag (2 processes): round 0 trains
+    sharded, then round 1's self-labelling, round 1's training and the default evaluation each
+    load a model; outside training none may be built sharded (a merge over empty shards fails)."""
+    accelerate_config = zero3_launch_config(tmp_path, init_flag=True)
+    launch(
+        2, "-m", "domainbed_reasoning", "train", "SynthDG", "--data", str(export_dir),
+        "--target", "sketch", "--model", str(tiny_llava), "--out", str(tmp_path / "runs"),
+        "--method", "rd-mldg", *(arg for pair in SARR_2P for arg in ("--set", pair)),
+        "--set", "self_label_max_new_tokens=8",
+        config=accelerate_config,
+    )  # fmt: skip
+    run_dir = tmp_path / "runs" / "SynthDG" / "sketch" / "rd-mldg"
+    labels = pl.read_parquet(run_dir / "round-1" / "self_labels.parquet")
+    assert labels.height == 8
+    assert (run_dir / "round-1" / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["results"]["test"]["direct"]["n"] > 0

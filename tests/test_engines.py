@@ -6,11 +6,17 @@ whole file, with an adapter that touches the vision tower (the merge path).
 
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 import io
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,8 +25,11 @@ import pytest
 import torch
 from domainbed_reasoning.builders.transport.replicas import HealthPolicy, TeacherEngineDied
 from domainbed_reasoning.builders.transport.teacher_client import withheld_key_urls
+from domainbed_reasoning.train.engines import merge
 from domainbed_reasoning.train.engines.base import GenerationEngine, GenRequest, SamplingSpec
 from domainbed_reasoning.train.engines.factory import open_engine
+from domainbed_reasoning.train.engines.remote_engine import RemoteEngine
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.engines.transformers_engine import TransformersEngine
 from domainbed_reasoning.train.engines.vllm_engine import (
     LORA_NAME,
@@ -97,7 +106,7 @@ def language_adapter(tiny_qwen2vl: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def base_engine(tiny_qwen2vl: Path) -> Iterator[GenerationEngine]:
-    with open_engine("transformers", str(tiny_qwen2vl), batch_size=4) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=4), str(tiny_qwen2vl)) as engine:
         yield engine
 
 
@@ -149,7 +158,7 @@ def test_an_answer_that_ends_with_the_end_token_is_a_stop(
     vocab = json.loads((stopper / "config.json").read_text())["text_config"]["vocab_size"]
     config["eos_token_id"] = list(range(vocab))
     config_path.write_text(json.dumps(config))
-    with open_engine("transformers", str(stopper)) as engine:
+    with open_engine(EngineSettings("transformers"), str(stopper)) as engine:
         generations = engine.generate(requests_[:2], GREEDY, progress=False)
     assert [g.finish_reasons for g in generations] == [("stop",), ("stop",)]
 
@@ -163,7 +172,7 @@ def test_an_adapter_changes_the_answers(
 ) -> None:
     base = texts(base_engine.generate(requests_, GREEDY, progress=False))
     for adapter in (vision_adapter, language_adapter):
-        with open_engine("transformers", str(tiny_qwen2vl), adapter, batch_size=4) as engine:
+        with open_engine(EngineSettings("transformers", batch_size=4), str(tiny_qwen2vl), adapter) as engine:
             adapted = texts(engine.generate(requests_, GREEDY, progress=False))
         assert adapted != base
 
@@ -181,7 +190,7 @@ def test_an_unreadable_image_is_a_failed_generation_not_a_crash(
 
 
 def test_llava_architecture_generates_too(tiny_llava: Path, requests_: list[GenRequest]) -> None:
-    with open_engine("transformers", str(tiny_llava), batch_size=3) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=3), str(tiny_llava)) as engine:
         generations = engine.generate(requests_[:3], SAMPLED, progress=False)
     assert [len(g.texts) for g in generations] == [3, 3, 3]
 
@@ -197,12 +206,12 @@ def wide_requests(count: int) -> list[GenRequest]:
 
 
 def test_internvl_architecture_generates_with_its_tiles_capped(tiny_internvl: Path) -> None:
-    with open_engine("transformers", str(tiny_internvl), batch_size=2) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=2), str(tiny_internvl)) as engine:
         generations = engine.generate(wide_requests(3), SAMPLED, progress=False)
         tiles = engine.processor.image_processor.max_patches
     assert [len(g.texts) for g in generations] == [3, 3, 3] and tiles == 4
     limits = ImageLimits(max_tiles=2)
-    with open_engine("transformers", str(tiny_internvl), image_limits=limits) as engine:
+    with open_engine(EngineSettings("transformers", image_limits=limits), str(tiny_internvl)) as engine:
         assert engine.processor.image_processor.max_patches == 2
         capped = engine.generate(wide_requests(3), GREEDY, progress=False)
     assert all(g.error is None for g in capped)
@@ -226,7 +235,7 @@ def test_remote_engine_returns_the_teachers_chains_in_request_order(
     requests = [request for request, _ in labelled]
     with (
         run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
-        open_engine("remote", "sim-teacher", base_url=base_url) as engine,
+        open_engine(EngineSettings("remote", base_url=base_url), "sim-teacher") as engine,
     ):
         generations = engine.generate(requests, SamplingSpec(n=2, temperature=1.0), progress=False)
     assert [len(g.texts) for g in generations] == [2] * len(requests)
@@ -240,7 +249,7 @@ def test_remote_failures_after_retries_are_values(
 ) -> None:
     with (
         run_sim_teacher(SimTeacherConfig(p_500=1.0), synth_dir) as base_url,
-        open_engine("remote", "sim-teacher", base_url=base_url, max_retries=0) as engine,
+        RemoteEngine("sim-teacher", base_url=base_url, max_retries=0) as engine,
     ):
         generations = engine.generate(requests_[:2], GREEDY, progress=False)
     assert [g.texts for g in generations] == [(), ()]
@@ -262,7 +271,7 @@ def test_a_served_engine_that_died_stops_generation_naming_its_log(
 def test_remote_engine_that_does_not_answer_fails_at_open() -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(UserError, match=rf"^remote engine: teacher at {url} is not reachable"):
-        open_engine("remote", "gpt-4o", base_url=url, max_retries=0)
+        RemoteEngine("gpt-4o", base_url=url, max_retries=0)
 
 
 def test_remote_engine_names_a_model_it_does_not_serve(synth_dir: Path) -> None:
@@ -270,7 +279,7 @@ def test_remote_engine_names_a_model_it_does_not_serve(synth_dir: Path) -> None:
         run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
         pytest.raises(UserError, match=r"does not serve model 'gpt-4o' \(it serves sim-teacher\)"),
     ):
-        open_engine("remote", "gpt-4o", base_url=base_url)
+        open_engine(EngineSettings("remote", base_url=base_url), "gpt-4o")
 
 
 @pytest.mark.parametrize("named", [True, False])
@@ -283,9 +292,7 @@ def test_a_key_named_by_api_key_env_also_goes_to_a_plain_http_host(
     far = "http://10.1.2.3:8000/v1"
     with (
         run_sim_teacher(SimTeacherConfig(), synth_dir) as base_url,
-        open_engine(
-            "remote", "sim-teacher", base_url=base_url, api_key_env="ZERO_SHOT_KEY" if named else None
-        ) as engine,
+        open_engine(EngineSettings("remote", base_url=base_url, api_key_env="ZERO_SHOT_KEY" if named else None), "sim-teacher") as engine,
     ):
         assert withheld_key_urls(replace(engine.base, urls=(far,))) == ([] if named else [far])
 
@@ -297,7 +304,7 @@ def test_unknown_kind() -> None:
     with pytest.raises(
         UserError, match=r"^unknown engine 'tgi': choose one of transformers, vllm, remote$"
     ):
-        open_engine("tgi", "model")
+        open_engine(EngineSettings("tgi"), "model")
 
 
 @pytest.mark.parametrize("kind", ["transformers", "vllm"])
@@ -305,7 +312,7 @@ def test_missing_model_folder(kind: str, tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match=rf"^model folder {tmp_path}/nope not found or has no config.json"
     ):
-        open_engine(kind, str(tmp_path / "nope"))
+        open_engine(EngineSettings(kind), str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("kind", ["transformers", "vllm"])
@@ -318,7 +325,7 @@ def test_adapter_folder_without_adapter_config(
         UserError,
         match=rf"^adapter folder {tmp_path} has no adapter_config.json: pass the `adapter/`",
     ):
-        open_engine(kind, str(tiny_qwen2vl), tmp_path)
+        open_engine(EngineSettings(kind), str(tiny_qwen2vl), tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["transformers", "vllm"])
@@ -330,21 +337,21 @@ def test_a_full_checkpoint_passed_as_adapter_is_named(
         UserError,
         match=rf"^{tiny_qwen2vl} is a full checkpoint \(config.json\), not a LoRA adapter",
     ):
-        open_engine(kind, str(tiny_qwen2vl), tiny_qwen2vl)
+        open_engine(EngineSettings(kind), str(tiny_qwen2vl), tiny_qwen2vl)
 
 
 def test_remote_engine_refuses_an_adapter(tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match="a remote engine serves its own weights, it cannot apply adapter"
     ):
-        open_engine("remote", "gpt-4o", tmp_path, base_url="http://127.0.0.1:1/v1")
+        open_engine(EngineSettings("remote", base_url="http://127.0.0.1:1/v1"), "gpt-4o", tmp_path)
 
 
 def test_vllm_engine_without_vllm_says_make_vllm_env(tiny_qwen2vl: Path) -> None:
     with pytest.raises(
         UserError, match=r"vLLM python /no/python does not exist: run `make vllm-env`"
     ):
-        open_engine("vllm", str(tiny_qwen2vl), vllm_python=Path("/no/python"))
+        open_engine(EngineSettings("vllm", vllm_python=Path("/no/python")), str(tiny_qwen2vl))
 
 
 def test_adapter_rank_above_vllms_limit(tiny_qwen2vl: Path, tmp_path: Path) -> None:
@@ -352,7 +359,7 @@ def test_adapter_rank_above_vllms_limit(tiny_qwen2vl: Path, tmp_path: Path) -> N
     with pytest.raises(
         UserError, match=r"LoRA rank 1024, above vLLM's maximum 512: use the transformers engine"
     ):
-        open_engine("vllm", str(tiny_qwen2vl), tmp_path, vllm_python=Path("/bin/sh"))
+        open_engine(EngineSettings("vllm", vllm_python=Path("/bin/sh")), str(tiny_qwen2vl), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -371,7 +378,7 @@ def test_bad_sampling(options: dict, message: str) -> None:
 
 def test_bad_batch_size(tiny_qwen2vl: Path) -> None:
     with pytest.raises(UserError, match=r"^--batch-size 0: must be at least 1$"):
-        open_engine("transformers", str(tiny_qwen2vl), batch_size=0)
+        open_engine(EngineSettings("transformers", batch_size=0), str(tiny_qwen2vl))
 
 
 # --- vLLM engine: which adapters are merged, then one real server ---------------------------------------
@@ -428,7 +435,7 @@ def test_vllm_engine_agrees_with_transformers_on_the_merged_model(
 ) -> None:
     """Same prompt format, same image processing, same weights: the same greedy answer."""
     short = SamplingSpec(max_new_tokens=4)
-    with open_engine("transformers", str(tiny_qwen2vl), vision_adapter, batch_size=1) as engine:
+    with open_engine(EngineSettings("transformers", batch_size=1), str(tiny_qwen2vl), vision_adapter) as engine:
         expected = texts(engine.generate(requests_, short, progress=False))
     assert texts(vllm_engine.generate(requests_, short, progress=False)) == expected
 
@@ -440,6 +447,20 @@ def test_vllm_engine_reports_a_bad_image_as_a_value(
     generations = vllm_engine.generate([broken, requests_[0]], GREEDY, progress=False)
     assert generations[0].texts == () and generations[0].error
     assert generations[1].error is None and len(generations[1].texts) == 1
+
+
+def test_vllm_samples_are_seeded_per_image_so_a_redone_share_repeats_the_first_try(
+    vllm_engine: VLLMEngine, requests_: list[GenRequest]
+) -> None:
+    """A SARR share redone after a kill asks its images alone, beside other requests than the
+    first try's: each image's chains come from its own seed (run seed, round, image id), so they
+    are the first try's; the next round draws other chains."""
+    round_1 = SamplingSpec(n=2, temperature=1.0, max_new_tokens=8, seed=0, round=1)
+    first = texts(vllm_engine.generate(requests_, round_1, progress=False))
+    redone = texts(vllm_engine.generate(requests_[2:], round_1, progress=False))
+    assert redone == first[2:]
+    round_2 = texts(vllm_engine.generate(requests_, replace(round_1, round=2), progress=False))
+    assert round_2 != first
 
 
 def test_a_server_that_died_is_a_clear_error_and_closing_cleans_up(
@@ -462,7 +483,7 @@ def test_vllm_serves_internvl_and_agrees_with_transformers_under_the_same_tile_c
     limits = ImageLimits(max_tiles=2)
     requests = wide_requests(4)
     short = SamplingSpec(max_new_tokens=4)
-    with open_engine("transformers", str(tiny_internvl), image_limits=limits, batch_size=1) as engine:
+    with open_engine(EngineSettings("transformers", image_limits=limits, batch_size=1), str(tiny_internvl)) as engine:
         expected = texts(engine.generate(requests, short, progress=False))
     with VLLMEngine(
         str(tiny_internvl),
@@ -473,3 +494,75 @@ def test_vllm_serves_internvl_and_agrees_with_transformers_under_the_same_tile_c
     ) as engine:
         assert engine.server.config.mm_processor_kwargs == {"max_patches": 2}
         assert texts(engine.generate(requests, short, progress=False)) == expected
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_process_killed_mid_generation_takes_its_vllm_server_with_it(
+    tiny_qwen2vl: Path, vllm_python: Path, tmp_path: Path
+) -> None:
+    """What torchrun does to the other ranks when one fails: SIGTERM. The server, in a session
+    of its own, must be stopped by the dying process, not left holding the GPU."""
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    repo = Path(__file__).resolve().parents[1]
+    worker = subprocess.Popen(
+        [sys.executable, str(repo / "tests" / "workers" / "vllm_killed.py"),
+         str(tiny_qwen2vl), str(image), str(vllm_python), str(tmp_path)],
+        cwd=repo, env=os.environ | {"PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    try:
+        for _ in range(6000):  # the server's start-up, at most ten minutes
+            if (tmp_path / "generating").is_file() or worker.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "generating").is_file(), "the worker never started generating"
+        server = int((tmp_path / "server.pid").read_text())
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 128 + signal.SIGTERM
+        assert not _group_alive(server)
+    finally:
+        worker.kill()
+        if (tmp_path / "server.pid").is_file() and _group_alive(server := int((tmp_path / "server.pid").read_text())):
+            os.killpg(server, signal.SIGKILL)
+
+
+def test_the_processes_of_a_machine_share_one_merged_checkpoint(
+    tiny_qwen2vl: Path, vision_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first process to take the folder's lock merges; one arriving meanwhile waits for it
+    and serves the same folder instead of writing its own copy."""
+    merges = []
+    real_merge = merge.merge_adapter
+    monkeypatch.setattr(merge, "merge_adapter", lambda *args: merges.append(args[2]) or real_merge(*args))
+    at_the_lock, real_flock = threading.Event(), fcntl.flock
+
+    def flock(file, operation) -> None:
+        at_the_lock.set()
+        real_flock(file, operation)
+
+    monkeypatch.setattr(merge.fcntl, "flock", flock)
+    folder = tmp_path / "step"
+    folder.mkdir()
+    with open(folder / merge.LOCK, "w") as lock:  # another process of the machine, merging now
+        real_flock(lock, fcntl.LOCK_EX)
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            merge.merged_checkpoint, str(tiny_qwen2vl), vision_adapter, folder
+        )
+        assert at_the_lock.wait(timeout=60)
+        real_merge(str(tiny_qwen2vl), vision_adapter, folder / merge.MERGED)  # what it writes
+    assert waiting.result(timeout=60) == folder / merge.MERGED and merges == []
+    merge.discard_merged(folder)
+    assert merge.merged_checkpoint(str(tiny_qwen2vl), vision_adapter, folder) == folder / merge.MERGED
+    assert merges == [folder / merge.MERGED] and (folder / merge.MERGED / "config.json").is_file()
+
+
+def test_a_merge_without_room_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=rf"^the merged checkpoint for vLLM needs [\d.]+ GiB in {tmp_path}, which has [\d.]+ GiB free: .*vllm_merge_dir"):
+        merge.check_space(tmp_path, 2**70)

@@ -17,12 +17,13 @@ from typing import Self
 import datasets
 import polars as pl
 import pytest
+from domainbed_reasoning.train.config import TrainConfig
 from domainbed_reasoning.train.engines.base import Generation, GenRequest, SamplingSpec
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.evaluation.evaluate import (
     EvalJob,
     EvalSettings,
     ZeroShotRequest,
-    engine_options,
     evaluate_model,
     evaluate_run,
     evaluate_split,
@@ -328,15 +329,17 @@ def test_missing_run_folder_and_zero_shot_folder_are_refused(tmp_path: Path) -> 
 )
 def test_engine_flags_must_fit_the_engine(kind: str, flags: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        engine_options(kind, **flags)
+        EngineSettings(kind, **flags)
 
 
-def test_engine_options_pass_through() -> None:
-    assert engine_options("remote", base_url="http://h/v1", api_key_env="KEY") == {
+def test_engine_flags_pass_through_and_the_run_fills_the_rest() -> None:
+    assert EngineSettings("remote", base_url="http://h/v1", api_key_env="KEY").options() == {
         "base_url": "http://h/v1",
         "api_key_env": "KEY",
     }
-    assert engine_options("transformers", batch_size=2) == {"batch_size": 2}
+    given = EngineSettings("transformers", batch_size=2)
+    filled = given.filled_from(TrainConfig(generation_batch_size=5, image_max_tiles=3))
+    assert (filled.batch_size, filled.image_limits.max_tiles) == (2, 3)
 
 
 # --- resume and --force (AnswerEngine, hand-made split) -----------------------------------------------
@@ -347,14 +350,14 @@ def test_run_job_resumes_from_finished_predictions(tmp_path: Path) -> None:
     splits = datasets.DatasetDict({"test": hand_split()})
     settings = EvalSettings(splits=("test",))
     engine = engine_for(REASONING)  # one answer per image serves both passes
-    first = run_job(job, engine, splits, settings)
+    first = run_job(job, lambda: engine, splits, settings)
     assert [sampling.max_new_tokens for _, sampling in engine.calls] == [32, 1024]
     assert set(first["results"]["test"]) == {"direct", "reasoning"}
     assert first["format"] == 1 and first["method"] == "mtct" and first["classes"] == list(CLASSES)
     # a run killed after the direct pass: only the reasoning pass is asked again
     predictions_path(job.eval_dir, "test", "reasoning").unlink()
     (job.eval_dir / "metrics.json").unlink()
-    second = run_job(job, engine, splits, settings)
+    second = run_job(job, lambda: engine, splits, settings)
     assert len(engine.calls) == 3 and engine.calls[-1][1].max_new_tokens == 1024
     assert second["results"] == first["results"]
 
@@ -477,7 +480,7 @@ def test_zero_shot_of_a_remote_openai_compatible_model(export_dir: Path, tmp_pat
         request = ZeroShotRequest(
             "SynthDG", str(export_dir), "sketch", "sim-teacher", tmp_path, "sim"
         )
-        remote = {"engine": "remote", "engine_options": {"base_url": base_url}}
+        remote = {"engine": EngineSettings("remote", base_url=base_url)}
         settings = fast(tmp_path, **remote, modes=("reasoning",), reasoning_tokens=1024)
         metrics = evaluate_model(request, settings)
     scores = metrics["results"]["test"]["reasoning"]
@@ -485,7 +488,7 @@ def test_zero_shot_of_a_remote_openai_compatible_model(export_dir: Path, tmp_pat
     assert metrics["settings"]["engine"] == "remote" and metrics["model"] == "sim-teacher"
     # cut at the token limit, the same chains are unparseable: a conclusion is never guessed
     with run_sim_teacher(SimTeacherConfig(), export_dir.parent / "data") as base_url:
-        remote = {"engine": "remote", "engine_options": {"base_url": base_url}}
+        remote = {"engine": EngineSettings("remote", base_url=base_url)}
         truncated = evaluate_model(
             request, fast(tmp_path, **remote, modes=("reasoning",), force=True)
         )

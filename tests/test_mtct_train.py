@@ -8,17 +8,21 @@ resume.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import re
 import shutil
+import weakref
 from pathlib import Path
 
 import datasets
 import polars as pl
 import pytest
 import torch
+import yaml
 from domainbed_reasoning.train.config import (
+    CONFIG_DIR,
     DEFAULT_CONFIG,
     TrainConfig,
     build_config,
@@ -29,11 +33,13 @@ from domainbed_reasoning.train.evaluation.evaluate import EvalSettings, evaluate
 from domainbed_reasoning.train.model.lora import lora_config, target_modules_regex
 from domainbed_reasoning.train.mtct.mtct_data import build_examples
 from domainbed_reasoning.train.mtct.mtct_trainer import MTCTTrainer
+from domainbed_reasoning.train.stages import stage
 from domainbed_reasoning.train.stages.run import train
-from domainbed_reasoning.train.stages.stage import sft_config
+from domainbed_reasoning.train.stages.stage import load_start, sft_config
 from peft import PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import SFTConfig
 from typer.testing import CliRunner
 
@@ -146,6 +152,39 @@ def test_report_to_wandb_without_wandb_is_refused_before_training(
     with pytest.raises(UserError, match="report_to wandb needs the wandb package: `pip install wandb`"):
         train(train_request(export_dir, tiny_llava, tmp_path, report_to="wandb"))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("launch_config", sorted((CONFIG_DIR.parent / "accelerate").glob("*.yaml")))
+def test_bf16_false_wins_over_the_launch_configs_mixed_precision(
+    launch_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`accelerate launch --config_file` exports the yaml's mixed_precision, which transformers
+    reads before the arguments' bf16: the training config must decide."""
+    launched = yaml.safe_load(launch_config.read_text()).get("mixed_precision", "no")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    args = sft_config(build_config({"bf16": "false"}), tmp_path, has_eval=False)
+    assert (args.bf16, args.mixed_precision) == (False, "no")
+    assert args.model_init_kwargs["dtype"] == torch.float32
+
+
+def test_a_continued_adapter_keeps_the_bf16_base_dtype_under_zero3(
+    tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SARR's `sarr_init: continue` under ZeRO-3: PEFT would load the adapter upcast to float32
+    beside a bfloat16 base, which ZeRO-3 cannot gather (TypeError at the first step)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is the optional extra: pip install -e '.[deepspeed]'")
+    adapter = tmp_path / "adapter"
+    base = AutoModelForImageTextToText.from_pretrained(tiny_llava)
+    get_peft_model(base, lora_config(base, 4, 8, 0.0, True)).save_pretrained(adapter)
+    for name, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    args = sft_config(build_config({"bf16": "true"}), tmp_path, has_eval=False)
+    assert args.deepspeed_plugin.zero_stage == 3
+    unset_hf_deepspeed_config()  # a single CPU process cannot build the model sharded; the dtype is the point
+    model = load_start(str(tiny_llava), adapter, args)
+    lora = {param.dtype for name, param in model.named_parameters() if "lora_" in name}
+    assert lora == {torch.bfloat16}
 
 
 def test_global_batch_must_divide() -> None:
@@ -481,6 +520,7 @@ def test_train_stage_end_to_end_then_reload_generate_and_resume(
         count for domain, count in scanned.items() if domain != "sketch"
     )
     assert 0 < info["train_images_with_chain"] < info["train_images"]
+    assert info["dtype"] == "float32"  # bf16: auto on a machine without a bf16 GPU
 
     processor = AutoProcessor.from_pretrained(run_dir / "adapter")
     model = PeftModel.from_pretrained(
@@ -515,6 +555,33 @@ def test_train_stage_end_to_end_then_reload_generate_and_resume(
         2,
     ]  # step 1 comes from the checkpoint's history, only step 2 was trained again
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_training_frees_the_trainer_model_and_optimiser_before_anything_else_loads(
+    train_request, export_dir: Path, tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vLLM server started after training needs the GPU memory back: the trainer, the model and
+    the optimiser must be gone when `train` returns, not waiting in a reference cycle (under bf16
+    accelerate rebinds `model.forward` to a wrapper bound to the model) for a garbage collection
+    that may come after the server's start."""
+    alive = []
+
+    class Recorded(MTCTTrainer):
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            alive.extend(weakref.ref(thing) for thing in (self, self.model, optimizer))
+            return optimizer
+
+    monkeypatch.setattr(stage, "MTCTTrainer", Recorded)
+    gc.disable()  # nothing collects behind the code's back
+    try:
+        request = train_request(
+            export_dir, tiny_llava, tmp_path / "runs", max_steps=1, save_steps=10, bf16="true"
+        )
+        train(request)
+    finally:
+        gc.enable()
+    assert len(alive) == 3 and [ref() for ref in alive] == [None, None, None]
 
 
 def test_cli_trains_then_evaluates_the_held_out_domain(

@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 from domainbed_reasoning.train.config import build_config
 from domainbed_reasoning.train.engines.base import Generation
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.mtct.mtct_data import task_prompt
 from domainbed_reasoning.train.sarr import sarr
 from domainbed_reasoning.train.sarr.self_label import (
@@ -368,11 +369,16 @@ def test_one_round_with_real_vllm(
     monkeypatch.setenv("DBR_VLLM_PYTHON", str(vllm_python))
     out = tmp_path / "runs"
     request = train_request(export_dir, tiny_qwen2vl, out, **SARR_FAST, engine="vllm")
-    result = sarr.train_sarr(request, prepare(request), {"max_model_len": 2048})
+    result = sarr.train_sarr(
+        request, prepare(request), EngineSettings("vllm", max_model_len=2048).filled_from(request.config)
+    )
     run_dir = out / "SynthDG" / "sketch" / "rd-mldg"
     assert result.run_dir == run_dir
     _check_finished_run(run_dir, "vllm")
     assert (run_dir / "round-1" / "vllm.log").is_file()
+    # the round-0 adapter adapts the vision tower: merged inside the round's folder, removed after it
+    assert "round-1/.vllm-merge-" in (run_dir / "round-1" / "vllm.log").read_text()
+    assert not list((run_dir / "round-1").glob(".vllm-merge-*"))
 
 
 def test_full_fine_tuning_rounds_continue_from_the_previous_model(

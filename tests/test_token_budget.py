@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.evaluation.evaluate import (
     EvalSettings,
     ZeroShotRequest,
@@ -101,7 +102,7 @@ def test_evaluation_is_refused_before_the_engine_starts(
     export_dir: Path, tmp_path: Path, tiny_internvl: Path
 ) -> None:
     request = ZeroShotRequest("SynthDG", str(export_dir), "sketch", str(tiny_internvl), tmp_path)
-    settings = EvalSettings(engine="vllm", engine_options={"max_model_len": 16}, progress=False)
+    settings = EvalSettings(engine=EngineSettings("vllm", max_model_len=16), progress=False)
     with pytest.raises(
         UserError,
         match=r"^evaluation \(direct mode\) with the vllm engine needs up to .* raise --max-model-len \(now 16\)",

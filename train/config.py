@@ -69,6 +69,8 @@ class TrainConfig:
     image_max_pixels: int | None = 1003520
     vllm_max_model_len: int = 8192
     vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.85
+    vllm_merge_dir: str | None = None
     generation_batch_size: int = 8
     seed: int = 0
     sarr_rounds: int = 3
@@ -139,6 +141,11 @@ def _check_runtime(config: TrainConfig) -> None:
     if config.dataloader_num_workers is not None and config.dataloader_num_workers < 0:
         raise UserError(
             f"dataloader_num_workers must be 0 or more (or null for auto), not {config.dataloader_num_workers}"
+        )
+    if not 0.0 < config.vllm_gpu_memory_utilization <= 1.0:
+        raise UserError(
+            f"vllm_gpu_memory_utilization {config.vllm_gpu_memory_utilization} is not a share of the GPU: "
+            "set it in (0, 1], e.g. 0.85"
         )
     for name in (
         "distributed_timeout_s",

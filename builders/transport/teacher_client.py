@@ -364,9 +364,11 @@ class TeacherPool:
         )
         return f"teacher at {replica.url} refused the API key (HTTP {status}): {fix}"
 
-    async def complete(self, prompt: str, data_url: str, n: int, temperature: float) -> Reply:
+    async def complete(
+        self, prompt: str, data_url: str, n: int, temperature: float, seed: int | None = None
+    ) -> Reply:
         """`n` samples from one image prefill (image first, as the student was trained)."""
-        return await self.send(encode_messages(prompt, data_url), n, temperature)
+        return await self.send(encode_messages(prompt, data_url), n, temperature, seed)
 
     async def send(
         self, messages: bytes, n: int, temperature: float, seed: int | None = None

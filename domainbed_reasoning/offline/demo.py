@@ -281,6 +281,7 @@ def train_method(
 
 
 def evaluate(config: DemoConfig, run_dir: Path, steps: Steps) -> None:
+    from domainbed_reasoning.train.engines.settings import EngineSettings
     from domainbed_reasoning.train.evaluation.evaluate import EvalSettings, evaluate_run
 
     if (run_dir / "eval" / "metrics.json").is_file():
@@ -289,8 +290,7 @@ def evaluate(config: DemoConfig, run_dir: Path, steps: Steps) -> None:
     evaluate_run(
         run_dir,
         EvalSettings(
-            engine="transformers",
-            engine_options={"batch_size": 32},
+            engine=EngineSettings("transformers", batch_size=32),
             reasoning_tokens=config.size.chain_tokens,
             cache_dir=config.cache_dir / "datasets",
         ),

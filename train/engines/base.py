@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
 
+from domainbed_reasoning.builders.rejection_sampling import request_seed
 from PIL import Image, UnidentifiedImageError
 
 from domainbed_reasoning.errors import UserError
@@ -34,12 +35,18 @@ class GenRequest:
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """temperature 0 is greedy (evaluation); n > 1 with temperature > 0 gives K candidates (SARR)."""
+    """temperature 0 is greedy (evaluation); n > 1 with temperature > 0 gives K candidates (SARR).
+
+    Sampled answers are drawn from seeds derived from (`seed`, `round`, the image id), by
+    `request_seed`, the teacher's builder's rule: the same request gives the same answers
+    on every run and in whichever process's share it falls.
+    """
 
     n: int = 1
     temperature: float = 0.0
     max_new_tokens: int = 512
     seed: int = 0
+    round: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -57,6 +64,9 @@ class SamplingSpec:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def request_seed(self, image_id: str) -> int:
+        return request_seed(self.seed, image_id, self.round)
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,25 @@ class ClosingEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class OnDemand(ClosingEngine):
+    """An engine opened by the first `get()` and closed with the block: a step whose answers are
+    all on disk already (a resumed run) never loads a model."""
+
+    def __init__(self, opener: Callable[[], GenerationEngine]) -> None:
+        self.opener = opener
+        self.engine: GenerationEngine | None = None
+
+    def get(self) -> GenerationEngine:
+        if self.engine is None:
+            self.engine = self.opener()
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def decode_image(data: bytes) -> Image.Image:

@@ -116,7 +116,8 @@ class RemoteEngine(ClosingEngine):
             data_url = request_data_url(request.image)
         except UserError as err:
             return Generation.failed(f"image {request.id}: {err}")
-        reply = await pool.complete(request.prompt, data_url, sampling.n, sampling.temperature)
+        seed = None if sampling.greedy else sampling.request_seed(request.id)
+        reply = await pool.complete(request.prompt, data_url, sampling.n, sampling.temperature, seed)
         return to_generation(reply)
 
     def close(self) -> None:

@@ -7,14 +7,13 @@ plain greedy or pure temperature sampling: a checkpoint's own top-k/top-p/repeti
 defaults are ignored, as the vLLM engine ignores them, so the two engines agree.
 
 Images are decoded one batch at a time, and each batch is seeded from the sampling
-seed and its first request's id: the answers depend on the batch, not on what was
+seed, round and its first request's id: the answers depend on the batch, not on what was
 generated before it, so a split cut into shares on batch boundaries (several
 processes, sharding.py) gives the same chains as one process.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,11 +56,6 @@ def load_merged(
     if adapter is None:
         return base
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-
-
-def batch_seed(seed: int, first_id: str) -> int:
-    """A batch's sampling seed: the run's seed and the batch's first request, nothing else."""
-    return (seed * 1_000_003 + zlib.crc32(first_id.encode())) % 2**63
 
 
 def default_device() -> str:
@@ -152,7 +146,7 @@ class TransformersEngine(ClosingEngine):
             except UserError as err:
                 results[index] = Generation.failed(f"image {request.id}: {err}")
         if decoded:
-            torch.manual_seed(batch_seed(sampling.seed, batch[0].id))
+            torch.manual_seed(sampling.request_seed(batch[0].id))
             for (index, _, _), generation in zip(
                 decoded, self._generate_batch(decoded, sampling), strict=True
             ):

@@ -2,8 +2,9 @@
 
 vLLM applies LoRA to the language model only. An adapter that stays there is served
 as is (`--enable-lora`, requested by its LoRA name), which costs nothing; an adapter
-that also adapts the vision encoder - RD-MLDG's default - is merged into a temporary
-checkpoint that vLLM serves instead, removed again on close. Decoding ignores the
+that also adapts the vision encoder - RD-MLDG's default - is merged into a checkpoint
+that vLLM serves instead (merge.py): in the caller's `merge_dir`, shared by the machine's
+processes, or else in a temporary folder removed again on close. Decoding ignores the
 checkpoint's sampling defaults (`--generation-config vllm`), as the transformers
 engine does, so both engines draw from the same distribution, and the image limits
 (processor.py) reach vLLM's copy of the processor as `--mm-processor-kwargs`, so
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,10 +36,10 @@ from domainbed_reasoning.train.engines.base import (
     SamplingSpec,
     adapter_config,
 )
+from domainbed_reasoning.train.engines.merge import merged_checkpoint
 from domainbed_reasoning.train.engines.remote_engine import RemoteEngine
-from domainbed_reasoning.train.engines.transformers_engine import load_merged
 from domainbed_reasoning.train.model.lora import VISION_PARTS, linear_layer_names
-from domainbed_reasoning.train.model.processor import ImageLimits, limit_images, load_processor
+from domainbed_reasoning.train.model.processor import ImageLimits, limit_images
 from domainbed_reasoning.train.mtct.token_budget import model_context
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -58,9 +61,30 @@ NEUTRAL_DECODING = ("--generation-config", "vllm")
 # One image per request and no video: an unlisted modality makes vLLM profile 999 of them at start-up.
 IMAGE_ONLY = {"image": 1, "video": 0}
 DEFAULT_MAX_MODEL_LEN = 8192
+# vLLM's own default (0.92) leaves too little of a 40 GB card for the CUDA context and NCCL's buffers.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
 # The engine's own server does not come back once it has died (`check_alive` names the exit),
 # so an outage is waited out for a minute, not the builder's half hour.
 OWN_SERVER_HEALTH = HealthPolicy(outage_wait_s=60.0)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the servers' shutdown short
+    raise SystemExit(128 + signum)
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind the process as Ctrl-C does, so that every open engine's block closes it.
+
+    An engine's server runs in a session of its own (so that stopping it reaches vLLM's
+    workers), out of reach of the signals its process gets: when one rank fails, torchrun
+    SIGTERMs the others, and without this their servers would outlive them holding the GPUs.
+    A handler someone else installed is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
 
 
 def vision_layer_names(model: str) -> list[str]:
@@ -93,13 +117,6 @@ def max_lora_rank(adapter: Path) -> int:
     return fitting[0]
 
 
-def merge_adapter(model: str, adapter: Path, out: Path, limits: ImageLimits | None = None) -> Path:
-    """A full checkpoint (weights in the base's dtype, processor with `limits`) with the adapter folded in."""
-    load_merged(model, adapter, dtype="auto").save_pretrained(out)
-    load_processor(model, limits).save_pretrained(out)
-    return out
-
-
 def serving_plan(
     model: str, adapter: Path | None, work_dir: Path, limits: ImageLimits | None = None
 ) -> tuple[str, dict[str, Path], str]:
@@ -107,7 +124,7 @@ def serving_plan(
     if adapter is None:
         return model, {}, SERVED_NAME
     if touches_vision(model, adapter):
-        return str(merge_adapter(model, adapter, work_dir / "merged", limits)), {}, SERVED_NAME
+        return str(merged_checkpoint(model, adapter, work_dir, limits)), {}, SERVED_NAME
     return model, {LORA_NAME: Path(adapter)}, LORA_NAME
 
 
@@ -148,22 +165,26 @@ class VLLMEngine(ClosingEngine):
         dtype: str | None = None,
         max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         image_limits: ImageLimits | None = None,
         concurrency: int = 64,
         timeout: float = 600.0,
         max_retries: int = 1,
         log_path: Path = Path("runs/vllm/engine.log"),
-        work_dir: Path | None = None,
+        merge_dir: Path | None = None,
         startup_timeout_s: float = 900.0,
         extra_args: Sequence[str] = (),
     ) -> None:
         check_model_folder(model)
+        unwind_on_sigterm()
         python = resolve_vllm_python(vllm_python)
         rank = max_lora_rank(adapter) if adapter is not None else 8
         # vLLM refuses a context beyond the model's own; the budget check used the same bound.
         max_model_len = min(max_model_len, model_context(model))
         self.server: VLLMServer | None = None
-        self.work_dir = Path(tempfile.mkdtemp(prefix="dbr-vllm-engine-", dir=work_dir))
+        # A merge_dir is the caller's to share between processes and remove; else the engine's own.
+        self.owns_work_dir = merge_dir is None
+        self.work_dir = Path(merge_dir or tempfile.mkdtemp(prefix="dbr-vllm-engine-"))
         try:
             served, lora_modules, request_model = serving_plan(
                 model, adapter, self.work_dir, image_limits
@@ -181,7 +202,11 @@ class VLLMEngine(ClosingEngine):
                 dtype=dtype or ("auto" if torch.cuda.is_available() else "float32"),
                 lora_modules=lora_modules,
                 max_lora_rank=rank,
-                extra_args=(*NEUTRAL_DECODING, *extra_args),
+                extra_args=(
+                    *NEUTRAL_DECODING,
+                    *("--gpu-memory-utilization", str(gpu_memory_utilization)),
+                    *extra_args,
+                ),
                 vllm_python=python,
                 log_path=log_path,
                 startup_timeout_s=startup_timeout_s,
@@ -216,4 +241,5 @@ class VLLMEngine(ClosingEngine):
         if self.server is not None:
             self.server.stop()
             self.server = None
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self.owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -37,15 +37,12 @@ from domainbed_reasoning.train.config import TrainConfig, load_config
 from domainbed_reasoning.train.engines.base import (
     Generation,
     GenerationEngine,
-    GenRequest,
+    OnDemand,
     SamplingSpec,
 )
-from domainbed_reasoning.train.engines.factory import (
-    batch_unit,
-    config_options,
-    engine_context,
-    open_engine,
-)
+from domainbed_reasoning.train.engines.factory import batch_unit, engine_context, open_engine
+from domainbed_reasoning.train.engines.merge import discard_merged
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.evaluation.selection import (
     LAST,
     TRAINING_DOMAIN,
@@ -60,10 +57,10 @@ from domainbed_reasoning.train.model.weights import TrainedWeights, stage_weight
 from domainbed_reasoning.train.mtct.mtct_data import PROMPT_OF_TASK, class_names, task_prompt
 from domainbed_reasoning.train.mtct.token_budget import check_budget
 from domainbed_reasoning.train.sarr.sharding import (
-    chunk_size,
+    Ask,
+    generate_rows,
+    generated_table,
     process_state,
-    row_chunks,
-    sharded_table,
 )
 from rich.table import Table
 
@@ -95,10 +92,10 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How to evaluate; `modes`/`splits` left None take the run's defaults."""
+    """How to evaluate; `modes`/`splits` left None take the run's defaults, and the engine's
+    settings not given take the run's (`EngineSettings.filled_from`)."""
 
-    engine: str = "transformers"
-    engine_options: dict[str, Any] = field(default_factory=dict)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     modes: tuple[str, ...] | None = None
     splits: tuple[str, ...] | None = None
     direct_tokens: int = 32
@@ -192,26 +189,26 @@ def predict(
     progress: bool = True,
 ) -> pl.DataFrame:
     """Greedy answers for `split[rows]`, read; a chunk of images in memory at a time."""
+    return generate_rows(engine, split, rows, mode_ask(split, classes, mode, max_new_tokens), unit, progress)
+
+
+def mode_ask(split: Dataset, classes: Sequence[str], mode: str, max_new_tokens: int) -> Ask:
+    """`mode`'s question (training's own prompt, greedy) and how its answers are read and scored."""
     _check_modes((mode,))
     _check_columns(split)
-    prompt = task_prompt(MODES[mode], classes)
-    sampling = SamplingSpec(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     matcher = matcher_for(tuple(classes))
-    frames = [pl.DataFrame(schema=PREDICTION_SCHEMA)]
-    for chunk in row_chunks(split, rows, ["id", "domain", "label", "image"], chunk_size(unit)):
-        requests = [
-            GenRequest(row_id, image, prompt)
-            for row_id, image in zip(chunk["id"], chunk["image"], strict=True)
-        ]
-        generations = engine.generate(requests, sampling, progress)
+
+    def read(chunk: dict[str, list], generations: list[Generation]) -> pl.DataFrame:
         table = [
             _read_row(mode, row_id, domain, label, generation, classes, matcher)
             for row_id, domain, label, generation in zip(
                 chunk["id"], chunk["domain"], chunk["label"], generations, strict=True
             )
         ]
-        frames.append(pl.DataFrame(table, schema=PREDICTION_SCHEMA))
-    return pl.concat(frames)
+        return pl.DataFrame(table, schema=PREDICTION_SCHEMA)
+
+    sampling = SamplingSpec(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    return Ask(task_prompt(MODES[mode], classes), sampling, ("domain", "label"), read, PREDICTION_SCHEMA)
 
 
 def _read_row(
@@ -412,40 +409,6 @@ def job_for_model(request: ZeroShotRequest) -> EvalJob:
     return job
 
 
-def engine_options(
-    engine: str,
-    base_url: str | None = None,
-    api_key_env: str | None = None,
-    batch_size: int | None = None,
-    vllm_python: Path | None = None,
-    max_model_len: int | None = None,
-    tensor_parallel_size: int | None = None,
-) -> dict[str, Any]:
-    """The command line's engine flags as the chosen engine's options; a flag it cannot use is an error."""
-    given = {
-        "base_url": (base_url, "remote"),
-        "api_key_env": (api_key_env, "remote"),
-        "batch_size": (batch_size, "transformers"),
-        "vllm_python": (vllm_python, "vllm"),
-        "max_model_len": (max_model_len, "vllm"),
-        "tensor_parallel_size": (tensor_parallel_size, "vllm"),
-    }
-    wrong = [
-        f"--{key.replace('_', '-')}"
-        for key, (value, kind) in given.items()
-        if value is not None and kind != engine
-    ]
-    if wrong:
-        raise UserError(
-            f"{', '.join(wrong)} do(es) not apply to the {engine} engine: drop it or pick its engine"
-        )
-    if engine == "remote" and base_url is None:
-        raise UserError(
-            "the remote engine needs --base-url (an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1)"
-        )
-    return {key: value for key, (value, _) in given.items() if value is not None}
-
-
 # --- running a job -------------------------------------------------------------------------------
 
 
@@ -491,14 +454,9 @@ def _check_modes(modes: Sequence[str]) -> None:
 
 def _settings_record(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     """What the predictions depend on; a resumed evaluation must not mix two of these."""
-    options = {
-        key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-        for key, value in job_options(job, settings).items()
-        if dataclasses.is_dataclass(value) or isinstance(value, str | int | float | bool)
-    }
     return {
-        "engine": settings.engine,
-        "engine_options": options,
+        "engine": settings.engine.kind,
+        "engine_options": job_engine(job, settings).record(),
         "model": job.model,
         "adapter": str(job.adapter) if job.adapter else None,
         "max_new_tokens": {
@@ -557,40 +515,39 @@ def predictions_path(eval_dir: Path, split: str, mode: str) -> Path:
     return eval_dir / f"predictions-{split}-{mode}.parquet"
 
 
-def job_options(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
-    """The engine's options: what the run trained with (image limits, vLLM's context), then the flags."""
-    return config_options(job.config, settings.engine) | settings.engine_options
+def job_engine(job: EvalJob, settings: EvalSettings) -> EngineSettings:
+    """The engine's settings: the flags given, then what the run trained with (image limits, vLLM's context)."""
+    return settings.engine.filled_from(job.config)
 
 
 def score_splits(
     job: EvalJob,
-    engine: GenerationEngine,
+    engine: Callable[[], GenerationEngine],
     splits: DatasetDict,
     settings: EvalSettings,
     folder: Path,
     classes: Sequence[str],
 ) -> dict[str, dict[str, Any]]:
-    """Every (split, mode) scored, predictions in `folder` (those already there are kept), each rank its share."""
+    """Every (split, mode) scored, predictions in `folder` (those already there are kept), each rank
+    its share. `engine()` gives the engine, opened at its first call: a resumed evaluation with every
+    prediction on disk loads no model."""
     state = process_state()
     tokens = {"direct": settings.direct_tokens, "reasoning": settings.reasoning_tokens}
-    unit = batch_unit(settings.engine, job_options(job, settings))
+    unit = batch_unit(job_engine(job, settings))
     progress = settings.progress and state.is_main_process
     results: dict[str, dict[str, Any]] = {}
     for split_name, split in splits.items():
         for mode in job_modes(job, settings):
-
-            def answer(rows: range, split: Dataset = split, mode: str = mode) -> pl.DataFrame:
-                return predict(engine, split, rows, classes, mode, tokens[mode], unit, progress)
-
+            ask = mode_ask(split, classes, mode, tokens[mode])
             path = predictions_path(folder, split_name, mode)
-            predictions = sharded_table(state, path, len(split), unit, answer)
+            predictions = generated_table(state, path, split, ask, unit, engine, progress)
             results.setdefault(split_name, {})[mode] = score(predictions, classes)
     return results
 
 
 def run_job(
     job: EvalJob,
-    engine: GenerationEngine,
+    engine: Callable[[], GenerationEngine],
     splits: DatasetDict,
     settings: EvalSettings,
     selection: dict[str, Any] | None = None,
@@ -632,18 +589,18 @@ def budget_asks(
 
 def check_eval_budget(job: EvalJob, settings: EvalSettings, classes: Sequence[str]) -> None:
     """Every mode's longest request fits the engine's context, checked before any weights load."""
-    options = job_options(job, settings)
-    context = engine_context(settings.engine, job.model, options)
+    engine = job_engine(job, settings)
+    context = engine_context(engine, job.model)
     if context is None:
         return
-    processor = load_processor(job.model, options.get("image_limits"))
+    processor = load_processor(job.model, engine.image_limits)
     fix = (
         f"raise --max-model-len (now {context}), or lower --max-new-tokens"
-        if settings.engine == "vllm"
+        if engine.kind == "vllm"
         else "lower --max-new-tokens, or the run's image_max_tiles / image_max_pixels"
     )
     for what, prompt, new_tokens in budget_asks(job_modes(job, settings), classes, settings):
-        check_budget(processor, prompt, new_tokens, context, f"{what} with the {settings.engine} engine", fix)
+        check_budget(processor, prompt, new_tokens, context, f"{what} with the {engine.kind} engine", fix)
 
 
 def with_weights(job: EvalJob, weights: TrainedWeights) -> EvalJob:
@@ -651,7 +608,7 @@ def with_weights(job: EvalJob, weights: TrainedWeights) -> EvalJob:
 
 
 def select_checkpoint(
-    job: EvalJob, validation: Dataset, settings: EvalSettings, options: dict[str, Any]
+    job: EvalJob, validation: Dataset, settings: EvalSettings, engine: EngineSettings
 ) -> tuple[EvalJob, dict[str, Any]]:
     """DomainBed's training-domain validation: the kept checkpoint that scores best on `validation`."""
     checkpoints = kept_checkpoints(job.run_dir, job.method)
@@ -665,11 +622,13 @@ def select_checkpoint(
     accuracy: dict[str, float] = {}
     for checkpoint in checkpoints:
         candidate = with_weights(job, checkpoint_weights(checkpoint, weights))
-        with open_engine(settings.engine, candidate.model, candidate.adapter, **options) as engine:
-            folder = job.eval_dir / "selection" / checkpoint.name
+        folder = job.eval_dir / "selection" / checkpoint.name
+        with OnDemand(lambda c=candidate: open_engine(engine, c.model, c.adapter)) as model:
             results = score_splits(
-                candidate, engine, DatasetDict({"validation": validation}), settings, folder, classes
+                candidate, model.get, DatasetDict({"validation": validation}), settings, folder, classes
             )
+        if process_state().is_local_main_process:
+            discard_merged(engine.merge_dir)
         accuracy[checkpoint.name] = fmean(
             results["validation"][mode]["accuracy"] or 0.0 for mode in modes
         )
@@ -700,15 +659,15 @@ def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     if state.is_main_process:
         start_eval_dir(job, settings)
     state.wait_for_everyone()
-    options = job_options(job, settings)
-    if settings.engine == "vllm":
-        log = "vllm.log" if state.num_processes == 1 else f"vllm-rank-{state.process_index}.log"
-        options = {"log_path": job.eval_dir / log} | options
+    engine = job_engine(job, settings).for_step(job.eval_dir, state.process_index, state.num_processes)
     selection = None if rule is None else {"rule": LAST}
     if rule == TRAINING_DOMAIN:
-        job, selection = select_checkpoint(job, splits["validation"], settings, options)
-    with open_engine(settings.engine, job.model, job.adapter, **options) as engine:
-        return run_job(job, engine, splits, settings, selection)
+        job, selection = select_checkpoint(job, splits["validation"], settings, engine)
+    with OnDemand(lambda: open_engine(engine, job.model, job.adapter)) as model:
+        metrics = run_job(job, model.get, splits, settings, selection)
+    if state.is_local_main_process:
+        discard_merged(engine.merge_dir)
+    return metrics
 
 
 def evaluate_run(run_dir: Path, settings: EvalSettings | None = None) -> dict[str, Any]:

@@ -25,21 +25,19 @@ any other method.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import polars as pl
-import torch
 from datasets import Dataset
-from domainbed_reasoning.train.config import TrainConfig
-from domainbed_reasoning.train.engines.base import GenRequest, SamplingSpec
-from domainbed_reasoning.train.engines.factory import batch_unit, config_options, open_engine
+from domainbed_reasoning.train.engines.base import Generation, OnDemand, SamplingSpec
+from domainbed_reasoning.train.engines.factory import batch_unit, open_engine
+from domainbed_reasoning.train.engines.merge import discard_merged
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.model.weights import TrainedWeights, find_weights, stage_weights
 from domainbed_reasoning.train.mtct.mtct_data import build_examples, class_names, task_prompt
 from domainbed_reasoning.train.sarr.round_zero import adopt_round_zero, copy_folder
@@ -49,17 +47,13 @@ from domainbed_reasoning.train.sarr.self_label import (
     merge_self_labels,
     self_label_stats,
 )
-from domainbed_reasoning.train.sarr.sharding import (
-    chunk_size,
-    process_state,
-    row_chunks,
-    sharded_table,
-)
+from domainbed_reasoning.train.sarr.sharding import Ask, generated_table, process_state
 from domainbed_reasoning.train.stages.stage import (
     Prepared,
     StageResult,
     TrainRequest,
     model_card,
+    release_memory,
     train_stage,
     write_inputs,
 )
@@ -68,7 +62,6 @@ from rich.console import Console
 from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.serving.vllm_server import resolve_vllm_python
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -97,14 +90,6 @@ def plan(rounds: int) -> list[Step]:
 
 def round_dir(run_dir: Path, round_: int) -> Path:
     return run_dir / f"round-{round_}"
-
-
-def engine_options(config: TrainConfig) -> dict[str, Any]:
-    """Checked now, before any model loads: a missing vLLM environment must not surface after round 0."""
-    options = config_options(config, config.engine)
-    if config.engine == "vllm":
-        return options | {"vllm_python": resolve_vllm_python()}
-    return options
 
 
 # --- the run's state ------------------------------------------------------------------------------
@@ -171,6 +156,14 @@ def save_state(run_dir: Path, done: list[str]) -> None:
 # --- the training images --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TrainingImages:
+    """The images every round labels and trains on, and the classes their labels name."""
+
+    subset: Dataset
+    classes: list[str]
+
+
 def training_subset(prepared: Prepared) -> Dataset:
     """The training images round 0 trained on (all, or the seeded `max_train_images` subset), in split order."""
     wanted = set(prepared.train_examples.unique("id"))
@@ -189,12 +182,10 @@ def teacher_supervision(subset: Dataset, classes: list[str]) -> list[Supervised]
     ]
 
 
-def _supervision(
-    run_dir: Path, round_: int, subset: Dataset, classes: list[str]
-) -> list[Supervised]:
+def _supervision(run_dir: Path, round_: int, images: TrainingImages) -> list[Supervised]:
     """What the images trained on in `round_`: the teacher's chains in round 0, the merged self-labels after."""
     if round_ == 0:
-        return teacher_supervision(subset, classes)
+        return teacher_supervision(images.subset, images.classes)
     frame = pl.read_parquet(round_dir(run_dir, round_) / SELF_LABELS)
     return [Supervised(*row) for row in frame.select("id", "class_name", "chain").iter_rows()]
 
@@ -206,54 +197,45 @@ def self_label_round(
     request: TrainRequest,
     run_dir: Path,
     round_: int,
-    subset: Dataset,
-    classes: list[str],
-    options: Mapping[str, Any],
+    images: TrainingImages,
+    engine: EngineSettings,
 ) -> dict[str, Any]:
     """Round `round_`'s self-labels from the round before's model; writes the table, then its stats."""
     config = request.config
-    previous = {item.id: item for item in _supervision(run_dir, round_ - 1, subset, classes)}
-    prompt = task_prompt("reasoning", classes)
+    previous = {item.id: item for item in _supervision(run_dir, round_ - 1, images)}
     sampling = SamplingSpec(
         n=config.self_label_candidates,
         temperature=config.self_label_temperature,
         max_new_tokens=config.self_label_max_new_tokens,
-        seed=config.seed + round_,
+        seed=config.seed,
+        round=round_,
     )
-    matcher = matcher_for(tuple(classes))
+    matcher = matcher_for(tuple(images.classes))
+
+    def read(chunk: dict[str, list], generations: list[Generation]) -> pl.DataFrame:
+        return merge_self_labels([previous[row_id] for row_id in chunk["id"]], generations, matcher)
+
+    ask = Ask(task_prompt("reasoning", images.classes), sampling, (), read, SCHEMA)
     weights = stage_weights(round_dir(run_dir, round_ - 1), request.model)
     state = process_state()
     console.print(
-        f"round {round_}: {len(previous):,} training images x {sampling.n} chains with {config.engine}"
+        f"round {round_}: {len(previous):,} training images x {sampling.n} chains with {engine.kind}"
         + (f", {state.num_processes} processes" if state.num_processes > 1 else ""),
         highlight=False,
     )
     folder = round_dir(run_dir, round_)
-    if config.engine == "vllm":
-        log = "vllm.log" if state.num_processes == 1 else f"vllm-rank-{state.process_index}.log"
-        options = {"log_path": folder / log, **options}
-    unit = batch_unit(config.engine, dict(options))
-
-    def label(rows: range) -> pl.DataFrame:
-        frames = [pl.DataFrame(schema=SCHEMA)]
-        with open_engine(config.engine, weights.model, weights.adapter, **options) as engine:
-            for chunk in row_chunks(subset, rows, ["id", "image"], chunk_size(unit)):
-                requests = [
-                    GenRequest(row_id, image, prompt)
-                    for row_id, image in zip(chunk["id"], chunk["image"], strict=True)
-                ]
-                images = [previous[row_id] for row_id in chunk["id"]]
-                frames.append(
-                    merge_self_labels(images, engine.generate(requests, sampling), matcher)
-                )
-        return pl.concat(frames)
-
+    engine = engine.for_step(folder, state.process_index, state.num_processes)
     started = time.perf_counter()
-    frame = sharded_table(state, folder / SELF_LABELS, len(subset), unit, label)
+    with OnDemand(lambda: open_engine(engine, weights.model, weights.adapter)) as model:
+        frame = generated_table(
+            state, folder / SELF_LABELS, images.subset, ask, batch_unit(engine), model.get
+        )
+    if state.is_local_main_process:
+        discard_merged(engine.merge_dir)
     seconds = time.perf_counter() - started
     stats = self_label_stats(frame) | {
         "round": round_,
-        "engine": config.engine,
+        "engine": engine.kind,
         "candidates_per_image": sampling.n,
         "temperature": sampling.temperature,
         "max_new_tokens": sampling.max_new_tokens,
@@ -269,7 +251,7 @@ def self_label_round(
 
 
 def train_round(
-    request: TrainRequest, prepared: Prepared, round_: int, subset: Dataset, classes: list[str]
+    request: TrainRequest, prepared: Prepared, round_: int, images: TrainingImages
 ) -> StageResult:
     """MTCT on round `round_`'s chains: the teacher's in round 0, the merged self-labels after."""
     config = request.config
@@ -277,11 +259,12 @@ def train_round(
     folder = round_dir(run_dir, round_)
     examples = prepared.train_examples
     if round_ > 0:
-        chains = {item.id: item.chain for item in _supervision(run_dir, round_, subset, classes)}
+        chains = {item.id: item.chain for item in _supervision(run_dir, round_, images)}
+        subset = images.subset
         relabelled = subset.remove_columns("chain").add_column(
             "chain", [chains[row_id] for row_id in subset["id"]], feature=datasets.Value("string")
         )
-        examples = build_examples(relabelled, config.method, classes)
+        examples = build_examples(relabelled, config.method, images.classes)
     start = (
         stage_weights(round_dir(run_dir, round_ - 1), request.model)
         if round_ > 0 and config.sarr_init == "continue"
@@ -300,53 +283,68 @@ def train_round(
     )
 
 
-def _release_memory() -> None:
-    """The trainer of one step and the engine of the next must not hold the GPU at once."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 
 def train_sarr(
-    request: TrainRequest, prepared: Prepared, extra_engine_options: Mapping[str, Any] | None = None
+    request: TrainRequest, prepared: Prepared, engine: EngineSettings | None = None
 ) -> StageResult:
     """Run (or resume) every step of `plan`, then publish the last round's weights as the run's."""
     config = request.config
     run_dir = prepared.run_dir
-    options = engine_options(config) | dict(extra_engine_options or {})
-    done = load_state(run_dir, config.sarr_rounds, request.resume)
+    engine = engine or EngineSettings.for_run(config)
+    done = _start(request, prepared)
+    images = TrainingImages(training_subset(prepared), class_names(prepared.splits["train"]))
+    for step in plan(config.sarr_rounds):
+        if step.name not in done:
+            run_step(step, request, prepared, images, engine)
+            done.append(step.name)
+            _save_progress(run_dir, done)
+    state = process_state()
+    if state.is_main_process:
+        _finish(run_dir, config.sarr_rounds, request.model)
+    state.wait_for_everyone()
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return StageResult(run_dir, stage_weights(run_dir, request.model), metrics)
+
+
+def _start(request: TrainRequest, prepared: Prepared) -> list[str]:
+    """The steps already done; the run's inputs and state written (again) by the main process."""
+    done = load_state(prepared.run_dir, request.config.sarr_rounds, request.resume)
     state = process_state()
     # Every rank has read the folder before rank 0 writes to it: a rank reading after the
     # write would take this fresh run's state.json for an unfinished one.
     state.wait_for_everyone()
     if state.is_main_process:
         write_inputs(request, prepared)
-        save_state(run_dir, done)
-    classes = class_names(prepared.splits["train"])
-    subset = training_subset(prepared)
-    for step in plan(config.sarr_rounds):
-        if step.name in done:
-            continue
-        if step.kind == "self_label":
-            self_label_round(request, run_dir, step.round, subset, classes, options)
-        elif step.round == 0 and config.sarr_round0_from:
-            if state.is_main_process:
-                adopt_round_zero(Path(config.sarr_round0_from), run_dir, config, request.model)
-            state.wait_for_everyone()
-        else:
-            train_round(request, prepared, step.round, subset, classes)
-        _release_memory()
-        done.append(step.name)
+        save_state(prepared.run_dir, done)
+    return done
+
+
+def run_step(
+    step: Step,
+    request: TrainRequest,
+    prepared: Prepared,
+    images: TrainingImages,
+    engine: EngineSettings,
+) -> None:
+    """One step of the plan: self-label a round, adopt a finished round 0, or train a round."""
+    config = request.config
+    if step.kind == "self_label":
+        self_label_round(request, prepared.run_dir, step.round, images, engine)
+    elif step.round == 0 and config.sarr_round0_from:
+        state = process_state()
         if state.is_main_process:
-            save_state(run_dir, done)
-    if state.is_main_process:
-        _finish(run_dir, config.sarr_rounds, request.model)
-    state.wait_for_everyone()
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    return StageResult(run_dir, stage_weights(run_dir, request.model), metrics)
+            adopt_round_zero(Path(config.sarr_round0_from), prepared.run_dir, config, request.model)
+        state.wait_for_everyone()
+    else:
+        train_round(request, prepared, step.round, images)
+    release_memory(f"{step.name}")
+
+
+def _save_progress(run_dir: Path, done: list[str]) -> None:
+    if process_state().is_main_process:
+        save_state(run_dir, done)
 
 
 def _finish(run_dir: Path, rounds: int, model: str) -> None:

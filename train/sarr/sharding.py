@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ import polars as pl
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from domainbed_reasoning.train.engines.base import (
+    Generation,
+    GenerationEngine,
+    GenRequest,
+    SamplingSpec,
+)
 
 from domainbed_reasoning import atomic
 from domainbed_reasoning.errors import UserError
@@ -118,4 +125,46 @@ def _image_bytes(row_id: str, image: dict[str, Any] | None) -> bytes:
         return Path(image["path"]).read_bytes()
     raise UserError(
         f"image {row_id} is missing (no bytes, no readable file): re-export the dataset with embedded images"
+    )
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One question put to every image: `prompt` under `sampling`, and how a chunk's answers
+    (the chunk's `columns`, its generations in order) become rows of the table."""
+
+    prompt: str
+    sampling: SamplingSpec
+    columns: tuple[str, ...]
+    read: Callable[[dict[str, list], list[Generation]], pl.DataFrame]
+    schema: dict[str, Any]
+
+
+def generate_rows(
+    engine: GenerationEngine, split: Dataset, rows: range, ask: Ask, unit: int, progress: bool = True
+) -> pl.DataFrame:
+    """`ask` answered for `split[rows]`, one chunk of image bytes in memory at a time."""
+    frames = [pl.DataFrame(schema=ask.schema)]
+    for chunk in row_chunks(split, rows, ["id", "image", *ask.columns], chunk_size(unit)):
+        requests = [
+            GenRequest(row_id, image, ask.prompt)
+            for row_id, image in zip(chunk["id"], chunk["image"], strict=True)
+        ]
+        frames.append(ask.read(chunk, engine.generate(requests, ask.sampling, progress)))
+    return pl.concat(frames)
+
+
+def generated_table(
+    state: PartialState,
+    target: Path,
+    split: Dataset,
+    ask: Ask,
+    unit: int,
+    engine: Callable[[], GenerationEngine],
+    progress: bool = True,
+) -> pl.DataFrame:
+    """`ask` over every row of `split`, each rank its share (`sharded_table`); `engine()` is called
+    only by a rank that still has a share to generate, so a finished table starts no engine."""
+    return sharded_table(
+        state, target, len(split), unit, lambda rows: generate_rows(engine(), split, rows, ask, unit, progress)
     )

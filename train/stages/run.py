@@ -8,7 +8,8 @@ evaluation are split between the processes (sharding.py).
 
 from __future__ import annotations
 
-from domainbed_reasoning.train.engines.factory import config_options, engine_context
+from domainbed_reasoning.train.engines.factory import engine_context
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.evaluation.evaluate import (
     EvalSettings,
     budget_asks,
@@ -18,8 +19,9 @@ from domainbed_reasoning.train.evaluation.evaluate import (
 )
 from domainbed_reasoning.train.mtct.mtct_data import task_prompt
 from domainbed_reasoning.train.mtct.token_budget import check_budget
-from domainbed_reasoning.train.sarr.sarr import engine_options, train_sarr
+from domainbed_reasoning.train.sarr.sarr import train_sarr
 from domainbed_reasoning.train.sarr.sharding import process_state
+from domainbed_reasoning.train.stages.memory_estimate import check_training_memory
 from domainbed_reasoning.train.stages.stage import (
     StageResult,
     TrainRequest,
@@ -47,6 +49,7 @@ def train(request: TrainRequest, evaluate: bool = False) -> StageResult:
     if request.resume and (run_dir / "metrics.json").is_file():
         return stage_result(run_dir, request.model)
     check_generation_budget(request, prepared.processor, evaluate)
+    check_training_memory(request, prepared)
     if request.config.method == "rd-mldg":
         return train_sarr(request, prepared)
     if state.is_main_process:
@@ -68,7 +71,7 @@ def check_generation_budget(
 ) -> None:
     """SARR's and the final evaluation's longest requests fit the engine, checked before training."""
     config = request.config
-    context = engine_context(config.engine, request.model, config_options(config, config.engine))
+    context = engine_context(EngineSettings(config.engine).filled_from(config), request.model)
     if context is None:
         return
     classes = get_spec(request.dataset).classes
@@ -100,9 +103,7 @@ def train_and_evaluate(request: TrainRequest, evaluate: bool = True) -> StageRes
     if not evaluate:
         return result
     config = request.config
-    settings = EvalSettings(
-        engine=config.engine, engine_options=engine_options(config), progress=True
-    )
+    settings = EvalSettings(engine=EngineSettings.for_run(config), progress=True)
     metrics = evaluate_run(result.run_dir, settings)
     if state.is_main_process:
         print_metrics(metrics)

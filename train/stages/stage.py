@@ -14,6 +14,7 @@ which marks the run finished.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -44,8 +45,9 @@ from domainbed_reasoning.train.mtct.mtct_data import (
 from domainbed_reasoning.train.mtct.mtct_trainer import MTCTTrainer
 from domainbed_reasoning.train.sarr.sharding import process_state
 from peft import PeftModel
-from transformers import AutoModelForImageTextToText, ProcessorMixin
+from transformers import AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
 from transformers.integrations import TensorBoardCallback
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import SFTConfig
 
 from domainbed_reasoning import artefacts, atomic
@@ -53,6 +55,7 @@ from domainbed_reasoning.data.registry import DatasetSpec, get_spec
 from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.loading import load_lodo
 from domainbed_reasoning.templates import render
+from domainbed_reasoning.terminal import console
 
 MODEL_CARD_TEMPLATE = "model_card.md.j2"
 
@@ -167,6 +170,7 @@ def write_inputs(request: TrainRequest, prepared: Prepared) -> None:
             "test_images": prepared.counts["test"].images,
             "train_examples": len(prepared.train_examples),
             "validation_examples": len(prepared.eval_examples),
+            "dtype": str(training_dtype(request.config)).removeprefix("torch."),
         },
     )
 
@@ -175,6 +179,19 @@ def use_bf16(setting: str) -> bool:
     if setting == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return setting == "true"
+
+
+def training_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype the weights are loaded and trained in: bfloat16 where `bf16` says so, else float32."""
+    return torch.bfloat16 if use_bf16(config.bf16) else torch.float32
+
+
+def claim_mixed_precision(bf16: bool) -> None:
+    """The training config's `bf16` decides, on every launcher: transformers and accelerate read
+    ACCELERATE_MIXED_PRECISION (which `accelerate launch --config_file` sets from the launch yaml)
+    before the arguments' own bf16, so without this a yaml's `mixed_precision: bf16` would win
+    over `bf16: false`."""
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
 
 
 def dataloader_workers(setting: int | None) -> int:
@@ -187,6 +204,7 @@ def dataloader_workers(setting: int | None) -> int:
 def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
     """The paper's settings, expressed as TRL/transformers arguments."""
     bf16 = use_bf16(config.bf16)
+    claim_mixed_precision(bf16)
     state = process_state(config.distributed_timeout_s)
     # transformers 5 reads a warmup_steps below 1 as a fraction of the training steps (config.py
     # keeps warmup_ratio in [0, 1), so it is never taken for a step count).
@@ -218,7 +236,7 @@ def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
         dataloader_num_workers=dataloader_workers(config.dataloader_num_workers),
         ddp_timeout=config.distributed_timeout_s,
         model_init_kwargs={
-            "dtype": torch.bfloat16 if bf16 else torch.float32,
+            "dtype": training_dtype(config),
             "attn_implementation": config.attn_implementation,
         },
     )
@@ -241,13 +259,28 @@ def train_stage(
     weight of `model` - a random-initialised model has nothing worth freezing - and saves
     the whole checkpoint. The returned weights say which.
     """
+    _fit(model, processor, train_examples, eval_examples, config, run_dir, card, init_adapter)
+    release_memory("training")
+    return stage_result(run_dir, model)
+
+
+def _fit(
+    model: str,
+    processor: ProcessorMixin,
+    train_examples: Dataset,
+    eval_examples: Dataset | None,
+    config: TrainConfig,
+    run_dir: Path,
+    card: str,
+    init_adapter: Path | None,
+) -> None:
+    """Train and save; the trainer, model, optimiser and DeepSpeed engine die with this frame
+    (`release_memory` collects them), and ZeRO-3 stops applying to later model loads."""
     args = sft_config(
         config, run_dir, has_eval=eval_examples is not None and len(eval_examples) > 0
     )
-    base = AutoModelForImageTextToText.from_pretrained(model, **args.model_init_kwargs)
+    base = load_start(model, init_adapter, args)
     args.model_init_kwargs = None
-    if init_adapter is not None:
-        base = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     fresh_lora = config.finetune == "lora" and init_adapter is None
     callbacks = []
     if config.report_to == "tensorboard":
@@ -275,7 +308,42 @@ def train_stage(
         metrics = {**output.metrics, "log_history": trainer.state.log_history}
         atomic.write_json(run_dir / "metrics.json", metrics)
     trainer.accelerator.wait_for_everyone()
-    return stage_result(run_dir, model)
+    trainer.accelerator.free_memory()
+    # accelerate keeps the DeepSpeed plugin in a process-wide singleton, which keeps transformers'
+    # ZeRO-3 switch on: every later from_pretrained (evaluation, SARR's next round) would build
+    # the model sharded, with empty weights outside the engine. The next training sets it again.
+    unset_hf_deepspeed_config()
+
+
+def load_start(model: str, init_adapter: Path | None, args: SFTConfig) -> PreTrainedModel:
+    """The weights training starts from: `model`, with `init_adapter` trainable on top.
+
+    Under ZeRO-3 the adapter keeps the base's dtype, as TRL keeps a fresh LoRA's: PEFT would
+    upcast it to float32, and ZeRO-3, which gathers parameters in one dtype, fails at the first
+    step with a bfloat16 base."""
+    base = AutoModelForImageTextToText.from_pretrained(model, **args.model_init_kwargs)
+    if init_adapter is None:
+        return base
+    zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
+    return PeftModel.from_pretrained(
+        base, init_adapter, is_trainable=True, autocast_adapter_dtype=not zero3
+    )
+
+
+def release_memory(after: str) -> None:
+    """Collect what `after` left (under mixed precision the model sits in a reference cycle:
+    accelerate rebinds `model.forward` to an autocast wrapper bound to the model) and hand
+    PyTorch's cached blocks back, so a vLLM server starting next finds
+    the GPU free; what is still held is logged."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        gib = 2**30
+        console.print(
+            f"GPU memory after {after}: {torch.cuda.memory_allocated() / gib:.2f} GiB allocated, "
+            f"{torch.cuda.memory_reserved() / gib:.2f} GiB reserved",
+            highlight=False,
+        )
 
 
 def save_weights(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path, card: str) -> None:
