@@ -262,6 +262,7 @@ def train_stage(
         else None,
         callbacks=callbacks,
         reasoning_weight=config.reasoning_weight,
+        shared_prefix=config.mtct_shared_prefix,
     )
     checkpoint = last_checkpoint(run_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
