@@ -8,6 +8,7 @@ them without a chain (class-name path only), so a batch mixes packed pairs and l
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ from test_distributed import WORKERS, launch
 from workers.mtct_step import CLASSES, GradientCapture, main, mtct_trainer, rows
 
 from domainbed_reasoning.errors import UserError
+from domainbed_reasoning.offline.real_shapes import build_real_shape_model
+
+REPO = Path(__file__).resolve().parents[1]
+# The real checkpoints' non-weight files: $DBR_REAL_SHAPES, else `shared/real_shapes` beside the checkout.
+REAL_SHAPES = Path(os.environ.get("DBR_REAL_SHAPES") or REPO.parent / "shared" / "real_shapes")
 
 ARCHITECTURES = ["tiny_qwen2vl", "tiny_llava", "tiny_internvl"]
 SGD = {
@@ -63,6 +69,22 @@ def test_shared_prefix_step_equals_two_rows(
     shared = one_step(model_dir, tmp_path / "shared", True, per_device_train_batch_size=12)
     two_rows = one_step(model_dir, tmp_path / "rows", False, per_device_train_batch_size=12)
     assert shared[1]["padding_fraction"] < two_rows[1]["padding_fraction"]
+    assert_same_step(shared, two_rows)
+
+
+@pytest.mark.parametrize("checkpoint", ["internvl3_2b_hf", "qwen2_vl_2b_instruct"])
+def test_shared_prefix_on_real_shapes(checkpoint: str, tmp_path: Path) -> None:
+    """The real tokenizer, chat template and processor (InternVL's 256-token tiles, Qwen2-VL's
+    M-RoPE over its pixel grid), one narrow layer per tower."""
+    source = REAL_SHAPES / checkpoint
+    if not (source / "config.json").is_file():
+        pytest.skip(f"no real-shape files at {source}: set DBR_REAL_SHAPES to their folder")
+    model_dir = build_real_shape_model(
+        source, REPO / ".cache" / "real-shapes" / f"{checkpoint}-1x128", layers=1, width=128
+    )
+    # 4 rows: the 151k-token LM head scores every position on a CPU, the step's main cost
+    shared = one_step(model_dir, tmp_path / "shared", True, per_device_train_batch_size=4)
+    two_rows = one_step(model_dir, tmp_path / "rows", False, per_device_train_batch_size=4)
     assert_same_step(shared, two_rows)
 
 
