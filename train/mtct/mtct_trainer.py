@@ -96,17 +96,27 @@ class GroupShuffleSampler(Sampler[int]):
 
     An image without an accepted chain has one row, so two such images are yielded as one
     unit of two rows: every unit but the last is a pair, and an even micro-batch never
-    splits an image's two paths. Seeded by (seed, epoch), so a resumed run sees the same
-    order as an uninterrupted one.
+    splits an image's two paths. With `lengths`, the units of each run of `megabatch` rows
+    are sorted longest first (as transformers' LengthGroupedSampler does with single rows),
+    so a micro-batch holds images of similar length and pads little. Seeded by (seed,
+    epoch), so a resumed run sees the same order as an uninterrupted one.
     """
 
-    def __init__(self, keys: Sequence[str], seed: int = 0) -> None:
+    def __init__(
+        self,
+        keys: Sequence[str],
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        megabatch: int = 0,
+    ) -> None:
         groups: dict[str, list[int]] = {}
         for index, key in enumerate(keys):
             groups.setdefault(key, []).append(index)
         self.groups = list(groups.values())
         self.seed = seed
         self.epoch = 0
+        self.lengths = lengths
+        self.megabatch = megabatch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -115,18 +125,39 @@ class GroupShuffleSampler(Sampler[int]):
         return sum(len(group) for group in self.groups)
 
     def __iter__(self) -> Iterator[int]:
+        units = self._units()
+        if self.lengths is not None and self.megabatch > 0:
+            units = self._grouped_by_length(units)
+        for unit in units:
+            yield from unit
+
+    def _units(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        units: list[list[int]] = []
         waiting: list[int] = []
         for position in torch.randperm(len(self.groups), generator=generator).tolist():
             group = self.groups[position]
             if len(group) != 1:
-                yield from group
+                units.append(group)
                 continue
             waiting += group
             if len(waiting) == 2:
-                yield from waiting
+                units.append(waiting)
                 waiting = []
-        yield from waiting
+        return units + ([waiting] if waiting else [])
+
+    def _grouped_by_length(self, units: list[list[int]]) -> list[list[int]]:
+        ordered: list[list[int]] = []
+        run: list[list[int]] = []
+        for unit in units:
+            run.append(unit)
+            if sum(len(u) for u in run) >= self.megabatch:
+                ordered += sorted(run, key=self._unit_length, reverse=True)
+                run = []
+        return ordered + sorted(run, key=self._unit_length, reverse=True)
+
+    def _unit_length(self, unit: list[int]) -> int:
+        return max(self.lengths[index] for index in unit)
 
 
 class MTCTTrainer(SFTTrainer):
@@ -167,7 +198,13 @@ class MTCTTrainer(SFTTrainer):
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler[int]:
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        return GroupShuffleSampler(dataset["id"], seed=self.args.seed)
+        if self.args.train_sampling_strategy != "group_by_length":
+            return GroupShuffleSampler(dataset["id"], seed=self.args.seed)
+        # A row's length varies with its answer (the image and prompt are alike across a
+        # dataset), so the answer's characters rank rows without tokenising them.
+        lengths = [len(turns[0]["content"][0]["text"]) for turns in dataset["completion"]]
+        megabatch = 50 * self.args.per_device_train_batch_size * self.args.world_size
+        return GroupShuffleSampler(dataset["id"], self.args.seed, lengths, megabatch)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(
