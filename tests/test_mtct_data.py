@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datasets
 import pytest
+import torch
 from domainbed_reasoning.train.mtct.mtct_data import (
     SplitCounts,
     build_examples,
@@ -158,7 +159,8 @@ def test_a_train_split_without_any_chain_is_refused_for_the_reasoning_path() -> 
     split = _split([_row(0, "TV", chain=None), _row(1, "Fan", chain=None)])
     for method in ("mtct", "reasoning", "rd-mldg"):
         with pytest.raises(
-            UserError, match="no image of the train split has an accepted reasoning chain: build chains"
+            UserError,
+            match="no image of the train split has an accepted reasoning chain: build chains",
         ):
             check_split(split, method)
     assert check_split(split, "cls").images == 2
@@ -195,13 +197,29 @@ def test_task_collator_adds_the_task_and_hides_row_keys_from_trl() -> None:
 
     def base(rows: list[dict]) -> dict:
         seen.extend(rows)
-        return {"input_ids": len(rows)}
+        return {"attention_mask": torch.ones(len(rows), 3, dtype=torch.long)}
 
     batch = TaskCollator(base)(
         [{"task": "cls", "id": "a", "prompt": 1}, {"task": "reasoning", "id": "a", "prompt": 2}]
     )
     assert batch["task"].tolist() == [0, 1]
     assert seen == [{"prompt": 1}, {"prompt": 2}]
+
+
+def test_length_grouping_sorts_images_within_a_megabatch_and_keeps_pairs() -> None:
+    """Rows of similar length share micro-batches (less padding); an image's rows stay adjacent."""
+    keys = [f"pair{i // 2}" for i in range(40)] + [f"single{i}" for i in range(4)]
+    lengths = [(i // 2) * 37 % 101 for i in range(40)] + [5, 300, 7, 9]
+    sampler = GroupShuffleSampler(keys, seed=4, lengths=lengths, megabatch=22)
+    order = list(sampler)
+    assert sorted(order) == list(range(44))
+    units = [order[i : i + 2] for i in range(0, 44, 2)]
+    for a, b in units:
+        assert keys[a] == keys[b] or (keys[a].startswith("single") and keys[b].startswith("single"))
+    longest = [max(lengths[i] for i in unit) for unit in units]
+    assert longest[:11] == sorted(longest[:11], reverse=True)
+    assert longest[11:] == sorted(longest[11:], reverse=True)
+    assert set(order) == set(GroupShuffleSampler(keys, seed=4))  # the same rows, reordered
 
 
 def test_pairs_share_a_batch_when_the_batch_is_even() -> None:

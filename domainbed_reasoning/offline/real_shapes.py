@@ -3,76 +3,72 @@
 The tiny models (tiny_models.py) carry tokenizers and templates made here; a user's
 `--model` carries the real ones: a 151k-token vocabulary whose embedding may be smaller
 than the tokenizer, a template that adds a system prompt, a processor that tiles large
-images into thousands of tokens, a tokenizer that pads on the left. `build_real_shape`
-takes a folder holding a real checkpoint's non-weight files (what `save_pretrained`
-writes besides the weights) and writes a loadable checkpoint with those files kept and
-random weights from its config, shrunk to 2 layers and narrow widths so that it trains
-and serves on a CPU. The widths keep head_dim 64 (the smallest vLLM's CPU attention
-accepts) and, for Qwen2-VL, an mrope_section that sums to head_dim / 2, as vLLM requires;
-the vocabulary, the special tokens and every image size stay the checkpoint's.
+images into thousands of tokens, a tokenizer that pads on the left. These builders take a
+folder holding a real checkpoint's non-weight files (what `save_pretrained` writes besides
+the weights) and write a loadable checkpoint with those files kept and random weights from
+its config, with fewer layers and, where asked, narrower. Heads keep 64 dimensions (the
+smallest vLLM's CPU attention accepts, and what the real checkpoints use) and, for Qwen2-VL,
+an mrope_section that sums to head_dim / 2, as vLLM requires; the vocabulary, the special
+tokens and every image size stay the checkpoint's.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    GenerationConfig,
-    PretrainedConfig,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-LAYERS = 2
-HIDDEN = 128
-HEADS = 2  # head_dim 64
-KV_HEADS = 1  # grouped-query attention, as both checkpoints use
-INTERMEDIATE = 256
-# Qwen2-VL's 16/24/24 split of head_dim 128 / 2, halved for head_dim 64.
-MROPE_SECTION = [8, 12, 12]
+HEAD_DIM = 64
+SUITE_LAYERS = 2
+SUITE_WIDTH = 128  # two heads: trains and serves on a CPU in seconds
 
 
-def _shrink_text(text: PretrainedConfig) -> None:
-    text.num_hidden_layers = LAYERS
-    text.max_window_layers = LAYERS
-    if getattr(text, "layer_types", None):
-        text.layer_types = text.layer_types[:LAYERS]
-    text.hidden_size = HIDDEN
-    text.intermediate_size = INTERMEDIATE
-    text.num_attention_heads = HEADS
-    text.num_key_value_heads = KV_HEADS
-    text.head_dim = HIDDEN // HEADS
-    if "mrope_section" in (text.rope_parameters or {}):
-        text.rope_parameters["mrope_section"] = list(MROPE_SECTION)
-
-
-def shrunk_config(source: Path) -> PretrainedConfig:
-    """`source`'s config with 2 layers and head_dim-64 widths in both towers; the rest kept."""
+def build_real_shape_model(
+    source: Path, out: Path, layers: int = SUITE_LAYERS, width: int | None = None, seed: int = 0
+) -> Path:
+    """Save a float32 random-weight model of `source`'s architecture to `out` (reused when there)."""
+    out = Path(out)
+    marker = out / "real_shape.json"
+    settings = {"source": str(source), "layers": layers, "width": width, "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return out
     config = AutoConfig.from_pretrained(source)
-    _shrink_text(config.text_config)
-    vision = config.vision_config
-    if config.model_type == "qwen2_vl":
-        vision.depth = LAYERS
-        vision.embed_dim = HIDDEN
-        vision.num_heads = HEADS
-        vision.hidden_size = HIDDEN  # the merger's output: the language model's width
-    else:
-        vision.num_hidden_layers = LAYERS
-        vision.hidden_size = HIDDEN
-        vision.intermediate_size = INTERMEDIATE
-        vision.num_attention_heads = HEADS
-    return config
-
-
-def build_real_shape(out_dir: Path, *, source: Path, seed: int = 0) -> Path:
-    """A checkpoint folder: `source`'s tokenizer, template, processor and generation config,
-    random weights of its shrunk config."""
-    config = shrunk_config(source)
+    shrink(config, layers, width)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig.from_pretrained(source)
-    model.save_pretrained(out_dir)
-    AutoProcessor.from_pretrained(source).save_pretrained(out_dir)
-    return Path(out_dir)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(source).save_pretrained(out)
+    marker.write_text(json.dumps(settings))
+    return out
+
+
+def build_real_shape(out_dir: Path, *, source: Path, seed: int = 0) -> Path:
+    """The test suite's size: 2 layers, width 128 in both towers."""
+    return build_real_shape_model(Path(source), Path(out_dir), SUITE_LAYERS, SUITE_WIDTH, seed)
+
+
+def shrink(config, layers: int, width: int | None) -> None:
+    """`layers` language and vision layers; with `width`, that hidden size in both towers."""
+    text, vision = config.get_text_config(), config.vision_config
+    text.num_hidden_layers = layers
+    if hasattr(text, "max_window_layers"):
+        text.max_window_layers = layers
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:layers]
+    depth = "depth" if config.model_type == "qwen2_vl" else "num_hidden_layers"
+    setattr(vision, depth, layers)
+    if width is None:
+        return
+    heads = max(width // HEAD_DIM, 1)
+    text.hidden_size, text.intermediate_size = width, 2 * width
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = heads, 1, HEAD_DIM
+    if config.model_type == "qwen2_vl":
+        vision.embed_dim, vision.num_heads, vision.hidden_size = width, heads, width
+        sections = {"mrope_section": [8, 12, 12]}  # sums to HEAD_DIM / 2, as [16, 24, 24] to 128 / 2
+        text.rope_parameters = {**(text.rope_parameters or {}), **sections}
+    else:
+        vision.hidden_size, vision.intermediate_size = width, 2 * width
+        vision.num_attention_heads = heads

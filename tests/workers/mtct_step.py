@@ -2,7 +2,8 @@
 
 tests/test_distributed.py runs it with 1 process x micro-batch 2b and 2 processes x b on
 the same rows and compares: with SGD at lr 1 and no clipping the update is minus the
-gradient, so equal updates mean equal gradients.
+gradient, so equal updates mean equal gradients. tests/test_mtct_shared_prefix.py runs it
+with an image's paths in one packed row (`shared`) and as two rows (`rows`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from domainbed_reasoning.train.mtct.mtct_data import build_examples
 from domainbed_reasoning.train.mtct.mtct_trainer import MTCTTrainer
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 from trl import SFTConfig
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
@@ -53,10 +54,32 @@ def rows() -> datasets.Dataset:
     return datasets.Dataset.from_list(records, features=features)
 
 
-def mtct_trainer(model_dir: Path, out: Path, **settings: object) -> MTCTTrainer:
+class GradientCapture(TrainerCallback):
+    """The step's gradients as the optimiser sees them (after accumulation and DDP's average).
+
+    Read directly, not as a weight update: an update of 1e-5 on a weight of 1 keeps only
+    about two significant digits in float32.
+    """
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+        self.grads = {
+            k: v.grad.detach().clone() for k, v in model.named_parameters() if v.grad is not None
+        }
+
+
+def mtct_trainer(
+    model_dir: Path,
+    out: Path,
+    shared_prefix: bool = False,
+    attention: str | None = None,
+    **settings: object,
+) -> MTCTTrainer:
     """An MTCT trainer with LoRA on vision and language over `rows()`, for one step."""
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation=attention)
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
         max_steps=1,
@@ -72,23 +95,29 @@ def mtct_trainer(model_dir: Path, out: Path, **settings: object) -> MTCTTrainer:
         train_dataset=build_examples(rows(), "mtct", CLASSES),
         processing_class=AutoProcessor.from_pretrained(model_dir),
         peft_config=lora_config(model, 8, 16, 0.0, train_vision=True),
+        shared_prefix=shared_prefix,
     )
 
 
-def main(model_dir: Path, out: Path, batch: int) -> None:
+def main(model_dir: Path, out: Path, batch: int, layout: str = "rows") -> None:
     trainer = mtct_trainer(
         model_dir,
         out,
+        shared_prefix=layout == "shared",
         per_device_train_batch_size=batch,
         optim="sgd",
         learning_rate=1.0,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         use_cpu=True,
+        bf16=False,  # TRL would autocast to bf16 even on the CPU; the comparisons are float32
     )
+    capture = GradientCapture()
+    trainer.add_callback(capture)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
     trainer.train()
     if trainer.accelerator.is_main_process:
+        save_file(capture.grads, out / "grads.safetensors")
         after = dict(trainer.model.named_parameters())
         update = {k: (after[k].detach() - v).contiguous() for k, v in before.items()}
         save_file(update, out / "update.safetensors")
@@ -98,4 +127,4 @@ def main(model_dir: Path, out: Path, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

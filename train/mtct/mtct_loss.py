@@ -73,7 +73,16 @@ def mtct_loss(
     reasoning_weight: float = 1.0,
 ) -> MTCTLoss:
     """This micro-batch's contribution to the step loss, given the step's per-task example counts."""
-    per_example = per_example_nll(token_logprobs, mask)
+    return task_loss(per_example_nll(token_logprobs, mask), ids, step_counts, reasoning_weight)
+
+
+def task_loss(
+    per_example: torch.Tensor,
+    ids: torch.Tensor,
+    step_counts: torch.Tensor,
+    reasoning_weight: float = 1.0,
+) -> MTCTLoss:
+    """The MTCT loss from each example's own mean NLL, however the batch was laid out."""
     ids = ids.to(per_example.device)
     weights = torch.tensor(
         [1.0, reasoning_weight], device=per_example.device, dtype=per_example.dtype

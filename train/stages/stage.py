@@ -214,6 +214,7 @@ def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_batch_size,
         per_device_eval_batch_size=config.per_device_batch_size,
+        train_sampling_strategy="group_by_length",  # MTCTTrainer's sampler keeps an image's paths together
         gradient_accumulation_steps=config.gradient_accumulation_steps(state.num_processes),
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
@@ -300,6 +301,7 @@ def _fit(
         else None,
         callbacks=callbacks,
         reasoning_weight=config.reasoning_weight,
+        shared_prefix=config.mtct_shared_prefix,
     )
     checkpoint = last_checkpoint(run_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# MTCT as two rows vs the shared prefix on one GPU: the full-size InternVL3-2B-hf (random
+# weights built on the device from the checkpoint's config, tokenizer and processor), bf16,
+# LoRA rank 8 on the vision tower and the language model, gradient checkpointing,
+# 8 examples (4 images, both paths) per step, 227x227 and 640x480 images, 300-token chains.
+# Prints samples/s, tokens/s, peak GPU memory and MFU (6 x parameters x tokens / time / the
+# GPU's peak dense bf16 FLOP/s) for both layouts, then the summary line. Needs no network;
+# stops itself after 8 minutes.
+#
+#   DBR_REAL_SHAPES=<folder holding internvl3_2b_hf/> bench/gpu_mtct.sh [--dry-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+SHAPES=${DBR_REAL_SHAPES:-}
+ARGS=(--full --images 4 --steps 4 --real-shapes "${SHAPES:-<DBR_REAL_SHAPES>}")
+LIMIT_S=480
+
+if [ "${1:-}" = "--dry-run" ]; then
+    echo "gpu_mtct: would check the GPU (nvidia-smi) and the packages torch, transformers, trl, peft"
+    echo "gpu_mtct: would run, stopped after ${LIMIT_S} s:"
+    echo "  $PY bench/bench_mtct.py ${ARGS[*]}"
+    echo "gpu_mtct: per image size (227x227, 640x480) and layout (two rows, shared prefix), each in its own process:"
+    echo "  InternVL3-2B-hf at full size from its config, bf16, LoRA r8 (vision + language),"
+    echo "  gradient checkpointing, 8 examples per step, 4 steps (the first not timed)"
+    [ -n "$SHAPES" ] || echo "gpu_mtct: DBR_REAL_SHAPES is not set: the real run needs it"
+    exit 0
+fi
+
+[ -n "$SHAPES" ] || { echo "gpu_mtct: set DBR_REAL_SHAPES to the folder holding internvl3_2b_hf/" >&2; exit 2; }
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+"$PY" - <<'EOF'
+import importlib.util, sys
+missing = [m for m in ("torch", "transformers", "trl", "peft") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_mtct: missing {', '.join(missing)}: install their wheels (no network here)")
+import torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_mtct: no CUDA device visible: run on the GPU machine, or use --dry-run")
+print("gpu_mtct:", torch.cuda.get_device_name(), "torch", torch.__version__)
+EOF
+timeout "$LIMIT_S" "$PY" bench/bench_mtct.py "${ARGS[@]}"
