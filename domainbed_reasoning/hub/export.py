@@ -52,7 +52,7 @@ BUILDER_FACTS = {
 
 
 def features(spec: DatasetSpec) -> datasets.Features:
-    """DESIGN.md's record fields; `label` carries the registry's class names so indices never drift."""
+    """The record fields (docs/architecture.md); `label` carries the registry's class names so indices never drift."""
     text = datasets.Value("string")
     return datasets.Features(
         {
