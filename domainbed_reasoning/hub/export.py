@@ -290,7 +290,7 @@ def export(
     if not plans:
         raise UserError("no dataset to export: name at least one, e.g. `dbr export PACS`")
     written = [write_dataset(plan, Path(out), progress) for plan in plans]
-    write_card(Path(out))
+    write_card(Path(out), tuple(plan.spec.name for plan in plans))
     return written
 
 
