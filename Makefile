@@ -89,7 +89,7 @@ chromium:
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page
 # missing from the navigation.
 docs: setup
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 test: setup vllm-env chromium docs
 	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -q $(PYTEST_ARGS)
