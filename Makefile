@@ -35,6 +35,7 @@ NGPU ?= $(shell if [ -n "$${CUDA_VISIBLE_DEVICES+x}" ]; then \
 	else nvidia-smi -L 2>/dev/null | grep -c '^GPU'; fi)
 HAS_CUDA = command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
 HF_CACHE = $${HF_HUB_CACHE:-$${HF_HOME:-$$HOME/.cache/huggingface}/hub}
+HUB_ID = ^[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+$$
 
 # Sets the shell variable `model`: TEACHER_MODEL, or else the one model TEACHER_URL's /v1/models lists
 # (asked with the standard library only, so it works before setup).
@@ -170,19 +171,19 @@ train-inputs:
 	@offline=$$(tr A-Z a-z <<< "$${HF_HUB_OFFLINE:-}"); case "$$offline" in 1|true|yes|on) offline=1;; *) offline=;; esac; \
 	if [ -d '$(DATA)' ]; then [ -d '$(DATA)/$(DATASET)' ] || { \
 		echo "train: the export $(DATA)/ holds no $(DATASET)/: run 'make build-chains export DATASET=$(DATASET)', or set DATA=<user>/domainbed-reasoning"; exit 2; }; \
-	elif [[ '$(DATA)' != */* ]]; then \
+	elif ! [[ '$(DATA)' =~ $(HUB_ID) ]]; then \
 		echo "train: no export folder $(DATA)/: run 'make build-chains export DATASET=$(DATASET)', or set DATA=<user>/domainbed-reasoning (a published copy)"; exit 2; \
 	elif [ -n "$$offline" ] && [ ! -d "$(HF_CACHE)/datasets--$(subst /,--,$(DATA))" ]; then \
 		echo "train: the dataset $(DATA) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run 'hf download --repo-type dataset $(DATA)' where the Hub is reachable"; exit 2; fi; \
 	if [ -e '$(MODEL)' ]; then [ -f '$(MODEL)/config.json' ] || { echo "train: $(MODEL) holds no config.json: pass a saved checkpoint folder or a Hub id as MODEL"; exit 2; }; \
-	elif [[ '$(MODEL)' != */* ]]; then echo "train: MODEL=$(MODEL) is neither a folder nor a Hub id (owner/name), e.g. MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; \
+	elif ! [[ '$(MODEL)' =~ $(HUB_ID) ]]; then echo "train: MODEL=$(MODEL) is neither a checkpoint folder nor a Hub id (owner/name), e.g. MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; \
 	elif [ -n "$$offline" ] && [ ! -d "$(HF_CACHE)/models--$(subst /,--,$(MODEL))" ]; then \
 		echo "train: the model $(MODEL) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run 'hf download $(MODEL)' where the Hub is reachable"; exit 2; fi
 
 train: train-inputs setup
 	@targets='$(TARGET)'; [ -n "$$targets" ] || targets=$$($(DBR) datasets --json | $(PY) -c \
-		'import json, sys; print("\n".join(next(d["domains"] for d in json.load(sys.stdin) if d["name"] == sys.argv[1])))' '$(DATASET)') \
-		|| { echo "train: $(DATASET) is not a dataset of 'dbr datasets'"; exit 2; }; \
+		'import json, sys; domains = {d["name"]: d["domains"] for d in json.load(sys.stdin)}; print("\n".join(domains.get(sys.argv[1], [])))' \
+		'$(DATASET)'); [ -n "$$targets" ] || { echo "train: $(DATASET) is not a dataset of 'dbr datasets'"; exit 2; }; \
 	while IFS= read -r target; do \
 		echo "train: $(DATASET), held-out domain $$target, $(METHOD), $(MODEL), $(or $(filter-out 0,$(NGPU)),no) GPU(s)"; \
 		$(TRAIN_LAUNCH) train $(DATASET) --data $(DATA) --target "$$target" --model "$(MODEL)" --method $(METHOD) \

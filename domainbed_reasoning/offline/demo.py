@@ -10,6 +10,7 @@ SARR round) of a small Qwen2-VL built from a config -> evaluation on the held-ou
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -137,13 +138,18 @@ class Steps:
 def quiet_libraries() -> Iterator[None]:
     """The demo reads as its steps: the libraries' own bars (datasets' casts and Parquet writes,
     transformers' weight loading and saving) and their deprecation notices would come between
-    them. Each training stage still draws its one bar with its loss; the state is restored after."""
+    them, and so would DeepSpeed's warning that it found no GPU (the demo runs on the CPU on
+    purpose). Each training stage still draws its one bar with its loss; the state is restored after."""
     import datasets
+    import torch
     from transformers.utils import logging as transformers_logging
 
     bars = datasets.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    name_cpu = not torch.cuda.is_available() and "DS_ACCELERATOR" not in os.environ
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
+    if name_cpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -153,6 +159,8 @@ def quiet_libraries() -> Iterator[None]:
             datasets.enable_progress_bars()
         if bars[1]:
             transformers_logging.enable_progress_bar()
+        if name_cpu:
+            del os.environ["DS_ACCELERATOR"]
 
 
 def synthesise(config: DemoConfig, steps: Steps) -> None:
