@@ -2,6 +2,8 @@
 # Targets that need settings or inputs (train, build-chains) check them in a prerequisite that runs
 # before `setup`, so a mistake costs a second, not an install.
 SHELL := /bin/bash
+# Prerequisites run left to right, even under -j: the input checks must come before setup.
+.NOTPARALLEL:
 PYTHON ?= python3.11
 VENV := .venv
 VLLM_VENV := .venv-vllm
