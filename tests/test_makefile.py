@@ -119,3 +119,13 @@ def test_every_dataset_folder_reads_as_its_name() -> None:
     """build-chains-inputs finds a dataset's folder by its name, lower-cased, underscores dropped."""
     for spec in SPECS:
         assert spec.dirname.replace("_", "").lower() == spec.name.lower(), spec.name
+
+
+def test_make_test_builds_the_documentation_strictly() -> None:
+    result = make("-n", "-o", ".venv/.stamp", "-o", ".venv-vllm/.stamp", "test")
+
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    docs = next(i for i, line in enumerate(commands) if "mkdocs build --strict" in line)
+    tests = next(i for i, line in enumerate(commands) if "pytest" in line)
+    assert docs < tests
