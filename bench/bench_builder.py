@@ -10,7 +10,7 @@ that is the figure to judge a change of the client by.
 
 Variants: the builder with --workers 1, 2 and 0 (chosen from the free cores); the client
 alone, in C loops that only send, through our HTTP path and through the openai SDK (the
-builder's path before issue 13: `AsyncOpenAI.post` with raw bytes over its aiohttp
+builder's earlier path: `AsyncOpenAI.post` with raw bytes over its aiohttp
 transport); and a naive loop, one request at a time. The CPU model, its vector ISA and the
 load average are printed with the figures.
 

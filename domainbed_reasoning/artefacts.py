@@ -1,4 +1,4 @@
-"""Where every artefact lives on disk (DESIGN.md, "Artefacts").
+"""Where every artefact lives on disk (docs/architecture.md, "Artefacts").
 
 Stages find each other's files only through these functions, so a path is
 decided in exactly one place.

@@ -1,4 +1,4 @@
-"""`dbr`: one command per stage of DESIGN.md's data flow.
+"""`dbr`: one command per stage of the data flow (docs/architecture.md).
 
 Each command only turns its options into the stage's inputs and calls one function
 of that stage, which does the work and prints its own summary. Every `UserError`

@@ -257,7 +257,7 @@ PENDING_DOMAIN = "photo"  # its image without a chain is "pending" (never resolv
 
 
 def keep_unchained_images(export: Path, chains_folder: Path) -> None:
-    """Every manifest image a row, as the export contract says (contracts.md, issue 12.1).
+    """Every manifest image a row, as the export contract says (docs/dataset.md).
 
     An export that already keeps them (a `chain_status` column) is left alone; one that
     holds only accepted chains gets the other images added with null chain fields and

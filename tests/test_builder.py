@@ -234,7 +234,7 @@ TRANSPORT_FAULTS = {  # the detail recorded for each, named as the openai SDK na
 def test_a_failed_request_leaves_its_image_pending_and_a_rerun_retries_exactly_those(
     fault: str, data_dir: Path, tmp_path: Path
 ) -> None:
-    """Item 1 of issue 13: transport failures never use up an image's rounds."""
+    """Transport failures never use up an image's rounds."""
     faulty = SimTeacherConfig(**FAST | {fault: 0.4, "stall_s": 5.0})
     with run_sim_teacher(faulty, data_dir) as url:
         first = build_chains(config(url, data_dir, tmp_path, timeout=0.5))

@@ -89,7 +89,7 @@ def test_start_up_merges_what_killed_runs_left(tmp_path: Path) -> None:
 
 
 def test_shards_of_older_builds_are_read_and_brought_to_one_schema(tmp_path: Path) -> None:
-    """Before issue 13 a shard had 15 columns, no level in its name, and a failed request's
+    """An older build's shard had 15 columns, no level in its name, and a failed request's
     row was candidate 0; one merge at start-up gives every shard the current schema, so a
     reader that expects one schema (as export's does) reads the store whole."""
     for index in range(3):

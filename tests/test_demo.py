@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import polars as pl
@@ -16,7 +18,14 @@ from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.offline.demo import LEARNS, METHODS, SMALL, DemoConfig, run_demo
+from domainbed_reasoning.offline.demo import (
+    LEARNS,
+    METHODS,
+    SMALL,
+    DemoConfig,
+    results_table,
+    run_demo,
+)
 from domainbed_reasoning.offline.demo_clock import Reference, estimate, machine
 
 ROW_LABELS = ("CLS only", "Reasoning only", "MTCT", "RD-MLDG")
@@ -27,11 +36,14 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("demo")
     console = Console(record=True, width=200)
     config = DemoConfig(root / "data", root / "runs", SMALL)
-    return config, run_demo(config, console), console.export_text()
+    terminal = io.StringIO()  # what the libraries and the stages' bars write outside the demo's console
+    with redirect_stdout(terminal), redirect_stderr(terminal):
+        result = run_demo(config, console)
+    return config, result, console.export_text(), terminal.getvalue()
 
 
 def test_teacher_errors_are_visibly_rejected(demo_run) -> None:
-    config, result, printed = demo_run
+    config, result, printed, _ = demo_run
     reasons = result.build_stats["reasons"]
     rejected = {reason for reason in reasons if reason != "accepted"}
     assert {"wrong_class", "empty_response"} <= rejected
@@ -41,7 +53,7 @@ def test_teacher_errors_are_visibly_rejected(demo_run) -> None:
 
 
 def test_load_dataset_saw_every_domain(demo_run) -> None:
-    config, result, _ = demo_run
+    config, result, _, _ = demo_run
     assert set(result.splits) == {"cartoon", "painting", "photo", "sketch"}
     images = 5 * 4 * config.size.images_per_class  # classes x domains: every image, chain or not
     assert sum(result.splits.values()) == images
@@ -49,7 +61,7 @@ def test_load_dataset_saw_every_domain(demo_run) -> None:
 
 
 def test_every_method_trained_and_evaluated(demo_run) -> None:
-    _, result, printed = demo_run
+    _, result, printed, _ = demo_run
     assert set(result.runs) == set(METHODS)
     for method, run_dir in result.runs.items():
         assert (run_dir / "model" / "model.safetensors").is_file(), method  # full fine-tuning
@@ -61,7 +73,7 @@ def test_every_method_trained_and_evaluated(demo_run) -> None:
 
 
 def test_report_has_the_four_rows(demo_run) -> None:
-    _, result, printed = demo_run
+    _, result, printed, _ = demo_run
     table = result.report.markdown.read_text()
     main_table = table.split("\n## ")[0]
     for label in ROW_LABELS:
@@ -72,8 +84,29 @@ def test_report_has_the_four_rows(demo_run) -> None:
     assert all(seconds >= 0 for seconds in result.seconds.values())
 
 
+def test_training_shows_one_bar_per_stage_and_logs_to_the_run_folder(demo_run) -> None:
+    _, result, _, terminal = demo_run
+    assert "train cartoon/mtct" in terminal and "train rd-mldg/round-1" in terminal
+    noise = ("'train_runtime'", "'eval_loss'", "'loss'", "Loading weights", "Casting the dataset")
+    for raw in noise:
+        assert raw not in terminal, f"{raw} reached the terminal"
+    for run_dir in result.runs.values():
+        assert list(run_dir.rglob("logs/events.out.tfevents.*")), run_dir
+
+
+def test_the_final_table_fits_an_80_column_terminal(demo_run) -> None:
+    config, _, _, _ = demo_run
+    narrow = Console(record=True, width=80)
+    narrow.print(results_table(config))
+    lines = narrow.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = [line for line in lines if line.startswith("│")]
+    assert len(rows) == 6, "one line per method and mode: no row wraps"
+    assert sum("RD-MLDG" in row for row in rows) == 2
+
+
 def test_rerun_resumes_instead_of_retraining(demo_run) -> None:
-    config, result, _ = demo_run
+    config, result, _, _ = demo_run
     weights = result.runs["cls"] / "model" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     again = run_demo(config, Console(record=True, width=200))
@@ -85,7 +118,7 @@ def test_a_second_run_elsewhere_reproduces_the_chains_and_the_table(
     demo_run, tmp_path: Path
 ) -> None:
     """The teacher's faults and wordings do not depend on the order requests arrive in."""
-    config, result, _ = demo_run
+    config, result, _, _ = demo_run
     again = DemoConfig(tmp_path / "data", tmp_path / "runs", SMALL)
     rerun = run_demo(again, Console(record=True, width=200))
 
@@ -107,7 +140,7 @@ def chain_lengths(config: DemoConfig, model: Path) -> tuple[list[int], bool]:
 
 def test_the_demo_tokenizer_makes_the_prompts_short_and_loses_no_text(demo_run) -> None:
     """Merges across words: a fixed prompt is a token or two, and every chain decodes back exactly."""
-    config, result, _ = demo_run
+    config, result, _, _ = demo_run
     tokenizer = AutoProcessor.from_pretrained(result.model).tokenizer
     classes = class_list(get_spec("SynthDG").classes)
     for name in ("classify", "reason"):

@@ -164,8 +164,10 @@ def test_card_yaml_names_every_config_and_split_that_exists(exported: Path) -> N
     meta = _front_matter(exported / "README.md")
 
     configs = {config["config_name"]: config for config in meta["configs"]}
-    assert list(configs) == ["OfficeHome", "SynthDG"], "registry order; the first is the default"
-    assert meta["configs"][0].get("default") is True and "default" not in meta["configs"][1]
+    assert list(configs) == ["OfficeHome", "SynthDG"], "registry order"
+    assert [name for name, config in configs.items() if config.get("default")] == ["SynthDG"], (
+        "the default is the first dataset exported, not the first in registry order"
+    )
     for name, config in configs.items():
         splits = {entry["split"]: entry["path"] for entry in config["data_files"]}
         on_disk = {path.name.split("-")[0] for path in (exported / name).glob("*.parquet")}
@@ -178,6 +180,26 @@ def test_card_yaml_names_every_config_and_split_that_exists(exported: Path) -> N
     label = next(feature for feature in infos["SynthDG"]["features"] if feature["name"] == "label")
     assert list(label["dtype"]["class_label"]["names"].values()) == list(SYNTH.classes)
     assert meta["license"] == "other" and "image-classification" in meta["task_categories"]
+
+
+def test_exporting_another_dataset_beside_keeps_what_an_unnamed_load_returns(
+    chain_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """OfficeHome comes before SynthDG in the registry: exported second, it must not become the
+    config `load_dataset(folder)` loads without a name."""
+    chains_root, data_dir = chain_runs
+    folder = tmp_path / "domainbed-reasoning"
+    export(chains_root, data_dir, folder, ["SynthDG"])
+    before = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "cache-before"))
+
+    export(chains_root, data_dir, folder, ["OfficeHome"])
+    after = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "cache-after"))
+
+    assert sorted(before) == sorted(after) == sorted(SYNTH.domains)
+    assert set(after["photo"]["dataset"]) == {"SynthDG"}
+    meta = _front_matter(folder / "README.md")
+    assert [c["config_name"] for c in meta["configs"] if c.get("default")] == ["SynthDG"]
+    assert "loads **SynthDG**, the default" in (folder / "README.md").read_text()
 
 
 def test_card_body_reports_how_the_data_was_built(exported: Path) -> None:

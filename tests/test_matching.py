@@ -117,7 +117,7 @@ CASES = [
     ("DomainNet", "potatoes", "potato"),
     ("DomainNet", "matches", "matches"),
     ("DomainNet", "mice", "mouse"),
-    # issue 18: a careful reader's answers
+    # a careful reader's answers
     ("OfficeHome", "a computer mouse", "Mouse"),
     ("DomainNet", "a line drawing of a cat", "cat"),
     ("DomainNet", "The image best matches the category cat", "cat"),
@@ -180,7 +180,7 @@ REJECTS = [
     ("OfficeHome", "pen/pencil", RejectReason.AMBIGUOUS, "names Pen, Pencil"),
     ("DomainNet", "a cat and a dog", RejectReason.AMBIGUOUS, "names cat, dog"),
     ("PACS", "Answer: a person and a horse", RejectReason.AMBIGUOUS, "names horse, person"),
-    # issue 18: negations and hedges
+    # negations and hedges
     ("PACS", "It is not a dog.", RejectReason.NEGATED, "'dog' is denied by 'not'"),
     ("PACS", "There is no dog here", RejectReason.NEGATED, "denied by 'no'"),
     ("PACS", "It isn't a dog or a horse", RejectReason.NEGATED, "denied by 'isnt'"),
@@ -196,7 +196,7 @@ REJECTS = [
     ("PACS", "Dog?", RejectReason.UNCERTAIN, "hedges ('?')"),
     ("PACS", "It could be a dog or a horse", RejectReason.UNCERTAIN, "'could be'"),
     ("PACS", "either a dog or a horse", RejectReason.UNCERTAIN, "'either'"),
-    # issue 18: a class word modifying another noun
+    # a class word modifying another noun
     ("DomainNet", "a fish tank", RejectReason.MODIFIER, "'fish' modifies 'tank'"),
     ("DomainNet", "a bird cage", RejectReason.MODIFIER, "'bird' modifies 'cage'"),
     ("DomainNet", "a key chain", RejectReason.MODIFIER, "'key' modifies 'chain'"),

@@ -386,6 +386,9 @@ def test_publishing_another_folder_keeps_the_datasets_already_on_the_hub(
     snapshot = _materialise(repo, tmp_path / "snapshot" / "domainbed-reasoning", vlcs, pacs)
     meta = yaml.safe_load((snapshot / "README.md").read_text().split("---\n", 2)[1])
     assert [config["config_name"] for config in meta["configs"]] == ["PACS", "VLCS"]
+    assert [c["config_name"] for c in meta["configs"] if c.get("default")] == ["VLCS"], (
+        "the Hub's default stays the dataset published first, whatever is published beside it"
+    )
     assert [info["config_name"] for info in meta["dataset_info"]] == ["PACS", "VLCS"]
     body = (snapshot / "README.md").read_text()
     assert "| **VLCS** | all | 16 |" in body and "| **PACS** | all | 16 |" in body

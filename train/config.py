@@ -35,7 +35,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "mtct.yaml"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides what one training stage does (DESIGN.md, "Paper setup")."""
+    """Everything that decides what one training stage does (the paper's setup, docs/training.md)."""
 
     method: str = "mtct"
     epochs: float = 3.0

@@ -9,7 +9,7 @@ where each attempt goes, so a retry lands on a healthy replica. A request that s
 fails becomes a `Reply` with `error`, so one dead request never stops a build of
 thousands; only what no retry can fix (a refused key, a 404) stops it, in one line.
 
-Where a rate limiter, a token budget and a batch mode plug in (issue 14): every attempt
+Where a rate limiter, a token budget and a batch mode plug in: every attempt
 passes through `TeacherPool._attempt`, where a limiter can await its slot before the post
 and read the status, headers (Retry-After, x-ratelimit-*) and usage after it; and the
 builder needs only `send(messages, n, temperature, seed) -> Reply`, which a batch client

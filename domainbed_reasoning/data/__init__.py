@@ -1,4 +1,4 @@
-"""Stage 1 of DESIGN.md: DomainBed's datasets, fetched into DomainBed's folder layout and scanned.
+"""Stage 1 of the data flow: DomainBed's datasets, fetched into DomainBed's folder layout and scanned.
 
 `registry` says what each dataset is; `recipes` where DomainBed fetches it from;
 `fetch`, `archive`, `prepare` and `hub_copy` get the bytes; `download` runs them;

@@ -1,1 +1,1 @@
-"""Stage 3 of DESIGN.md: chains + images -> the Hub-layout folder, its card, the upload, the loaders."""
+"""Stage 3 of the data flow: chains + images -> the Hub-layout folder, its card, the upload, the loaders."""

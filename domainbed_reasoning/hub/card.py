@@ -69,7 +69,7 @@ def _split(folder: Path, spec: DatasetSpec, domain: str) -> ExportedSplit | None
 
 
 def find_exported(export: Path) -> list[ExportedDataset]:
-    """Every complete dataset in the folder, in registry order (the first is the default config)."""
+    """Every complete dataset in the folder, in registry order."""
     found = []
     for spec in SPECS:
         folder = artefacts.export_dataset_dir(export, spec)
@@ -126,7 +126,20 @@ def _size_category(rows: int) -> str:
     return "1M<n<10M"
 
 
-def card_data(exported: list[ExportedDataset]) -> DatasetCardData:
+def card_default(text: str) -> str | None:
+    """The config a card marks `default`: what `load_dataset(repo)` loads when no name is given."""
+    configs = DatasetCard(text).data.get("configs") or []
+    return next((config["config_name"] for config in configs if config.get("default")), None)
+
+
+def choose_default(exported: list[ExportedDataset], *preferred: str | None) -> str:
+    """The first preferred config still described, so adding a dataset never moves the default:
+    the card's own default first, then the dataset exported first into an empty folder."""
+    names = [item.spec.name for item in exported]
+    return next((name for name in preferred if name in names), names[0])
+
+
+def card_data(exported: list[ExportedDataset], default: str) -> DatasetCardData:
     data = DatasetCardData(
         pretty_name="DomainBed-Reasoning",
         license="other",
@@ -145,9 +158,9 @@ def card_data(exported: list[ExportedDataset]) -> DatasetCardData:
                     }
                     for split in item.splits
                 ],
-                **({"default": True} if index == 0 else {}),
+                **({"default": True} if item.spec.name == default else {}),
             }
-            for index, item in enumerate(exported)
+            for item in exported
         ],
     )
     infos = DatasetInfosDict(
@@ -195,13 +208,14 @@ def citations(exported: list[ExportedDataset]) -> list[str]:
     ]
 
 
-def card_text(exported: list[ExportedDataset]) -> str:
+def card_text(exported: list[ExportedDataset], default: str) -> str:
     """The whole README.md for these datasets, listed in registry order whatever the input order."""
     ordered = sorted(exported, key=lambda item: [spec.name for spec in SPECS].index(item.spec.name))
     text = render(
         __package__,
         CARD_TEMPLATE,
-        front_matter=card_data(ordered).to_yaml(),
+        front_matter=card_data(ordered, default).to_yaml(),
+        default=default,
         paper=PAPER,
         exported=ordered,
         first=ordered[0].spec.name,
@@ -215,14 +229,21 @@ def card_text(exported: list[ExportedDataset]) -> str:
     return str(DatasetCard(text))
 
 
-def render_card(export: Path) -> str:
+def folder_default(export: Path) -> str | None:
+    """The default config of the card already in the folder, if there is one."""
+    card = Path(export) / CARD_NAME
+    return card_default(card.read_text()) if card.is_file() else None
+
+
+def render_card(export: Path, exported_now: tuple[str, ...] = ()) -> str:
+    """The folder's card; its default config is the one it had, or else the first of `exported_now`."""
     exported = find_exported(export)
     if not exported:
         raise UserError(
             f"{export} holds no exported dataset: run `dbr export DATASET --out {export}` first"
         )
-    return card_text(exported)
+    return card_text(exported, choose_default(exported, folder_default(export), *exported_now))
 
 
-def write_card(export: Path) -> Path:
-    return atomic.write_text(Path(export) / CARD_NAME, render_card(Path(export)))
+def write_card(export: Path, exported_now: tuple[str, ...] = ()) -> Path:
+    return atomic.write_text(Path(export) / CARD_NAME, render_card(Path(export), exported_now))

@@ -52,7 +52,7 @@ BUILDER_FACTS = {
 
 
 def features(spec: DatasetSpec) -> datasets.Features:
-    """DESIGN.md's record fields; `label` carries the registry's class names so indices never drift."""
+    """The record fields (docs/architecture.md); `label` carries the registry's class names so indices never drift."""
     text = datasets.Value("string")
     return datasets.Features(
         {
@@ -290,7 +290,7 @@ def export(
     if not plans:
         raise UserError("no dataset to export: name at least one, e.g. `dbr export PACS`")
     written = [write_dataset(plan, Path(out), progress) for plan in plans]
-    write_card(Path(out))
+    write_card(Path(out), tuple(plan.spec.name for plan in plans))
     return written
 
 

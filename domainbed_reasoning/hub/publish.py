@@ -36,8 +36,11 @@ from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.hub.card import (
     CARD_NAME,
     ExportedDataset,
+    card_default,
     card_text,
+    choose_default,
     find_exported,
+    folder_default,
     published_dataset,
 )
 from domainbed_reasoning.terminal import console
@@ -113,8 +116,10 @@ def _read(api: HfApi, repo_id: str, path: str, revision: str | None, into: Path)
 
 def already_published(
     api: HfApi, repo_id: str, revision: str | None, replaced: tuple[str, ...]
-) -> list[ExportedDataset]:
-    """The datasets on the Hub that this upload leaves in place, read back from the repo's card.
+) -> tuple[list[ExportedDataset], str | None]:
+    """The datasets on the Hub that this upload leaves in place, read back from the repo's card,
+    and the card's default config (kept, so a new dataset never changes what an unnamed
+    `load_dataset(repo)` returns).
 
     A config whose Parquet files are gone is dropped (it could not load anyway); one this toolkit
     did not publish (no `build.json`, or not a dataset it knows) stops the upload, since the card
@@ -128,7 +133,7 @@ def already_published(
         if isinstance(entry, RepoFile)
     }
     if CARD_NAME not in files:
-        return []
+        return [], None
     found = []
     with tempfile.TemporaryDirectory(prefix="dbr-card-") as tmp:
         card = DatasetCard(_read(api, repo_id, CARD_NAME, revision, Path(tmp)))
@@ -148,7 +153,7 @@ def already_published(
                 )
             build = json.loads(_read(api, repo_id, facts, revision, Path(tmp)))
             found.append(published_dataset(spec, infos[name], build, files))
-    return found
+    return found, card_default(str(card))
 
 
 def publish(
@@ -175,9 +180,9 @@ def publish(
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
-        described = find_exported(plan.folder) + already_published(
-            api, repo_id, revision, plan.configs
-        )
+        kept, hub_default = already_published(api, repo_id, revision, plan.configs)
+        described = find_exported(plan.folder) + kept
+        default = choose_default(described, hub_default, folder_default(plan.folder))
         api.upload_folder(
             repo_id=repo_id,
             folder_path=plan.folder,
@@ -188,7 +193,7 @@ def publish(
             commit_message=f"Export DomainBed-Reasoning: {', '.join(plan.configs)}",
         )
         commit = api.upload_file(
-            path_or_fileobj=card_text(described).encode(),
+            path_or_fileobj=card_text(described, default).encode(),
             path_in_repo=CARD_NAME,
             repo_id=repo_id,
             repo_type="dataset",

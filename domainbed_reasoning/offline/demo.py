@@ -10,12 +10,14 @@ SARR round) of a small Qwen2-VL built from a config -> evaluation on the held-ou
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -31,7 +33,6 @@ TARGET = "cartoon"
 METHODS = ("cls", "reasoning", "mtct", "rd-mldg")
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 CORPUS_CHAINS = 200  # training conversations per path the demo tokenizer learns from
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -130,18 +131,36 @@ class Steps:
         self.console.print(f"[dim]{title}: {seconds:.1f} s[/]", highlight=False)
 
     def artefact(self, what: str, path: Path) -> None:
-        self.console.print(f"  [green]{what}[/]: {path}", highlight=False)
+        self.console.print(f"  [green]{what}[/]: {path}", highlight=False, soft_wrap=True)
 
 
-def _quiet(call: Callable[[], T]) -> T:
-    """`datasets` draws its own bars for every Parquet write; the demo's headers say enough."""
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """The demo reads as its steps: the libraries' own bars (datasets' casts and Parquet writes,
+    transformers' weight loading and saving) and their deprecation notices would come between
+    them, and so would DeepSpeed's warning that it found no GPU (the demo runs on the CPU on
+    purpose). Each training stage still draws its one bar with its loss; the state is restored after."""
     import datasets
+    import torch
+    from transformers.utils import logging as transformers_logging
 
+    bars = datasets.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    name_cpu = not torch.cuda.is_available() and "DS_ACCELERATOR" not in os.environ
     datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    if name_cpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
     try:
-        return call()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
-        datasets.enable_progress_bars()
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
+        if name_cpu:
+            del os.environ["DS_ACCELERATOR"]
 
 
 def synthesise(config: DemoConfig, steps: Steps) -> None:
@@ -196,9 +215,7 @@ def build(config: DemoConfig, steps: Steps) -> dict[str, Any]:
 def export(config: DemoConfig, steps: Steps) -> None:
     from domainbed_reasoning.hub.export import export as export_datasets
 
-    written = _quiet(
-        lambda: export_datasets(config.chains_root, config.data_dir, config.export_dir, [DATASET])
-    )
+    written = export_datasets(config.chains_root, config.data_dir, config.export_dir, [DATASET])
     steps.artefact("DomainBed-Reasoning", written[0])
     steps.artefact("dataset card", config.export_dir / "README.md")
 
@@ -206,10 +223,8 @@ def export(config: DemoConfig, steps: Steps) -> None:
 def load(config: DemoConfig, steps: Steps) -> dict[str, int]:
     import datasets
 
-    loaded = _quiet(
-        lambda: datasets.load_dataset(
-            str(config.export_dir), DATASET, cache_dir=str(config.cache_dir / "datasets")
-        )
+    loaded = datasets.load_dataset(
+        str(config.export_dir), DATASET, cache_dir=str(config.cache_dir / "datasets")
     )
     splits = {name: split.num_rows for name, split in loaded.items()}
     steps.console.print(
@@ -302,11 +317,32 @@ def report(config: DemoConfig, steps: Steps):
     from domainbed_reasoning.train.evaluation.report import write_report
 
     written = write_report(config.train_root, config.report_dir)
-    steps.console.print(written.text)
-    steps.artefact("table", written.markdown)
+    steps.console.print(results_table(config))
+    steps.artefact("table (every row, the paper's beside them)", written.markdown)
     steps.artefact("plot", written.plot)
     steps.artefact("numbers", written.data)
     return written
+
+
+def results_table(config: DemoConfig) -> Table:
+    """The demo's accuracies in a table that fits an 80-column terminal; results.md has the rest."""
+    from domainbed_reasoning.train.evaluation.report import METHOD_LABELS, collect
+
+    evaluations = {item.method: item for item in collect(config.train_root)}
+    first = next(iter(evaluations.values()))
+    table = Table(title=f"accuracy (%), {DATASET}, held-out domain {config.target}")
+    table.add_column("method")
+    table.add_column("mode")
+    table.add_column(f"{config.target} ({first.n['test']} images)", justify="right")
+    table.add_column(f"validation ({first.n['validation']})", justify="right")
+    for method in (method for method in METHODS if method in evaluations):
+        scores = evaluations[method].accuracy
+        for mode in sorted(scores["test"]):
+            table.add_row(
+                METHOD_LABELS[method], mode,
+                f"{scores['test'][mode]:.2f}", f"{scores['validation'][mode]:.2f}",
+            )  # fmt: skip
+    return table
 
 
 def announce(config: DemoConfig, console: Console) -> Estimate | None:
@@ -335,12 +371,17 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         raise UserError(
             f"unknown held-out domain {config.target!r}: choose one of {', '.join(get_spec(DATASET).domains)}"
         )
+    with quiet_libraries():
+        return _run_steps(config, console)
+
+
+def _run_steps(config: DemoConfig, console: Console) -> DemoResult:
     methods = config.size.methods
     result = DemoResult(estimate=announce(config, console))
     steps = Steps(console, total=6 + 2 * len(methods), result=result)
     with steps.step("SynthDG: draw the images"):
         synthesise(config, steps)
-    with steps.step("build-chains: sample the simulated teacher, keep label-consistent chains"):
+    with steps.step("build-chains: the simulated teacher, label-consistent chains kept"):
         result.build_stats = build(config, steps)
     with steps.step("export: DomainBed-Reasoning as Parquet + dataset card"):
         export(config, steps)
@@ -360,7 +401,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         result.report = report(config, steps)
     console.rule("[bold green]demo finished")
     for title, seconds in result.seconds.items():
-        console.print(f"  {seconds:7.1f} s  {title}", highlight=False)
+        console.print(f"  {seconds:7.1f} s  {title}", highlight=False, overflow="ellipsis", no_wrap=True)
     total = sum(result.seconds.values())
     expected = f" (expected {result.estimate.expected_s:.0f} s)" if result.estimate else ""
     console.print(f"  {total:7.1f} s  total{expected}", highlight=False)

@@ -95,7 +95,7 @@ def parse_lora_modules(specs: Sequence[str]) -> dict[str, Path]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free now; tests use it so parallel sessions never collide."""
+    """A port the OS says is free now; tests use it so parallel test runs never collide."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -1,1 +1,1 @@
-"""Stage 5 of DESIGN.md: leave-one-domain-out accuracy of a model, and the paper-style report."""
+"""Stage 5 of the data flow: leave-one-domain-out accuracy of a model, and the paper-style report."""

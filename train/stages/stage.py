@@ -44,8 +44,14 @@ from domainbed_reasoning.train.mtct.mtct_data import (
 )
 from domainbed_reasoning.train.mtct.mtct_trainer import MTCTTrainer
 from domainbed_reasoning.train.sarr.sharding import process_state
+from domainbed_reasoning.train.stages.progress import StageProgress
 from peft import PeftModel
-from transformers import AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+    PrinterCallback,
+    ProcessorMixin,
+)
 from transformers.integrations import TensorBoardCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import SFTConfig
@@ -233,6 +239,7 @@ def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
         seed=config.seed,
         # TensorBoard is written to <run>/logs by our own callback (train_stage); wandb by its own.
         report_to="wandb" if config.report_to == "wandb" else "none",
+        disable_tqdm=True,  # StageProgress draws the stage's one bar instead (train_stage)
         run_name=str(run_dir),
         dataloader_num_workers=dataloader_workers(config.dataloader_num_workers),
         ddp_timeout=config.distributed_timeout_s,
@@ -283,7 +290,7 @@ def _fit(
     base = load_start(model, init_adapter, args)
     args.model_init_kwargs = None
     fresh_lora = config.finetune == "lora" and init_adapter is None
-    callbacks = []
+    callbacks = [StageProgress(f"train {run_dir.parent.name}/{run_dir.name}")]
     if config.report_to == "tensorboard":
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(run_dir / "logs")
@@ -303,6 +310,7 @@ def _fit(
         reasoning_weight=config.reasoning_weight,
         shared_prefix=config.mtct_shared_prefix,
     )
+    trainer.remove_callback(PrinterCallback)  # the log dictionaries go to report_to, not the terminal
     checkpoint = last_checkpoint(run_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     save_weights(trainer, processor, run_dir / weights_dirname(config.finetune), card)

@@ -1,0 +1,131 @@
+"""The Makefile's entry points as a user types them: settings checked before any install, the
+teacher's model name asked of the server, the GPUs counted from CUDA_VISIBLE_DEVICES, and
+`make train` running every held-out domain.
+
+Each `make` here is run with `-o .venv/.stamp` (the environment counts as up to date, so nothing
+is installed), or with a VENV that does not exist and a PYTHON that fails, to prove that a check
+ran before setup would have started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from domainbed_reasoning.data.registry import SPECS, get_spec
+from domainbed_reasoning.offline.sim_teacher import SimTeacherConfig, run_sim_teacher
+from domainbed_reasoning.offline.synth import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MFLAGS")
+    }
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=ROOT,
+        check=False,
+        env=environment | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def ngpu(env: dict[str, str]) -> str:
+    return make("--eval", "print-ngpu: ; @echo $(NGPU)", "print-ngpu", env=env).stdout.strip()
+
+
+def test_ngpu_honours_cuda_visible_devices() -> None:
+    assert ngpu({"CUDA_VISIBLE_DEVICES": "0,1"}) == "2"
+    assert ngpu({"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c"}) == "3"
+    assert ngpu({"CUDA_VISIBLE_DEVICES": "1,-1,2"}) == "1", "CUDA stops at the first negative entry"
+    assert ngpu({"CUDA_VISIBLE_DEVICES": ""}) == "0"
+
+
+def test_train_checks_its_inputs_before_installing_anything(tmp_path: Path) -> None:
+    never = tmp_path / "venv"
+    result = make(
+        "train", f"DATA={tmp_path / 'no-export'}", f"VENV={never}", "PYTHON=false"
+    )
+
+    assert result.returncode == 2
+    assert "train: no export folder" in result.stdout and "make build-chains export" in result.stdout
+    assert not never.exists(), "setup ran before the check"
+
+
+def test_train_names_a_hub_model_missing_from_the_cache_when_offline(tmp_path: Path) -> None:
+    (tmp_path / "export" / "PACS").mkdir(parents=True)
+    result = make(
+        "train", f"DATA={tmp_path / 'export'}", "MODEL=nobody/no-such-model",
+        f"VENV={tmp_path / 'venv'}", "PYTHON=false",
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")},
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert "nobody/no-such-model is not in the Hugging Face cache and HF_HUB_OFFLINE is set" in (
+        result.stdout
+    )
+
+
+def test_train_runs_every_held_out_domain_when_no_target_is_given(tmp_path: Path) -> None:
+    (tmp_path / "export" / "OfficeHome").mkdir(parents=True)
+    result = make(
+        "-o", ".venv/.stamp", "train", "DATASET=OfficeHome", f"DATA={tmp_path / 'export'}",
+        "NGPU=0", "TRAIN_LAUNCH=echo",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    launched = [line for line in result.stdout.splitlines() if line.startswith("train OfficeHome")]
+    assert [line.split("--target ")[1].split(" --model")[0] for line in launched] == list(
+        get_spec("OfficeHome").domains
+    )
+    assert all("--model OpenGVLab/InternVL3-8B-hf --method rd-mldg" in line for line in launched)
+
+
+def test_build_chains_checks_the_data_folder_before_installing_anything(tmp_path: Path) -> None:
+    result = make(
+        "build-chains", "DATASET=SynthDG", f"DATA_DIR={tmp_path}",
+        f"VENV={tmp_path / 'venv'}", "PYTHON=false",
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert f"no SynthDG folder under {tmp_path}/: run 'make synth'" in result.stdout
+
+
+def test_build_chains_asks_the_teacher_which_model_it_serves(tmp_path: Path) -> None:
+    """`make sim-teacher` then `make build-chains DATASET=SynthDG`, with nothing else set."""
+    generate(tmp_path / "data", images_per_class=1)
+    with run_sim_teacher(SimTeacherConfig(), tmp_path / "data") as url:
+        result = make(
+            "-o", ".venv/.stamp", "build-chains", "DATASET=SynthDG",
+            f"DATA_DIR={tmp_path / 'data'}", f"RUNS={tmp_path / 'runs'}", f"TEACHER_URL={url}",
+            "BUILD_ARGS=--limit 4 --no-progress",
+        )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--teacher-model sim-teacher" in result.stdout + result.stderr
+    assert (tmp_path / "runs" / "chains" / "SynthDG" / "chains.parquet").is_file()
+
+
+def test_every_dataset_folder_reads_as_its_name() -> None:
+    """build-chains-inputs finds a dataset's folder by its name, lower-cased, underscores dropped."""
+    for spec in SPECS:
+        assert spec.dirname.replace("_", "").lower() == spec.name.lower(), spec.name
+
+
+def test_make_test_builds_the_documentation_strictly() -> None:
+    result = make("-n", "-o", ".venv/.stamp", "-o", ".venv-vllm/.stamp", "test")
+
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    docs = next(i for i, line in enumerate(commands) if "mkdocs build --strict" in line)
+    tests = next(i for i, line in enumerate(commands) if "pytest" in line)
+    assert docs < tests
