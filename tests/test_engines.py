@@ -262,7 +262,7 @@ def test_a_served_engine_that_died_stops_generation_naming_its_log(
     health = HealthPolicy(outage_wait_s=1800.0, server_log="runs/x/vllm.log")
     with (
         run_sim_teacher(SimTeacherConfig(engine_dead_after=0), synth_dir) as base_url,
-        open_engine("remote", "sim-teacher", base_url=base_url, health=health) as engine,
+        RemoteEngine("sim-teacher", base_url=base_url, health=health) as engine,
         pytest.raises(TeacherEngineDied, match=r"its log: runs/x/vllm\.log\): restart the teacher"),
     ):
         engine.generate(requests_[:2], GREEDY, progress=False)

@@ -34,7 +34,7 @@ from domainbed_reasoning.train.mtct.shared_prefix import (
     prefix_mask,
     sharing_blocker,
 )
-from torch.utils.data import Sampler
+from torch.utils.data import Sampler, SequentialSampler
 from trl import SFTTrainer
 
 from domainbed_reasoning.errors import UserError
@@ -205,6 +205,13 @@ class MTCTTrainer(SFTTrainer):
         lengths = [len(turns[0]["content"][0]["text"]) for turns in dataset["completion"]]
         megabatch = 50 * self.args.per_device_train_batch_size * self.args.world_size
         return GroupShuffleSampler(dataset["id"], self.args.seed, lengths, megabatch)
+
+    def _get_eval_sampler(self, eval_dataset) -> Sampler[int] | None:
+        """Evaluation keeps the dataset's order: the length grouping above is for training only
+        (transformers would group evaluation by `input_ids`, which rows here do not have yet)."""
+        if eval_dataset is None or self.args.world_size > 1:
+            return None
+        return SequentialSampler(eval_dataset)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(
