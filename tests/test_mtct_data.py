@@ -11,7 +11,11 @@ from domainbed_reasoning.train.mtct.mtct_data import (
     check_split,
     class_names,
 )
-from domainbed_reasoning.train.mtct.mtct_trainer import GroupShuffleSampler, TaskCollator
+from domainbed_reasoning.train.mtct.mtct_trainer import (
+    GroupShuffleSampler,
+    TaskCollator,
+    length_keys,
+)
 from PIL import Image
 
 from domainbed_reasoning.chains.chain_format import format_chain
@@ -220,6 +224,18 @@ def test_length_grouping_sorts_images_within_a_megabatch_and_keeps_pairs() -> No
     assert longest[:11] == sorted(longest[:11], reverse=True)
     assert longest[11:] == sorted(longest[11:], reverse=True)
     assert set(order) == set(GroupShuffleSampler(keys, seed=4))  # the same rows, reordered
+
+
+def test_length_grouping_leaves_class_names_in_their_shuffled_order() -> None:
+    """Class-name answers differ by a few characters: grouped by exact length, each micro-batch
+    would hold one class. Counted in steps, they keep the shuffle; chains still sort."""
+    names = ["circle", "cross", "square", "star", "triangle", "Alarm_Clock", "The_Great_Wall_of_China"]
+    answers = [names[i % len(names)] for i in range(70)]
+    keys = [f"single{i}" for i in range(70)]
+    grouped = GroupShuffleSampler(keys, seed=3, lengths=length_keys(answers), megabatch=20)
+    assert list(grouped) == list(GroupShuffleSampler(keys, seed=3))
+    chains = ["x" * 2000, "x" * 300, "x" * 1200, "x" * 600]
+    assert length_keys(chains) == [15, 2, 9, 4]
 
 
 def test_pairs_share_a_batch_when_the_batch_is_even() -> None:
