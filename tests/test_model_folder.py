@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from domainbed_reasoning.train.engines.factory import open_engine
+from domainbed_reasoning.train.engines.settings import EngineSettings
 from domainbed_reasoning.train.model.processor import load_processor
 
 from domainbed_reasoning.errors import UserError
@@ -28,7 +29,7 @@ def test_a_name_that_is_no_hub_id_is_read_as_a_folder_everywhere(
     with pytest.raises(UserError, match=expected):
         load_processor(name)
     with pytest.raises(UserError, match=expected):
-        open_engine("transformers", name)
+        open_engine(EngineSettings("transformers"), name)
 
 
 @pytest.mark.parametrize(
