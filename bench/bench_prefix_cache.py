@@ -12,8 +12,10 @@ samples of one request share its prefill in either order, which is why image-fir
 hits (n-1)/n of its queries; across images only text-first shares. It also prints the
 server's own statement that prefix caching is on. The latencies are a tiny model's on a
 CPU; on a GPU with an 8B teacher the saved prefill is the prompt's ~1,500 tokens per image.
-The server runs without chunked prefill: vLLM 0.32's CPU build kills its engine when it
-prefills a seeded request in chunks ("CPU Generator does not use offset").
+The server asks for prefix caching, which `dbr serve-teacher` leaves off on vLLM 0.32's CPU
+build: that build's engine dies when a seeded request is prefilled in parts ("CPU Generator
+does not use offset"), as a cached prefix ending inside an image makes it. The tiny model's
+images are a few dozen tokens, far below the step's encoder budget, so it does not arise here.
 
     .venv/bin/python bench/bench_prefix_cache.py [--images 48] [--concurrency 4]
 """
@@ -146,7 +148,7 @@ def main() -> None:
         server_config = ServerConfig(
             model=str(model), served_model_name="tiny-teacher", port=free_port(),
             max_model_len=4096, dtype="float32", log_path=work / "vllm.log",
-            extra_args=("--no-enable-chunked-prefill",),
+            extra_args=("--enable-prefix-caching",),
         )  # fmt: skip
         started = time.perf_counter()
         with VLLMServer(server_config) as server:

