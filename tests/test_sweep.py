@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -457,6 +460,21 @@ NODE_SCRIPT = textwrap.dedent(
 )
 
 
+def listening_port_no_client_can_take() -> int:
+    """A free port below the kernel's ephemeral range. Node 1 retries its connection to node 0's
+    port until node 0 listens; with an ephemeral port, one of those tries can be given that very
+    port as its source and connect to itself, and node 0 then finds its port taken."""
+    lowest = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(lowest - 8000, 1024), lowest), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 @pytest.mark.slow
 def test_the_multinode_config_joins_two_nodes(tmp_path: Path) -> None:
     """README's per-node command with train/accelerate/multinode.yaml, two 'nodes' on this machine (CPU,
@@ -465,7 +483,7 @@ def test_the_multinode_config_joins_two_nodes(tmp_path: Path) -> None:
     assert "num_machines: 2" in config.read_text()
     script = tmp_path / "node.py"
     script.write_text(NODE_SCRIPT)
-    port = str(free_port())
+    port = str(listening_port_no_client_can_take())
 
     def node(rank: int) -> list[str]:
         return [
@@ -475,10 +493,23 @@ def test_the_multinode_config_joins_two_nodes(tmp_path: Path) -> None:
             str(script),
         ]  # fmt: skip
 
-    nodes = [
-        subprocess.Popen(node(rank), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
+    # Each node logs to a file: a node that waits for the other retries its connection with a
+    # warning each time, and into a pipe nobody reads yet that would block it, and both with it.
+    logs = [tmp_path / f"node-{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as out:
+            nodes.append(subprocess.Popen(node(rank), stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 300
+    try:  # a node that fails leaves the other waiting for it: stop at the first failure
+        while time.monotonic() < deadline:
+            codes = [node.poll() for node in nodes]
+            if None not in codes or any(code not in (None, 0) for code in codes):
+                break
+            time.sleep(0.5)
+    finally:
+        for running in nodes:
+            running.kill()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs
     assert "rank 0 of 2: sum 3.0" in outputs[0] and "rank 1 of 2: sum 3.0" in outputs[1]
