@@ -189,6 +189,11 @@ def test_an_unreadable_image_is_a_failed_generation_not_a_crash(
     )
 
 
+def test_the_engine_loads_the_dtype_it_is_given_by_name(tiny_qwen2vl: Path) -> None:
+    with open_engine(EngineSettings("transformers", dtype="bfloat16"), str(tiny_qwen2vl)) as engine:
+        assert engine.model.dtype == torch.bfloat16
+
+
 def test_llava_architecture_generates_too(tiny_llava: Path, requests_: list[GenRequest]) -> None:
     with open_engine(EngineSettings("transformers", batch_size=3), str(tiny_llava)) as engine:
         generations = engine.generate(requests_[:3], SAMPLED, progress=False)
@@ -561,6 +566,31 @@ def test_the_processes_of_a_machine_share_one_merged_checkpoint(
     merge.discard_merged(folder)
     assert merge.merged_checkpoint(str(tiny_qwen2vl), vision_adapter, folder) == folder / merge.MERGED
     assert merges == [folder / merge.MERGED] and (folder / merge.MERGED / "config.json").is_file()
+
+
+def test_a_merged_folder_is_served_only_for_the_weights_it_was_made_from(
+    tiny_qwen2vl: Path, vision_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder left by another checkpoint, or by a run trained again since, is merged anew."""
+    merges = []
+    real_merge = merge.merge_adapter
+    monkeypatch.setattr(merge, "merge_adapter", lambda *args: merges.append(args[1]) or real_merge(*args))
+    other = tmp_path / "checkpoint-2"
+    shutil.copytree(vision_adapter, other)
+    folder = tmp_path / "step"
+    for adapter in (vision_adapter, vision_adapter, other):
+        merge.merged_checkpoint(str(tiny_qwen2vl), adapter, folder)
+    assert merges == [vision_adapter, other]
+    weights = other / "adapter_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    merge.merged_checkpoint(str(tiny_qwen2vl), other, folder)
+    assert merges == [vision_adapter, other, other]
+
+
+def test_the_size_of_a_merge_is_known_before_the_base_loads(tiny_qwen2vl: Path, tmp_path: Path) -> None:
+    weights = (tiny_qwen2vl / "model.safetensors").stat().st_size
+    assert merge.checkpoint_bytes(str(tiny_qwen2vl)) == weights
+    assert merge.checkpoint_bytes(str(tmp_path)) is None
 
 
 def test_a_merge_without_room_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ import pytest
 from domainbed_reasoning.train.config import TrainConfig
 from domainbed_reasoning.train.engines.base import Generation, GenRequest, SamplingSpec
 from domainbed_reasoning.train.engines.settings import EngineSettings
+from domainbed_reasoning.train.engines.transformers_engine import TransformersEngine
+from domainbed_reasoning.train.evaluation import evaluate as evaluate_module
 from domainbed_reasoning.train.evaluation.evaluate import (
     EvalJob,
     EvalSettings,
@@ -342,6 +344,14 @@ def test_engine_flags_pass_through_and_the_run_fills_the_rest() -> None:
     assert (filled.batch_size, filled.image_limits.max_tiles) == (2, 3)
 
 
+@pytest.mark.parametrize(("bf16", "dtype"), [("true", "bfloat16"), ("false", "float32")])
+@pytest.mark.parametrize("kind", ["transformers", "vllm"])
+def test_the_engines_serve_in_the_dtype_the_run_trained_in(kind: str, bf16: str, dtype: str) -> None:
+    """`bf16: false` trains in float32; self-labelling and evaluation must not quietly use bf16."""
+    assert EngineSettings(kind).filled_from(TrainConfig(bf16=bf16)).dtype == dtype
+    assert EngineSettings(kind, dtype="float32").filled_from(TrainConfig(bf16="true")).dtype == "float32"
+
+
 # --- resume and --force (AnswerEngine, hand-made split) -----------------------------------------------
 
 
@@ -570,6 +580,28 @@ def test_training_domain_selection_tests_the_best_checkpoint_on_validation_and_s
     metrics = json.loads((selected_run / "eval" / "metrics.json").read_text())
     assert metrics["selection"] == {"rule": "last"} and metrics["adapter"] == str(selected_run / "adapter")
     assert "model selection training-domain:" not in last
+
+
+def test_each_checkpoint_is_served_from_a_merge_folder_of_its_own(
+    selected_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With vLLM, a vision adapter is merged once per machine and step. The checkpoints of a
+    selection and the final test never share a folder, so a process still serving one
+    checkpoint can never hand the next one its merged weights; each folder is gone after."""
+    opened = []
+
+    def open_recording(settings: EngineSettings, model: str, adapter: Path | None = None):
+        opened.append((settings.merge_dir, adapter))
+        return TransformersEngine(model, adapter, batch_size=4)
+
+    monkeypatch.setattr(evaluate_module, "open_engine", open_recording)
+    run = tmp_path / "run"
+    shutil.copytree(selected_run, run, ignore=shutil.ignore_patterns("eval"))
+    evaluate_run(run, fast(tmp_path, engine=EngineSettings("vllm"), selection="training-domain"))
+    folders = [folder for folder, _ in opened]
+    assert [adapter.name for _, adapter in opened[:2]] == ["checkpoint-1", "checkpoint-2"]
+    assert len(folders) == 3 and len(set(folders)) == 3
+    assert not any(folder.exists() for folder in folders)
 
 
 def test_training_domain_selection_without_checkpoints_is_refused(trained_run: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+import torch
 import yaml
 from domainbed_reasoning.train.model.processor import ImageLimits
 from transformers import HfArgumentParser
@@ -91,6 +92,20 @@ class TrainConfig:
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(self.image_max_tiles, self.image_max_pixels)
+
+    def uses_bf16(self) -> bool:
+        """`bf16: auto` is bfloat16 where a GPU supports it, float32 elsewhere."""
+        if self.bf16 == "auto":
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return self.bf16 == "true"
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are loaded, trained and served in."""
+        return torch.bfloat16 if self.uses_bf16() else torch.float32
+
+    def dtype_name(self) -> str:
+        """`dtype()` as run.json, vLLM's --dtype and torch's attribute name spell it."""
+        return str(self.dtype()).removeprefix("torch.")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """How many micro-batches make one optimiser step of `global_batch_size` examples."""

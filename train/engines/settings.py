@@ -1,7 +1,7 @@
 """`EngineSettings`: everything an engine is opened with, one typed record instead of keyword dicts.
 
 A field left None means "not given": `filled_from` takes the training run's value for it
-(the image limits and attention the model was trained with, vLLM's context and tensor
+(the image limits, dtype and attention the model was trained with, vLLM's context and tensor
 parallelism, the memory share vLLM may take), and what is still None when the engine
 opens is the engine's own default. A field that the chosen engine cannot use is an
 error at once, named as the command-line flag that sets it.
@@ -28,6 +28,7 @@ APPLIES_TO = {
     "batch_size": "transformers",
     "attn_implementation": "transformers",
     "image_limits": ("transformers", "vllm"),
+    "dtype": ("transformers", "vllm"),
     "vllm_python": "vllm",
     "max_model_len": "vllm",
     "tensor_parallel_size": "vllm",
@@ -46,6 +47,7 @@ class EngineSettings:
     batch_size: int | None = None
     attn_implementation: str | None = None
     image_limits: ImageLimits | None = None
+    dtype: str | None = None
     vllm_python: Path | None = None
     max_model_len: int | None = None
     tensor_parallel_size: int | None = None
@@ -84,8 +86,8 @@ class EngineSettings:
 
     def filled_from(self, config: TrainConfig) -> EngineSettings:
         """The run's values for every field not given: what the engine must share with training
-        (image limits, attention) or takes from it (vLLM's context, parallelism, memory share)."""
-        run: dict[str, Any] = {"image_limits": config.image_limits()}
+        (image limits, dtype, attention) or takes from it (vLLM's context, parallelism, memory share)."""
+        run: dict[str, Any] = {"image_limits": config.image_limits(), "dtype": config.dtype_name()}
         if self.kind == "transformers":
             run |= {
                 "attn_implementation": config.attn_implementation,

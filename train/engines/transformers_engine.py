@@ -63,7 +63,13 @@ def default_device() -> str:
     return str(PartialState().device) if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
+def engine_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
+    """The dtype asked for (a training run's own, by name or as a torch dtype); without one,
+    bfloat16 on a GPU that has it, float32 elsewhere."""
+    if isinstance(dtype, str):
+        return getattr(torch, dtype)
+    if dtype is not None:
+        return dtype
     on_gpu = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if on_gpu else torch.float32
 
@@ -93,7 +99,7 @@ class TransformersEngine(ClosingEngine):
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         device: str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         image_limits: ImageLimits | None = None,
         attn_implementation: str | None = None,
     ) -> None:
@@ -106,7 +112,7 @@ class TransformersEngine(ClosingEngine):
         self.processor = load_processor(model, image_limits)
         device = device or default_device()
         self.model = (
-            load_merged(model, adapter, dtype or default_dtype(device), attn_implementation)
+            load_merged(model, adapter, engine_dtype(dtype, device), attn_implementation)
             .to(device)
             .eval()
         )

@@ -623,12 +623,15 @@ def select_checkpoint(
     for checkpoint in checkpoints:
         candidate = with_weights(job, checkpoint_weights(checkpoint, weights))
         folder = job.eval_dir / "selection" / checkpoint.name
-        with OnDemand(lambda c=candidate: open_engine(engine, c.model, c.adapter)) as model:
+        # Each checkpoint is served from a merge folder of its own: a process still on the
+        # checkpoint before can never hand the next one its merged weights.
+        step = engine.for_step(folder, state.process_index, state.num_processes)
+        with OnDemand(lambda c=candidate, s=step: open_engine(s, c.model, c.adapter)) as model:
             results = score_splits(
                 candidate, model.get, DatasetDict({"validation": validation}), settings, folder, classes
             )
-        if process_state().is_local_main_process:
-            discard_merged(engine.merge_dir)
+        if state.is_local_main_process:
+            discard_merged(step.merge_dir)
         accuracy[checkpoint.name] = fmean(
             results["validation"][mode]["accuracy"] or 0.0 for mode in modes
         )
@@ -659,10 +662,11 @@ def _evaluate(job: EvalJob, settings: EvalSettings) -> dict[str, Any]:
     if state.is_main_process:
         start_eval_dir(job, settings)
     state.wait_for_everyone()
-    engine = job_engine(job, settings).for_step(job.eval_dir, state.process_index, state.num_processes)
+    engine = job_engine(job, settings)
     selection = None if rule is None else {"rule": LAST}
     if rule == TRAINING_DOMAIN:
         job, selection = select_checkpoint(job, splits["validation"], settings, engine)
+    engine = engine.for_step(job.eval_dir, state.process_index, state.num_processes)
     with OnDemand(lambda: open_engine(engine, job.model, job.adapter)) as model:
         metrics = run_job(job, model.get, splits, settings, selection)
     if state.is_local_main_process:

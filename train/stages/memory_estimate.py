@@ -20,7 +20,7 @@ import torch
 from domainbed_reasoning.train.mtct.mtct_data import class_names, task_prompt
 from domainbed_reasoning.train.mtct.token_budget import longest_prompt
 from domainbed_reasoning.train.sarr.sharding import process_state
-from domainbed_reasoning.train.stages.stage import Prepared, TrainRequest, training_dtype
+from domainbed_reasoning.train.stages.stage import Prepared, TrainRequest
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -134,7 +134,7 @@ def check_training_memory(request: TrainRequest, prepared: Prepared) -> None:
         model_shape(request.model, config.finetune, config.lora_rank),
         config.per_device_batch_size,
         longest_example(prepared, config.max_length),
-        training_dtype(config).itemsize,
+        config.dtype().itemsize,
         config.gradient_checkpointing,
         shards=state.num_processes if zero3 else 1,
     )

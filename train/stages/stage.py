@@ -176,20 +176,9 @@ def write_inputs(request: TrainRequest, prepared: Prepared) -> None:
             "test_images": prepared.counts["test"].images,
             "train_examples": len(prepared.train_examples),
             "validation_examples": len(prepared.eval_examples),
-            "dtype": str(training_dtype(request.config)).removeprefix("torch."),
+            "dtype": request.config.dtype_name(),
         },
     )
-
-
-def use_bf16(setting: str) -> bool:
-    if setting == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return setting == "true"
-
-
-def training_dtype(config: TrainConfig) -> torch.dtype:
-    """The dtype the weights are loaded and trained in: bfloat16 where `bf16` says so, else float32."""
-    return torch.bfloat16 if use_bf16(config.bf16) else torch.float32
 
 
 def claim_mixed_precision(bf16: bool) -> None:
@@ -209,7 +198,7 @@ def dataloader_workers(setting: int | None) -> int:
 
 def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
     """The paper's settings, expressed as TRL/transformers arguments."""
-    bf16 = use_bf16(config.bf16)
+    bf16 = config.uses_bf16()
     claim_mixed_precision(bf16)
     state = process_state(config.distributed_timeout_s)
     # transformers 5 reads a warmup_steps below 1 as a fraction of the training steps (config.py
@@ -244,7 +233,7 @@ def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
         dataloader_num_workers=dataloader_workers(config.dataloader_num_workers),
         ddp_timeout=config.distributed_timeout_s,
         model_init_kwargs={
-            "dtype": training_dtype(config),
+            "dtype": config.dtype(),
             "attn_implementation": config.attn_implementation,
         },
     )
