@@ -30,10 +30,11 @@ from domainbed_reasoning.train.evaluation.evaluate import (
     evaluate_run,
     predictions_path,
 )
+from domainbed_reasoning.train.sarr.sharding import part_path, shard_rows
 from domainbed_reasoning.train.stages.run import train
 from safetensors.torch import load_file
 
-from domainbed_reasoning.serving.vllm_server import free_port
+from domainbed_reasoning.serving.vllm_server import Endpoint, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).parent / "workers"
@@ -233,3 +234,23 @@ def test_after_zero3_training_evaluation_and_a_sarr_round_load_whole_models(
     assert (run_dir / "round-1" / "adapter" / "adapter_model.safetensors").is_file()
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert metrics["results"]["test"]["direct"]["n"] > 0
+
+
+def test_a_resumed_share_redraws_the_first_tries_samples(vllm_teacher: Endpoint, tmp_path: Path) -> None:
+    """Two processes sample a split from a real vLLM server; a run killed after rank 0's part
+    is resumed, and rank 1, redoing its share alone beside other requests than the first time,
+    draws the very same samples: each request's seed comes from (run seed, image id, round)."""
+    worker = (str(WORKERS / "seeded_share.py"), vllm_teacher.base_url, vllm_teacher.model)
+    first = tmp_path / "first"
+    launch(2, *worker, str(first))
+    answers = pl.read_parquet(first / "answers.parquet")
+    assert answers.height == 6 and answers["texts"].list.len().to_list() == [2] * 6
+    assert len(set(map(tuple, answers["texts"].to_list()))) > 1
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    rank_0 = shard_rows(answers.height, 0, 2)
+    part = part_path(resumed / "answers.parquet", 0, 2)
+    answers.slice(rank_0.start, len(rank_0)).write_parquet(part)
+    launch(2, *worker, str(resumed))
+    assert pl.read_parquet(resumed / "answers.parquet").equals(answers)
