@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from domainbed_reasoning.train.mtct import shared_prefix
 from domainbed_reasoning.train.mtct.mtct_data import build_examples
+from domainbed_reasoning.train.mtct.mtct_trainer import batch_layout
 from domainbed_reasoning.train.mtct.shared_prefix import pack_batch, prefix_mask
 from safetensors.torch import load_file
 from test_distributed import WORKERS, launch
@@ -38,10 +41,15 @@ SGD = {
 
 
 def one_step(
-    model_dir: Path, out: Path, shared: bool, attention: str | None = None, **settings
+    model_dir: Path,
+    out: Path,
+    shared: bool,
+    attention: str | None = None,
+    padding_free: bool = False,
+    **settings,
 ) -> tuple[dict, dict]:
     """The LoRA gradients and the logged losses of one optimiser step."""
-    trainer = mtct_trainer(model_dir, out, shared, attention, **(SGD | settings))
+    trainer = mtct_trainer(model_dir, out, shared, attention, padding_free, **(SGD | settings))
     capture = GradientCapture()
     trainer.add_callback(capture)
     trainer.train()
@@ -88,27 +96,68 @@ def test_shared_prefix_on_real_shapes(checkpoint: str, tmp_path: Path) -> None:
     assert_same_step(shared, two_rows)
 
 
-def test_shared_prefix_with_gradient_accumulation(tiny_qwen2vl: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fixture", ARCHITECTURES)
+def test_shared_prefix_with_gradient_accumulation(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """3 micro-batches of 4 rows: packed and unpacked give the same step (whose logged task
     losses are means over the micro-batches, in both layouts)."""
+    model_dir = request.getfixturevalue(fixture)
     accumulated = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3}
-    shared = one_step(tiny_qwen2vl, tmp_path / "shared", True, **accumulated)
-    two_rows = one_step(tiny_qwen2vl, tmp_path / "rows", False, **accumulated)
+    shared = one_step(model_dir, tmp_path / "shared", True, **accumulated)
+    two_rows = one_step(model_dir, tmp_path / "rows", False, **accumulated)
     assert_same_step(shared, two_rows)
 
 
-def test_shared_prefix_with_two_processes(tiny_internvl: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fixture", ARCHITECTURES)
+def test_shared_prefix_with_two_processes(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """2 processes x 6 packed rows (gloo) give the update of 1 process x 12 rows unpacked."""
-    launch(
-        2, str(WORKERS / "mtct_step.py"), str(tiny_internvl), str(tmp_path / "two"), "6", "shared"
-    )
-    main(tiny_internvl, tmp_path / "one", 12, "rows")
+    model_dir = request.getfixturevalue(fixture)
+    launch(2, str(WORKERS / "mtct_step.py"), str(model_dir), str(tmp_path / "two"), "6", "shared")
+    main(model_dir, tmp_path / "one", 12, "rows")
     runs = {}
     for name in ("two", "one"):
         folder = tmp_path / name
         report = json.loads((folder / "logs.json").read_text())
         runs[name] = (load_file(folder / "grads.safetensors"), report["logs"][0])
     assert_same_step(runs["two"], runs["one"])
+
+
+@pytest.mark.parametrize("fixture", ARCHITECTURES)
+def test_a_padding_free_step_equals_padded_rows(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flash-attention's layout: the whole micro-batch one row without padding, each example at
+    its own positions. On the CPU, sdpa runs that row through transformers' packed-sequence
+    mask, built from the same positions flash-attention's varlen kernels read."""
+    monkeypatch.setattr(shared_prefix, "VARLEN_BACKENDS", ("sdpa",))
+    model_dir = request.getfixturevalue(fixture)
+    flat = one_step(model_dir, tmp_path / "flat", False, padding_free=True, per_device_train_batch_size=12)
+    two_rows = one_step(model_dir, tmp_path / "rows", False, per_device_train_batch_size=12)
+    assert flat[1]["padding_fraction"] == 0 < two_rows[1]["padding_fraction"]
+    assert_same_step(flat, two_rows)
+
+
+@pytest.mark.parametrize(
+    ("attention", "shared", "padding_free", "layout", "line"),
+    [
+        ("sdpa", True, True, "shared", None),
+        ("sdpa", False, True, None, None),
+        ("flash_attention_2", True, True, "flat", "training one padding-free row per micro-batch"),
+        ("flash_attention_2", True, False, None, "training each path as its own row"),
+        ("flash_attention_2", False, True, "flat", None),
+        ("flex_attention", True, True, None, "training each path as its own row"),
+    ],
+)
+def test_the_layout_follows_the_attention_backend(
+    attention: str, shared: bool, padding_free: bool, layout: str | None, line: str | None
+) -> None:
+    config = SimpleNamespace(model_type="qwen2_vl", _attn_implementation=attention)
+    chosen, why = batch_layout(config, shared, padding_free)
+    assert chosen == layout
+    assert (why is None) if line is None else (why.startswith(f"mtct_shared_prefix: {line}, since"))
 
 
 def test_a_prefix_holds_the_image_and_stops_before_the_answer(tiny_qwen2vl: Path) -> None:

@@ -65,6 +65,7 @@ class TrainConfig:
     report_to: str = "tensorboard"
     attn_implementation: str | None = None
     mtct_shared_prefix: bool = True
+    padding_free: bool = True
     dataloader_num_workers: int | None = None
     distributed_timeout_s: int = 10800
     image_max_tiles: int | None = 6

@@ -75,6 +75,7 @@ def mtct_trainer(
     out: Path,
     shared_prefix: bool = False,
     attention: str | None = None,
+    padding_free: bool = False,
     **settings: object,
 ) -> MTCTTrainer:
     """An MTCT trainer with LoRA on vision and language over `rows()`, for one step."""
@@ -96,6 +97,7 @@ def mtct_trainer(
         processing_class=AutoProcessor.from_pretrained(model_dir),
         peft_config=lora_config(model, 8, 16, 0.0, train_vision=True),
         shared_prefix=shared_prefix,
+        padding_free=padding_free,
     )
 
 

@@ -1,14 +1,16 @@
 """TRL's SFTTrainer, taught the MTCT objective.
 
-Three small changes, each where the Trainer expects them to be made:
+A few small changes, each where the Trainer expects them to be made:
 - the collator carries each row's task (cls / reasoning) into the batch as a tensor;
 - the train sampler shuffles images, not rows, so an image's two paths stay adjacent
   and (with an even per-device batch) share a micro-batch and so an optimisation step;
 - `get_batch_samples` counts the tasks of the whole accumulation window (all devices)
   and `compute_loss` uses those counts (see mtct_loss.py), so the loss is the same
   whatever the gradient accumulation;
-- with `shared_prefix` an image's two paths are one packed row (shared_prefix.py): the
-  image and the prompt they share are computed once, the loss is unchanged.
+- the batch's layout (shared_prefix.py): with `shared_prefix` an image's two paths are one
+  packed row (the image and the prompt they share computed once), and where the attention
+  backend cannot take that but runs examples apart (flash-attention), with `padding_free`
+  each micro-batch is one row without padding. The loss is the same in every layout.
 Everything else - chat templates, image processing, prompt masking, the fused LM
 head, LoRA wrapping, checkpoints - is TRL's and transformers' own.
 """
@@ -28,6 +30,7 @@ from domainbed_reasoning.train.mtct.mtct_loss import (
     task_loss,
 )
 from domainbed_reasoning.train.mtct.shared_prefix import (
+    flat_blocker,
     pack_batch,
     packed_example_nll,
     packed_positions,
@@ -50,14 +53,16 @@ class TaskCollator:
     """Wraps TRL's vision collator: it builds the tensors, this adds `task` (0 cls, 1 reasoning).
 
     The wrapped collator must not truncate (`max_length` is checked here instead: a cut
-    chain would lose its conclusion). With `image_token_id` set, an image's rows are packed
-    into one row sharing their prefix; a batch whose layout cannot be packed stays as it is.
-    `layout` is `[example tokens, positions computed, real positions]`, for the logs.
+    chain would lose its conclusion). With `packing` "shared", an image's rows are packed
+    into one row sharing their prefix; with "flat", the micro-batch is one padding-free row;
+    a batch whose layout cannot be packed stays as it is. The batch's `layout` is
+    `[example tokens, positions computed, real positions]`, for the logs.
     """
 
     base: Callable[[list[dict[str, Any]]], dict[str, Any]]
     max_length: int | None = None
-    image_token_id: int | None = None
+    packing: str | None = None
+    image_token_id: int = 0
     pad_token_id: int = 0
     warned: bool = False
 
@@ -71,15 +76,15 @@ class TaskCollator:
                 f"max_length {self.max_length:,}: raise max_length, or set it to null (no truncation)"
             )
         packed = None
-        if self.image_token_id is not None:
-            packed = pack_batch(
-                batch, [row["id"] for row in rows], self.image_token_id, self.pad_token_id
-            )
+        if self.packing is not None:
+            keys = [row["id"] for row in rows]
+            packed = pack_batch(batch, keys, self.image_token_id, self.pad_token_id, self.packing)
             if packed is None and not self.warned:
                 self.warned = True
+                setting = "mtct_shared_prefix" if self.packing == "shared" else "padding_free"
                 logger.warning(
-                    f"mtct_shared_prefix: training each path as its own row, since the collator's batch "
-                    f"({', '.join(sorted(batch))}) is not a layout the shared prefix knows"
+                    f"{setting}: training padded rows, since the collator's batch "
+                    f"({', '.join(sorted(batch))}) is not a layout packing knows"
                 )
         real = int(lengths.sum())
         if packed is not None:
@@ -174,6 +179,18 @@ def length_keys(answers: Iterable[str], step: int = LENGTH_STEP) -> list[int]:
     return [len(answer) // step for answer in answers]
 
 
+def batch_layout(config: Any, shared_prefix: bool, padding_free: bool) -> tuple[str | None, str | None]:
+    """The packing a model trains with ("shared", "flat" or None for padded rows), and the one
+    log line that says why the shared prefix asked for is not used."""
+    if shared_prefix and (blocker := sharing_blocker(config)) is None:
+        return "shared", None
+    flat = "flat" if padding_free and flat_blocker(config) is None else None
+    if not shared_prefix:
+        return flat, None
+    rows = "one padding-free row per micro-batch" if flat else "each path as its own row"
+    return flat, f"mtct_shared_prefix: training {rows}, since {blocker}"
+
+
 class MTCTTrainer(SFTTrainer):
     """SFTTrainer whose loss is MTCT's; rows need `images`, `prompt`, `completion`, `task`, `id`."""
 
@@ -182,27 +199,30 @@ class MTCTTrainer(SFTTrainer):
     loss_is_scaled_for_ga = True
 
     def __init__(
-        self, *args: Any, reasoning_weight: float = 1.0, shared_prefix: bool = True, **kwargs: Any
+        self,
+        *args: Any,
+        reasoning_weight: float = 1.0,
+        shared_prefix: bool = True,
+        padding_free: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.reasoning_weight = reasoning_weight
         config = self.accelerator.unwrap_model(self.model).config
         self._attention = getattr(config, "_attn_implementation", None) or "sdpa"
         self._model_type = config.model_type
-        image_token_id = None
-        if shared_prefix:
-            blocker = sharing_blocker(config)
-            if blocker is None:
-                image_token_id = self.processing_class.image_token_id
-            else:
-                logger.warning(
-                    f"mtct_shared_prefix: training each path as its own row, since {blocker}"
-                )
+        packing, why = batch_layout(config, shared_prefix, padding_free)
+        if why and self.accelerator.is_main_process:
+            logger.warning(why)
         base = self.data_collator
         max_length = getattr(base, "max_length", None)
         base.max_length = None
         self.data_collator = TaskCollator(
-            base, max_length, image_token_id, self.processing_class.tokenizer.pad_token_id
+            base,
+            max_length,
+            packing,
+            self.processing_class.image_token_id,
+            self.processing_class.tokenizer.pad_token_id,
         )
         self._step_counts: torch.Tensor | None = None
 
@@ -263,14 +283,18 @@ class MTCTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _packed_forward(self, model, inputs: dict[str, Any], packing: dict[str, Any]):
-        """The forward of a packed batch: each token at its own row's position, behind the prefix mask."""
+        """The forward of a packed batch: each token at its own row's position, behind the
+        prefix mask (shared), or with no mask, the positions telling examples apart (flat)."""
         backbone = self.accelerator.unwrap_model(model)
         if hasattr(backbone, "get_base_model"):
             backbone = backbone.get_base_model()
         dtype = backbone.get_input_embeddings().weight.dtype
+        mask = None
+        if packing["layout"] == "shared":
+            mask = prefix_mask(packing["segment"], self._attention, dtype)
         return model(
             **inputs,
-            attention_mask=prefix_mask(packing["segment"], self._attention, dtype),
+            attention_mask=mask,
             position_ids=packed_positions(backbone.model, self._model_type, packing),
             use_cache=False,
             fused_lm_head=True,

@@ -18,6 +18,13 @@ token of a suffix is predicted from the token before it in its own row.
 Eager and SDPA attention take such a mask; flash-attention (varlen needs contiguous
 documents, not a prefix tree), flex attention and architectures whose positions are not
 known here train as two rows, said once in the log (`sharing_blocker`).
+
+Flash-attention gets the other saving instead: a padding-free micro-batch (`flat`), every
+example one after the other in a single row with no padding, each at its own positions
+(restarting from 0, which is how transformers' varlen path finds where an example ends;
+Qwen2-VL's text positions go first, as its model expects for packed input). The
+bookkeeping - which token came from which row, its label, its position - is the same
+`pack_batch` as for the shared prefix.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from typing import Any
 import torch
 
 MASK_BACKENDS = ("eager", "sdpa")
+# Backends that run the examples of a padding-free row apart, from their positions alone.
+VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 # 1-D RoPE positions are a row's column; Qwen2-VL's 3-D ones come from its own get_rope_index.
 POSITIONS_OF = {"llava": "columns", "internvl": "columns", "qwen2_vl": "rope_index"}
 # The keys TRL's vision collator emits for these architectures; any other means an unknown layout.
@@ -40,6 +49,16 @@ KNOWN_KEYS = {
     "mm_token_type_ids",
 }
 PREFIX, PAD = 0, -1
+
+
+def flat_blocker(config: Any) -> str | None:
+    """Why this model cannot train padding-free, or None when it can."""
+    backend = getattr(config, "_attn_implementation", None) or "sdpa"
+    if config.model_type not in POSITIONS_OF:
+        return f"model type {config.model_type} is not one whose positions are known here"
+    if backend not in VARLEN_BACKENDS:
+        return f"attention backend {backend} would attend across examples of one row"
+    return None
 
 
 def sharing_blocker(config: Any) -> str | None:
@@ -96,15 +115,19 @@ def shared_length(
     return max(length, 0)
 
 
+def flat_plan(lengths: list[int]) -> tuple[list[list[Segment]], list[int]]:
+    """One row holding every example whole, one after the other; every image is kept."""
+    return [[Segment(r, 0, length, r + 1) for r, length in enumerate(lengths)]], list(range(len(lengths)))
+
+
 def plan_rows(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
-    attention_mask: torch.Tensor,
+    lengths: list[int],
     image: torch.Tensor,
     keys: list[str],
 ) -> tuple[list[list[Segment]], list[int]]:
     """The packed rows (as segments of the two-row batch) and which rows' images the batch keeps."""
-    lengths = attention_mask.sum(1).tolist()
     groups: dict[str, list[int]] = {}
     for row, key in enumerate(keys):
         groups.setdefault(key, []).append(row)
@@ -137,12 +160,17 @@ def image_chunks(pixel_values: torch.Tensor, image_tokens: list[int]) -> list[in
 
 
 def pack_batch(
-    batch: dict[str, Any], keys: list[str], image_token_id: int, pad_token_id: int
+    batch: dict[str, Any],
+    keys: list[str],
+    image_token_id: int,
+    pad_token_id: int,
+    layout: str = "shared",
 ) -> dict[str, Any] | None:
-    """The packed batch of a two-row collator batch (rows right-padded); None when its layout is unknown."""
+    """The `layout` ("shared" or "flat") of a two-row collator batch (rows right-padded); None
+    when the batch's layout is unknown."""
     if set(batch) - KNOWN_KEYS or len(batch.get("image_grid_thw", keys)) != len(keys):
         return None
-    input_ids, labels, attention_mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    input_ids, labels = batch["input_ids"], batch["labels"]
     image = input_ids == image_token_id
     chunks = (
         image_chunks(batch["pixel_values"], image.sum(1).tolist())
@@ -151,7 +179,24 @@ def pack_batch(
     )
     if "pixel_values" in batch and chunks is None:
         return None
-    plan, kept = plan_rows(input_ids, labels, attention_mask, image, keys)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    if layout == "flat":
+        plan, kept = flat_plan(lengths)
+    else:
+        plan, kept = plan_rows(input_ids, labels, lengths, image, keys)
+    return _packed(batch, plan, kept, chunks, pad_token_id, layout)
+
+
+def _packed(
+    batch: dict[str, Any],
+    plan: list[list[Segment]],
+    kept: list[int],
+    chunks: list[int] | None,
+    pad_token_id: int,
+    layout: str,
+) -> dict[str, Any]:
+    """The packed tensors of `plan`: tokens, pre-shifted labels, the kept images, and where each token came from."""
+    input_ids, labels, attention_mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     width = max(sum(s.end - s.start for s in row) for row in plan)
     rows, columns = input_ids.shape
     source = torch.full((len(plan), width), PAD, dtype=torch.long)
@@ -183,6 +228,7 @@ def pack_batch(
         if "image_grid_thw" in batch:
             out["image_grid_thw"] = batch["image_grid_thw"][kept]
     out["shared_prefix"] = {
+        "layout": layout,
         "source": source,
         "segment": segment,
         "example_of": torch.where(real, flat // columns, PAD),
@@ -213,19 +259,22 @@ def prefix_mask(segment: torch.Tensor, backend: str, dtype: torch.dtype) -> torc
 
 
 def packed_positions(backbone: Any, model_type: str, packing: dict[str, Any]) -> torch.Tensor:
-    """Each packed token's position in its own row: a column (1-D RoPE) or Qwen2-VL's 3-D position."""
+    """Each packed token's position in its own row: a column (1-D RoPE) or Qwen2-VL's 3-D
+    position, after the columns as text positions in a padding-free row."""
     source, rows = packing["source"], packing["rows"]
     columns = rows["input_ids"].shape[1]
     flat = source.clamp(min=0)
+    text = (flat % columns).masked_fill(source < 0, 0)
     if POSITIONS_OF[model_type] == "columns":
-        return (flat % columns).masked_fill(source < 0, 0)
+        return text
     positions, _ = backbone.get_rope_index(
         rows["input_ids"],
         rows["mm_token_type_ids"],
         image_grid_thw=rows.get("image_grid_thw"),
         attention_mask=rows["attention_mask"],
     )
-    return positions.flatten(1)[:, flat].masked_fill(source < 0, 0)
+    spatial = positions.flatten(1)[:, flat].masked_fill(source < 0, 0)
+    return torch.cat([text[None], spatial]) if packing["layout"] == "flat" else spatial
 
 
 def packed_example_nll(

@@ -298,6 +298,7 @@ def _fit(
         callbacks=callbacks,
         reasoning_weight=config.reasoning_weight,
         shared_prefix=config.mtct_shared_prefix,
+        padding_free=config.padding_free,
     )
     trainer.remove_callback(PrinterCallback)  # the log dictionaries go to report_to, not the terminal
     checkpoint = last_checkpoint(run_dir)
