@@ -9,7 +9,12 @@ resized; every chain is 300 tokens. Each variant trains in its own process (so i
 RSS is its own) from the same weights on the same batches, in float32 without dropout,
 so their first-step losses must agree. The last line is the summary.
 
-    python bench/bench_mtct.py [--real-shapes DIR] [--images 2] [--steps 3]
+With `--full` (bench/gpu_mtct.sh, on a GPU) the model is InternVL3-2B-hf at its full depth,
+built in GPU memory from its config with random weights, trained in bf16 with gradient
+checkpointing; each row then adds the peak GPU memory and the MFU (6 x parameters x the
+examples' tokens per second / the GPU's peak dense bf16 FLOP/s).
+
+    python bench/bench_mtct.py [--real-shapes DIR] [--images 2] [--steps 3] [--full]
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import time
 from pathlib import Path
 
 import datasets
+import torch
 from domainbed_reasoning.train.model.lora import lora_config
 from domainbed_reasoning.train.mtct.mtct_data import build_examples
 from domainbed_reasoning.train.mtct.mtct_trainer import MTCTTrainer
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 from trl import SFTConfig
 
 from domainbed_reasoning.data.registry import get_spec
+from domainbed_reasoning.offline.demo_clock import machine
 from domainbed_reasoning.offline.real_shapes import build_real_shape_model
 from domainbed_reasoning.offline.synth import render
 
@@ -38,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = {"227x227": (227, 227), "640x480": (640, 480)}
 CHAIN_TOKENS = 300
 VARIANTS = ("rows", "shared")
+# Peak dense bf16 FLOP/s (no sparsity) by the name CUDA gives the card, for the MFU.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
 def chain(processor, name: str, colour: str) -> str:
@@ -95,10 +104,34 @@ class StepClock(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.starts[-1])
 
 
-def child(model_dir: Path, variant: str, size: str, images: int, steps: int) -> dict:
+def load_model(model_dir: Path, full: bool):
+    """The saved 2-layer model in float32 on the CPU, or (`full`) the whole architecture of
+    `model_dir`'s config built in bf16 on the GPU, the same random weights in both variants."""
+    if not full:
+        return AutoModelForImageTextToText.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16
+        )
+
+
+def gpu_figures(model, tokens_per_s: float) -> dict:
+    """Peak GPU memory and the MFU, where the card's peak bf16 rate is known."""
+    name = torch.cuda.get_device_name()
+    peak = next((flops for card, flops in PEAK_BF16.items() if card in name), None)
+    parameters = sum(p.numel() for p in model.parameters())
+    return {
+        "gpu": name,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "mfu": 6 * parameters * tokens_per_s / peak if peak else None,
+    }
+
+
+def child(model_dir: Path, variant: str, size: str, images: int, steps: int, full: bool) -> dict:
     """One variant's run: steps of `2 x images` examples (each image's two paths)."""
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    model = load_model(model_dir, full)
     examples = build_examples(
         split(processor, images * steps, SIZES[size]), "mtct", get_spec("SynthDG").classes
     )
@@ -110,9 +143,9 @@ def child(model_dir: Path, variant: str, size: str, images: int, steps: int) -> 
         logging_steps=1,
         report_to="none",
         save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
+        use_cpu=not full,
+        bf16=full,
+        gradient_checkpointing=full,
         dataloader_num_workers=0,
         seed=0,
     )
@@ -131,7 +164,7 @@ def child(model_dir: Path, variant: str, size: str, images: int, steps: int) -> 
     timed = clock.seconds[1:] or clock.seconds
     per_step = sum(timed) / len(timed)
     tokens = logs[-1]["num_tokens"] / len(logs)
-    return {
+    result = {
         "variant": variant,
         "size": size,
         "samples_per_s": 2 * images / per_step,
@@ -141,15 +174,34 @@ def child(model_dir: Path, variant: str, size: str, images: int, steps: int) -> 
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "first_loss": logs[0]["loss"],
     }
+    return result | (gpu_figures(model, tokens / per_step) if full else {})
 
 
-def run_child(model_dir: Path, variant: str, size: str, images: int, steps: int) -> dict:
+def run_child(model_dir: Path, variant: str, size: str, options: argparse.Namespace) -> dict:
     command = [
         sys.executable, __file__, "--child", variant, "--size", size, "--model", str(model_dir),
-        "--images", str(images), "--steps", str(steps),
+        "--images", str(options.images), "--steps", str(options.steps),
+        *(["--full"] if options.full else []),
     ]  # fmt: skip
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{variant} at {size} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_table(results: dict, full: bool) -> None:
+    gpu = f" {'peak GPU GiB':>13} {'MFU':>6}" if full else ""
+    print(
+        f"{'image':>8} {'layout':>7} {'samples/s':>10} {'tokens/s':>9} {'s/step':>7} "
+        f"{'padding':>8} {'peak RSS GiB':>13}{gpu}"
+    )
+    for (size, variant), r in results.items():
+        mfu = f"{r['mfu']:>6.1%}" if r.get("mfu") is not None else f"{'-':>6}"
+        gpu = f" {r['peak_gpu_gib']:>13.2f} {mfu}" if full else ""
+        print(
+            f"{size:>8} {variant:>7} {r['samples_per_s']:>10.3f} {r['tokens_per_s']:>9.1f} "
+            f"{r['seconds_per_step']:>7.2f} {r['padding_fraction']:>8.1%} {r['peak_rss_gib']:>13.2f}{gpu}"
+        )
 
 
 def main() -> None:
@@ -160,40 +212,38 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=3, help="optimiser steps (the first is not timed)"
     )
+    parser.add_argument(
+        "--full", action="store_true", help="the full-depth model in bf16 on a GPU (gpu_mtct.sh)"
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=SIZES, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
-        print(
-            json.dumps(
-                child(
-                    Path(options.model), options.child, options.size, options.images, options.steps
-                )
-            )
+        figures = child(
+            Path(options.model), options.child, options.size, options.images, options.steps, options.full
         )
+        print(json.dumps(figures))
         return
     source = Path(options.real_shapes) / "internvl3_2b_hf"
     if not (source / "config.json").is_file():
         sys.exit(
             f"no InternVL3-2B-hf files at {source}: pass --real-shapes DIR (or set DBR_REAL_SHAPES)"
         )
-    model_dir = build_real_shape_model(
+    if options.full and not torch.cuda.is_available():
+        sys.exit("--full trains the whole model in bf16 on a GPU, and no CUDA device is visible")
+    # --full builds the model from the source's config in GPU memory; its processor is the source's.
+    model_dir = source if options.full else build_real_shape_model(
         source, REPO / ".cache" / "real-shapes" / "internvl3_2b_hf-2layers"
     )
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    print(f"machine: {machine()}{gpu}", flush=True)
     results = {
-        (size, variant): run_child(model_dir, variant, size, options.images, options.steps)
+        (size, variant): run_child(model_dir, variant, size, options)
         for size in SIZES
         for variant in VARIANTS
     }
-    print(
-        f"{'image':>8} {'layout':>7} {'samples/s':>10} {'tokens/s':>9} {'s/step':>7} {'padding':>8} {'peak RSS GiB':>13}"
-    )
-    for (size, variant), r in results.items():
-        print(
-            f"{size:>8} {variant:>7} {r['samples_per_s']:>10.3f} {r['tokens_per_s']:>9.1f} "
-            f"{r['seconds_per_step']:>7.1f} {r['padding_fraction']:>8.1%} {r['peak_rss_gib']:>13.2f}"
-        )
+    print_table(results, options.full)
     ratios = [
         results[size, "shared"]["samples_per_s"] / results[size, "rows"]["samples_per_s"]
         for size in SIZES
