@@ -150,8 +150,8 @@ def test_evaluation_with_two_processes_scores_every_image_like_one_process(
     }
     shutil.rmtree(run_dir / "eval")
     launch(
-        2, "-m", "domainbed_reasoning", "eval", "--run", str(run_dir),
-        "--direct-tokens", "4", "--max-new-tokens", "8", "--no-progress",
+        2, str(WORKERS / "rank0_ahead.py"), str(tmp_path / "rank0-at-barrier"),
+        "eval", "--run", str(run_dir), "--direct-tokens", "4", "--max-new-tokens", "8", "--no-progress",
     )  # fmt: skip
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert metrics["results"] == json.loads(json.dumps(single["results"]))

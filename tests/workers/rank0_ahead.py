@@ -1,11 +1,11 @@
-"""`dbr` under `accelerate launch` with rank 0 always ahead: the other ranks start reading the
-run folder only once rank 0 waits at a barrier (or has exited).
+"""`dbr` under `accelerate launch` with rank 0 always ahead: the other ranks join the process
+group, then start the command only once rank 0 waits at a barrier (or has exited).
 
 Usage: `rank0_ahead.py MARKER dbr-arguments...`. Rank 0 creates MARKER whenever it enters
-`wait_for_everyone`; every other rank waits for MARKER before `prepare`, its first look at
-the run folder. This is the worst interleaving a real launch can produce: whatever rank 0
-writes before its first barrier, the others see. A check that another rank's write can
-change must be made before that barrier, so a missing one fails here every time.
+`wait_for_everyone`; every other rank waits for MARKER before running the command at all.
+This is the worst interleaving a real launch can produce: whatever rank 0 writes before its
+first barrier, the others see. A check that another rank's write can change must be made
+before that barrier, so a missing one fails here every time.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from accelerate.state import PartialState
-from domainbed_reasoning.train.stages import run
-from domainbed_reasoning.train.stages.stage import Prepared, TrainRequest
+from domainbed_reasoning.train.sarr.sharding import process_state
 
 from domainbed_reasoning.cli import main
 
@@ -49,13 +48,8 @@ if RANK == 0:
 
     PartialState.wait_for_everyone = wait_for_everyone
 else:
-    prepare = run.prepare
-
-    def delayed_prepare(request: TrainRequest) -> Prepared:
-        _await_rank0()
-        return prepare(request)
-
-    run.prepare = delayed_prepare
+    process_state()  # joins the group rank 0 is creating, then holds this rank back
+    _await_rank0()
 
 sys.argv = ["dbr", *sys.argv[2:]]
 main()
