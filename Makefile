@@ -1,6 +1,6 @@
 # domainbed-reasoning: every install step lives here, so a clean machine needs only `make`.
 # Targets that need settings or inputs (train, build-chains) check them in a prerequisite that runs
-# before `setup`, so a mistake costs a second, not an install.
+# before `setup`, so a mistake costs a line of output, not an install.
 SHELL := /bin/bash
 # Prerequisites run left to right, even under -j: the input checks must come before setup.
 .NOTPARALLEL:
@@ -17,7 +17,7 @@ VLLM_VERSION ?= 0.32.0
 DATASET ?= PACS
 DATA_DIR ?= data
 RUNS ?= runs
-TEACHER_URL ?= http://127.0.0.1:8000/v1
+TEACHER_URL ?= http://127.0.0.1:$(PORT)/v1
 # Empty: ask the server at TEACHER_URL which model it serves (vLLM's and the simulated teacher's
 # /v1/models list one). Set it for an API that serves many, e.g. TEACHER_MODEL=gpt-4o.
 TEACHER_MODEL ?=
@@ -49,8 +49,17 @@ RESOLVE_TEACHER = model='$(TEACHER_MODEL)'; if [ -z "$$model" ]; then \
 	[ "$$(wc -l <<< "$$ids")" = 1 ] || { echo "build-chains: $(TEACHER_URL) serves several models \
 	($$(echo $$ids)): set TEACHER_MODEL to one"; exit 2; }; model=$$ids; fi
 
+# `make sim-teacher` and `make serve-teacher` write their make's process id here before anything
+# else, so that a build-chains typed at the same time waits for the teacher for as long as that make
+# lives (installing the environment, drawing SynthDG, loading the model), and TEACHER_WAIT seconds
+# beyond it.
+TEACHER_PID = $(RUNS)/.teacher-make.pid
+TEACHER_WAIT ?= 60
+TEACHER_STARTING = pid=$$(cat '$(TEACHER_PID)' 2>/dev/null) && [[ "$$(ps -o comm= -p "$$pid" 2>/dev/null)" == *make ]]
+TEACHER_ANSWERS = $(PYTHON) -c '$(MODELS_PY)' '$(TEACHER_URL)' >/dev/null 2>&1
+
 .PHONY: setup vllm-env chromium docs test demo datasets download synth build-chains build-chains-inputs browse export \
-	publish serve-teacher sim-teacher bench bench-mtct lint clean train train-inputs
+	publish serve-teacher sim-teacher teacher-pid bench bench-mtct lint clean train train-inputs
 
 # The stamp is keyed on pyproject.toml, so re-running `make setup` is instant when nothing changed.
 # DeepSpeed (the optional extra) is installed too, so the ZeRO-3 save test runs on the CPU; the `gpu`
@@ -115,12 +124,23 @@ $(SYNTH_SIDECAR): | setup
 synth: $(SYNTH_SIDECAR)
 
 # The dataset's folder under DATA_DIR (its name, lower-cased, without underscores, is the dataset's:
-# office_home is OfficeHome) and, when TEACHER_MODEL is empty, the teacher's model name.
+# office_home is OfficeHome) and, when TEACHER_MODEL is empty, the teacher's model name. A teacher
+# that does not answer yet is waited for (see TEACHER_PID), and SynthDG, which `make sim-teacher`
+# draws before it serves, is looked for once that wait is over.
 build-chains-inputs:
-	@want=$$(tr A-Z a-z <<< '$(DATASET)'); for dir in $(DATA_DIR)/*/; do \
-		[ "$$(basename "$$dir" | tr -d _ | tr A-Z a-z)" = "$$want" ] && exit 0; done; \
+	@want=$$(tr A-Z a-z <<< '$(DATASET)'); have_data() { for dir in $(DATA_DIR)/*/; do \
+		[ "$$(basename "$$dir" | tr -d _ | tr A-Z a-z)" = "$$want" ] && return 0; done; return 1; }; \
 	if [ '$(DATASET)' = SynthDG ]; then hint="make synth"; else hint="make download DATASET=$(DATASET)"; fi; \
-	echo "build-chains: no $(DATASET) folder under $(DATA_DIR)/: run '$$hint' (or set DATA_DIR)"; exit 2
+	missing="build-chains: no $(DATASET) folder under $(DATA_DIR)/: run '$$hint' (or set DATA_DIR)"; \
+	[ '$(DATASET)' = SynthDG ] || have_data || { echo "$$missing"; exit 2; }; \
+	deadline=$$((SECONDS + $(TEACHER_WAIT))); \
+	until if [ -n '$(TEACHER_MODEL)' ]; then have_data; else $(TEACHER_ANSWERS); fi; do \
+		if $(TEACHER_STARTING); then deadline=$$((SECONDS + $(TEACHER_WAIT))); \
+		elif [ $$SECONDS -ge $$deadline ]; then break; fi; \
+		[ -n "$$told" ] || { told=1; echo "build-chains: waiting for the teacher at $(TEACHER_URL) \
+	(up to $(TEACHER_WAIT) s, longer while 'make sim-teacher' or 'make serve-teacher' is starting)"; }; \
+		sleep 1; done; \
+	have_data || { echo "$$missing"; exit 2; }
 	@$(RESOLVE_TEACHER)
 
 # Extra `dbr build-chains` options go in BUILD_ARGS, e.g. BUILD_ARGS="--limit 200 --candidates 2".
@@ -138,14 +158,18 @@ publish: setup
 	@test -n "$(REPO)" || { echo "publish: set REPO=<user>/domainbed-reasoning (add DRY_RUN=1 to only list files)"; exit 2; }
 	$(DBR) publish --folder $(EXPORT_DIR) --repo-id $(REPO) $(if $(DRY_RUN),--dry-run,)
 
+# The make that starts a teacher: its process id is the recipe shell's parent (see TEACHER_PID).
+teacher-pid:
+	@mkdir -p '$(RUNS)' && echo $$PPID > '$(TEACHER_PID)'
+
 # The teacher for build-chains: vLLM's OpenAI server with MODEL (the paper's backbone by default), served
 # as TEACHER_MODEL when that is set.
-serve-teacher: vllm-env
+serve-teacher: teacher-pid vllm-env
 	$(DBR) serve-teacher --model "$(MODEL)" --tp $(TP) --port $(PORT) --max-model-len $(MAX_MODEL_LEN) \
 		--vllm-python $(VLLM_VENV)/bin/python $(if $(TEACHER_MODEL),--served-model-name "$(TEACHER_MODEL)")
 
 # The simulated SynthDG teacher (no model, no GPU), drawing SynthDG first where it is missing.
-sim-teacher: setup $(SYNTH_SIDECAR)
+sim-teacher: teacher-pid setup $(SYNTH_SIDECAR)
 	$(DBR) sim-teacher --data-dir $(DATA_DIR) --port $(PORT) $(if $(TEACHER_MODEL),--model "$(TEACHER_MODEL)")
 
 demo: setup
