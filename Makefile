@@ -92,11 +92,16 @@ vllm-env: $(VLLM_VENV)/.stamp
 
 # The browser tests/test_browse.py renders `dbr browse`'s page in: Debian's chromium package, never
 # a downloaded browser build. Nothing to do where it is installed; installed where we are root;
-# otherwise one line says what to run, and the browser tests skip until then.
+# otherwise one line says what to run, and the browser tests skip until then. An install that fails
+# (no network, no apt) says why in one line and does not stop `make test`.
+CHROMIUM := /usr/bin/chromium
 chromium:
-	@if [ -x /usr/bin/chromium ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
-	else echo "chromium: /usr/bin/chromium is missing; run 'sudo apt-get install -y chromium' (tests/test_browse.py skips until then)"; fi
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		log=$$( { apt-get update -qq && apt-get install -y -qq chromium; } 2>&1 ) || { \
+		why=$$(grep -m1 '^E:' <<< "$$log" || tail -n1 <<< "$$log"); \
+		echo "chromium: could not install it ($${why:-apt-get failed}); tests/test_browse.py skips until $(CHROMIUM) exists"; }; \
+	else echo "chromium: $(CHROMIUM) is missing; run 'sudo apt-get install -y chromium' (tests/test_browse.py skips until then)"; fi
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page
 # missing from the navigation.

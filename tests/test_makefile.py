@@ -204,6 +204,29 @@ def test_every_dataset_folder_reads_as_its_name() -> None:
         assert spec.dirname.replace("_", "").lower() == spec.name.lower(), spec.name
 
 
+def test_a_chromium_that_cannot_be_installed_does_not_stop_make_test(tmp_path: Path) -> None:
+    """As root with no network, apt-get fails: one line says why, and the make goes on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in {
+        "id": "echo 0",
+        "apt-get": "echo 'W: Some index files failed to download'; "
+        "echo 'E: Unable to locate package chromium' >&2; exit 100",
+    }.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / name).chmod(0o755)
+    missing = tmp_path / "chromium"
+    result = make(
+        "chromium", f"CHROMIUM={missing}", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == (
+        "chromium: could not install it (E: Unable to locate package chromium); "
+        f"tests/test_browse.py skips until {missing} exists\n"
+    )
+
+
 def test_make_test_builds_the_documentation_strictly() -> None:
     result = make("-n", "-o", ".venv/.stamp", "-o", ".venv-vllm/.stamp", "test")
 
