@@ -193,8 +193,12 @@ DATA ?= domainbed-reasoning
 TRAIN_CONFIG ?= train/configs/mtct.yaml
 TRAIN_ARGS ?=
 ACCELERATE_CONFIG ?= train/accelerate/ddp.yaml
-TRAIN_LAUNCH = $(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
-	--num_processes $(NGPU) -m domainbed_reasoning,$(DBR))
+# `dbr train` itself on one GPU or none with the default data-parallel config; accelerate otherwise,
+# one process per GPU (one process where there are fewer than two: ZeRO on one GPU).
+MULTI_GPU = $(filter-out 0 1,$(NGPU))
+OTHER_ACCELERATE_CONFIG = $(filter-out $(abspath train/accelerate/ddp.yaml),$(abspath $(ACCELERATE_CONFIG)))
+TRAIN_LAUNCH = $(if $(MULTI_GPU)$(OTHER_ACCELERATE_CONFIG),$(VENV)/bin/accelerate launch \
+	--config_file $(ACCELERATE_CONFIG) --num_processes $(or $(MULTI_GPU),1) -m domainbed_reasoning,$(DBR))
 
 # The data and the model must be at hand (a local folder, or a Hub id that can be fetched: in the
 # cache, or HF_HUB_OFFLINE unset) before anything is installed or downloaded.

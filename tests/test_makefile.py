@@ -74,6 +74,24 @@ def test_ngpu_honours_cuda_visible_devices() -> None:
     assert ngpu({"CUDA_VISIBLE_DEVICES": ""}) == "0"
 
 
+def train_launch(*settings: str) -> str:
+    result = make("--eval", "print-launch: ; @echo $(TRAIN_LAUNCH)", "print-launch", *settings)
+    return result.stdout.strip()
+
+
+def test_train_launches_accelerate_for_several_gpus_or_another_config() -> None:
+    accelerate = ".venv/bin/accelerate launch --config_file"
+    assert train_launch("NGPU=1") == train_launch("NGPU=0") == ".venv/bin/dbr"
+    assert train_launch("NGPU=4") == (
+        f"{accelerate} train/accelerate/ddp.yaml --num_processes 4 -m domainbed_reasoning"
+    )
+    zero3 = "ACCELERATE_CONFIG=train/accelerate/zero3.yaml"
+    assert train_launch("NGPU=1", zero3) == (
+        f"{accelerate} train/accelerate/zero3.yaml --num_processes 1 -m domainbed_reasoning"
+    ), "ZeRO on one GPU still goes through accelerate"
+    assert train_launch("NGPU=2", zero3).endswith("--num_processes 2 -m domainbed_reasoning")
+
+
 def test_train_checks_its_inputs_before_installing_anything(tmp_path: Path) -> None:
     never = tmp_path / "venv"
     result = make(
