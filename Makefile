@@ -182,6 +182,8 @@ demo: setup
 
 # Training, the paper's run by default: RD-MLDG (MTCT + 3 SARR rounds) on InternVL3-8B, every held-out
 # domain of DATASET in turn (TARGET=<domain> for one), one process per visible GPU through accelerate.
+# Always with --resume: run again after an interruption, a domain whose training and evaluation
+# finished is kept as it is, an unfinished one continues from its last checkpoint.
 # METHOD=mtct|cls|reasoning|rd-mldg; rd-mldg also takes SARR_ROUNDS, SARR_INIT (base|continue) and
 # ENGINE (transformers|vllm); any other `dbr train` option goes in TRAIN_ARGS.
 TARGET ?=
@@ -222,7 +224,7 @@ train: train-inputs setup
 	while IFS= read -r target; do \
 		echo "train: $(DATASET), held-out domain $$target, $(METHOD), $(MODEL), $(or $(filter-out 0,$(NGPU)),no) GPU(s)"; \
 		$(TRAIN_LAUNCH) train $(DATASET) --data $(DATA) --target "$$target" --model "$(MODEL)" --method $(METHOD) \
-			--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS) \
+			--out $(RUNS)/train --config $(TRAIN_CONFIG) --resume $(TRAIN_ARGS) \
 			$(if $(SARR_ROUNDS),--sarr-rounds $(SARR_ROUNDS)) $(if $(SARR_INIT),--sarr-init $(SARR_INIT)) \
 			$(if $(ENGINE),--engine $(ENGINE)) || exit $$?; \
 	done <<< "$$targets"

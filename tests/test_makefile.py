@@ -130,6 +130,7 @@ def test_train_runs_every_held_out_domain_when_no_target_is_given(tmp_path: Path
         get_spec("OfficeHome").domains
     )
     assert all("--model OpenGVLab/InternVL3-8B-hf --method rd-mldg" in line for line in launched)
+    assert all("--resume" in line.split() for line in launched), "a re-run skips finished domains"
 
 
 def test_build_chains_checks_the_data_folder_before_installing_anything(tmp_path: Path) -> None:
