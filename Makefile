@@ -1,6 +1,6 @@
 # domainbed-reasoning: every install step lives here, so a clean machine needs only `make`.
 # Targets that need settings or inputs (train, build-chains) check them in a prerequisite that runs
-# before `setup`, so a mistake costs a second, not an install.
+# before `setup`, so a mistake costs a line of output, not an install.
 SHELL := /bin/bash
 # Prerequisites run left to right, even under -j: the input checks must come before setup.
 .NOTPARALLEL:
@@ -17,7 +17,7 @@ VLLM_VERSION ?= 0.32.0
 DATASET ?= PACS
 DATA_DIR ?= data
 RUNS ?= runs
-TEACHER_URL ?= http://127.0.0.1:8000/v1
+TEACHER_URL ?= http://127.0.0.1:$(PORT)/v1
 # Empty: ask the server at TEACHER_URL which model it serves (vLLM's and the simulated teacher's
 # /v1/models list one). Set it for an API that serves many, e.g. TEACHER_MODEL=gpt-4o.
 TEACHER_MODEL ?=
@@ -49,8 +49,17 @@ RESOLVE_TEACHER = model='$(TEACHER_MODEL)'; if [ -z "$$model" ]; then \
 	[ "$$(wc -l <<< "$$ids")" = 1 ] || { echo "build-chains: $(TEACHER_URL) serves several models \
 	($$(echo $$ids)): set TEACHER_MODEL to one"; exit 2; }; model=$$ids; fi
 
+# `make sim-teacher` and `make serve-teacher` write their make's process id here before anything
+# else, so that a build-chains typed at the same time waits for the teacher for as long as that make
+# lives (installing the environment, drawing SynthDG, loading the model), and TEACHER_WAIT seconds
+# beyond it.
+TEACHER_PID = $(RUNS)/.teacher-make.pid
+TEACHER_WAIT ?= 60
+TEACHER_STARTING = pid=$$(cat '$(TEACHER_PID)' 2>/dev/null) && [[ "$$(ps -o comm= -p "$$pid" 2>/dev/null)" == *make ]]
+TEACHER_ANSWERS = $(PYTHON) -c '$(MODELS_PY)' '$(TEACHER_URL)' >/dev/null 2>&1
+
 .PHONY: setup vllm-env chromium docs test demo datasets download synth build-chains build-chains-inputs browse export \
-	publish serve-teacher sim-teacher bench bench-mtct lint clean train train-inputs
+	publish serve-teacher sim-teacher teacher-pid bench bench-mtct lint clean train train-inputs
 
 # The stamp is keyed on pyproject.toml, so re-running `make setup` is instant when nothing changed.
 # DeepSpeed (the optional extra) is installed too, so the ZeRO-3 save test runs on the CPU; the `gpu`
@@ -83,11 +92,16 @@ vllm-env: $(VLLM_VENV)/.stamp
 
 # The browser tests/test_browse.py renders `dbr browse`'s page in: Debian's chromium package, never
 # a downloaded browser build. Nothing to do where it is installed; installed where we are root;
-# otherwise one line says what to run, and the browser tests skip until then.
+# otherwise one line says what to run, and the browser tests skip until then. An install that fails
+# (no network, no apt) says why in one line and does not stop `make test`.
+CHROMIUM := /usr/bin/chromium
 chromium:
-	@if [ -x /usr/bin/chromium ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
-	else echo "chromium: /usr/bin/chromium is missing; run 'sudo apt-get install -y chromium' (tests/test_browse.py skips until then)"; fi
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		log=$$( { apt-get update -qq && apt-get install -y -qq chromium; } 2>&1 ) || { \
+		why=$$(grep -m1 '^E:' <<< "$$log" || tail -n1 <<< "$$log"); \
+		echo "chromium: could not install it ($${why:-apt-get failed}); tests/test_browse.py skips until $(CHROMIUM) exists"; }; \
+	else echo "chromium: $(CHROMIUM) is missing; run 'sudo apt-get install -y chromium' (tests/test_browse.py skips until then)"; fi
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page
 # missing from the navigation.
@@ -115,12 +129,23 @@ $(SYNTH_SIDECAR): | setup
 synth: $(SYNTH_SIDECAR)
 
 # The dataset's folder under DATA_DIR (its name, lower-cased, without underscores, is the dataset's:
-# office_home is OfficeHome) and, when TEACHER_MODEL is empty, the teacher's model name.
+# office_home is OfficeHome) and, when TEACHER_MODEL is empty, the teacher's model name. A teacher
+# that does not answer yet is waited for (see TEACHER_PID), and SynthDG, which `make sim-teacher`
+# draws before it serves, is looked for once that wait is over.
 build-chains-inputs:
-	@want=$$(tr A-Z a-z <<< '$(DATASET)'); for dir in $(DATA_DIR)/*/; do \
-		[ "$$(basename "$$dir" | tr -d _ | tr A-Z a-z)" = "$$want" ] && exit 0; done; \
+	@want=$$(tr A-Z a-z <<< '$(DATASET)'); have_data() { for dir in $(DATA_DIR)/*/; do \
+		[ "$$(basename "$$dir" | tr -d _ | tr A-Z a-z)" = "$$want" ] && return 0; done; return 1; }; \
 	if [ '$(DATASET)' = SynthDG ]; then hint="make synth"; else hint="make download DATASET=$(DATASET)"; fi; \
-	echo "build-chains: no $(DATASET) folder under $(DATA_DIR)/: run '$$hint' (or set DATA_DIR)"; exit 2
+	missing="build-chains: no $(DATASET) folder under $(DATA_DIR)/: run '$$hint' (or set DATA_DIR)"; \
+	[ '$(DATASET)' = SynthDG ] || have_data || { echo "$$missing"; exit 2; }; \
+	deadline=$$((SECONDS + $(TEACHER_WAIT))); \
+	until if [ -n '$(TEACHER_MODEL)' ]; then have_data; else $(TEACHER_ANSWERS); fi; do \
+		if $(TEACHER_STARTING); then deadline=$$((SECONDS + $(TEACHER_WAIT))); \
+		elif [ $$SECONDS -ge $$deadline ]; then break; fi; \
+		[ -n "$$told" ] || { told=1; echo "build-chains: waiting for the teacher at $(TEACHER_URL) \
+	(up to $(TEACHER_WAIT) s, longer while 'make sim-teacher' or 'make serve-teacher' is starting)"; }; \
+		sleep 1; done; \
+	have_data || { echo "$$missing"; exit 2; }
 	@$(RESOLVE_TEACHER)
 
 # Extra `dbr build-chains` options go in BUILD_ARGS, e.g. BUILD_ARGS="--limit 200 --candidates 2".
@@ -138,14 +163,18 @@ publish: setup
 	@test -n "$(REPO)" || { echo "publish: set REPO=<user>/domainbed-reasoning (add DRY_RUN=1 to only list files)"; exit 2; }
 	$(DBR) publish --folder $(EXPORT_DIR) --repo-id $(REPO) $(if $(DRY_RUN),--dry-run,)
 
+# The make that starts a teacher: its process id is the recipe shell's parent (see TEACHER_PID).
+teacher-pid:
+	@mkdir -p '$(RUNS)' && echo $$PPID > '$(TEACHER_PID)'
+
 # The teacher for build-chains: vLLM's OpenAI server with MODEL (the paper's backbone by default), served
 # as TEACHER_MODEL when that is set.
-serve-teacher: vllm-env
+serve-teacher: teacher-pid vllm-env
 	$(DBR) serve-teacher --model "$(MODEL)" --tp $(TP) --port $(PORT) --max-model-len $(MAX_MODEL_LEN) \
 		--vllm-python $(VLLM_VENV)/bin/python $(if $(TEACHER_MODEL),--served-model-name "$(TEACHER_MODEL)")
 
 # The simulated SynthDG teacher (no model, no GPU), drawing SynthDG first where it is missing.
-sim-teacher: setup $(SYNTH_SIDECAR)
+sim-teacher: teacher-pid setup $(SYNTH_SIDECAR)
 	$(DBR) sim-teacher --data-dir $(DATA_DIR) --port $(PORT) $(if $(TEACHER_MODEL),--model "$(TEACHER_MODEL)")
 
 demo: setup
@@ -153,6 +182,8 @@ demo: setup
 
 # Training, the paper's run by default: RD-MLDG (MTCT + 3 SARR rounds) on InternVL3-8B, every held-out
 # domain of DATASET in turn (TARGET=<domain> for one), one process per visible GPU through accelerate.
+# Always with --resume: run again after an interruption, a domain whose training and evaluation
+# finished is kept as it is, an unfinished one continues from its last checkpoint.
 # METHOD=mtct|cls|reasoning|rd-mldg; rd-mldg also takes SARR_ROUNDS, SARR_INIT (base|continue) and
 # ENGINE (transformers|vllm); any other `dbr train` option goes in TRAIN_ARGS.
 TARGET ?=
@@ -164,8 +195,12 @@ DATA ?= domainbed-reasoning
 TRAIN_CONFIG ?= train/configs/mtct.yaml
 TRAIN_ARGS ?=
 ACCELERATE_CONFIG ?= train/accelerate/ddp.yaml
-TRAIN_LAUNCH = $(if $(filter-out 0 1,$(NGPU)),$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) \
-	--num_processes $(NGPU) -m domainbed_reasoning,$(DBR))
+# `dbr train` itself on one GPU or none with the default data-parallel config; accelerate otherwise,
+# one process per GPU (one process where there are fewer than two: ZeRO on one GPU).
+MULTI_GPU = $(filter-out 0 1,$(NGPU))
+OTHER_ACCELERATE_CONFIG = $(filter-out $(abspath train/accelerate/ddp.yaml),$(abspath $(ACCELERATE_CONFIG)))
+TRAIN_LAUNCH = $(if $(MULTI_GPU)$(OTHER_ACCELERATE_CONFIG),$(VENV)/bin/accelerate launch \
+	--config_file $(ACCELERATE_CONFIG) --num_processes $(or $(MULTI_GPU),1) -m domainbed_reasoning,$(DBR))
 
 # The data and the model must be at hand (a local folder, or a Hub id that can be fetched: in the
 # cache, or HF_HUB_OFFLINE unset) before anything is installed or downloaded.
@@ -189,7 +224,7 @@ train: train-inputs setup
 	while IFS= read -r target; do \
 		echo "train: $(DATASET), held-out domain $$target, $(METHOD), $(MODEL), $(or $(filter-out 0,$(NGPU)),no) GPU(s)"; \
 		$(TRAIN_LAUNCH) train $(DATASET) --data $(DATA) --target "$$target" --model "$(MODEL)" --method $(METHOD) \
-			--out $(RUNS)/train --config $(TRAIN_CONFIG) $(TRAIN_ARGS) \
+			--out $(RUNS)/train --config $(TRAIN_CONFIG) --resume $(TRAIN_ARGS) \
 			$(if $(SARR_ROUNDS),--sarr-rounds $(SARR_ROUNDS)) $(if $(SARR_INIT),--sarr-init $(SARR_INIT)) \
 			$(if $(ENGINE),--engine $(ENGINE)) || exit $$?; \
 	done <<< "$$targets"

@@ -16,16 +16,27 @@ from rich.progress import (
 from rich.text import Text
 
 
+def images_per_second(task: Task) -> float | None:
+    """rich's estimate from its recent samples; where it has none (a build that finished between
+    two samples), the images done over the time since the start."""
+    speed = task.finished_speed or task.speed
+    if speed:
+        return speed
+    elapsed = task.elapsed if task.finished_time is None else task.finished_time
+    return task.completed / elapsed if task.completed and elapsed else None
+
+
 class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = images_per_second(task)
+        rate = "-" if speed is None else f"{speed:.1f}"
         accepted = task.fields.get("accepted", 0)
         share = f"{100 * accepted / task.completed:.1f}%" if task.completed else "-"
         failed = task.fields.get("failed", 0)
         pending = f", {failed} left pending by failed requests" if failed else ""
         spend = task.fields.get("spend")
         spent = f", {spend}" if spend else ""
-        return Text(f"{speed or 0:.1f} img/s, accepted {share}{pending}{spent}")
+        return Text(f"{rate} img/s, accepted {share}{pending}{spent}")
 
 
 def progress_bar(console: Console | None, show: bool) -> Progress:

@@ -282,7 +282,7 @@ def train_command(
         None, help="YAML settings; default: the paper's, train/configs/mtct.yaml shipped with the package."
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a setting, KEY=VALUE; repeatable."),
-    resume: bool = typer.Option(False, help="Continue from the last checkpoint of this run folder."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint of this run folder (or start it); a finished run and evaluation are kept as they are."),
     sarr_rounds: int | None = typer.Option(None, help="rd-mldg: self-labelling rounds after MTCT (config: 3)."),
     sarr_init: str | None = typer.Option(
         None, help="rd-mldg: each round trains from the `base` model or `continue`s the last adapter."

@@ -587,16 +587,17 @@ def test_training_frees_the_trainer_model_and_optimiser_before_anything_else_loa
 def test_cli_trains_then_evaluates_the_held_out_domain(
     fast_train, export_dir: Path, tiny_llava: Path, tmp_path: Path
 ) -> None:
+    """With --resume (what `make train` passes): a fresh folder trains and evaluates, and a second
+    run finds both finished and leaves them as they are."""
     overrides = [arg for key, value in fast_train.items() for arg in ("--set", f"{key}={value}")]
-    result = CliRunner().invoke(
-        app,
-        [
-            "train", "SynthDG", "--data", str(export_dir), "--target", "sketch",
-            "--model", str(tiny_llava), "--out", str(tmp_path), "--method", "cls", *overrides,
-        ],
-    )  # fmt: skip
+    argv = [
+        "train", "SynthDG", "--data", str(export_dir), "--target", "sketch",
+        "--model", str(tiny_llava), "--out", str(tmp_path), "--method", "cls", *overrides, "--resume",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "SynthDG/sketch/cls/eval/metrics.json").read_text())
+    evaluation = tmp_path / "SynthDG/sketch/cls/eval/metrics.json"
+    metrics = json.loads(evaluation.read_text())
     assert set(metrics["results"]) == {"test", "validation"}
     assert set(metrics["results"]["test"]) == {"direct"}
     # DomainBed's protocol: the whole held-out domain, images without a teacher chain included
@@ -608,6 +609,12 @@ def test_cli_trains_then_evaluates_the_held_out_domain(
         pl.read_parquet(tmp_path / "SynthDG/sketch/cls/eval/predictions-test-direct.parquet")["id"]
     )
     assert "held-out sketch" in result.output
+
+    written = {path: path.stat().st_mtime_ns for path in (tmp_path / "SynthDG").rglob("*")}
+    again = CliRunner().invoke(app, argv)
+    assert again.exit_code == 0, again.output
+    assert "(finished before)" in again.output and "held-out sketch" not in again.output
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "SynthDG").rglob("*")} == written
 
 
 def test_full_fine_tuning_saves_a_model_that_engines_and_evaluation_load(

@@ -92,7 +92,11 @@ def check_generation_budget(
 
 
 def train_and_evaluate(request: TrainRequest, evaluate: bool = True) -> StageResult:
-    """`dbr train`: train, then evaluate the final weights on the held-out domain and validation."""
+    """`dbr train`: train, then evaluate the final weights on the held-out domain and validation.
+
+    With --resume, a run whose training and evaluation both finished is left as it is, so
+    re-running a series of runs skips those done and continues the others.
+    """
     result = train(request, evaluate)
     state = process_state()
     if state.is_main_process:
@@ -101,6 +105,11 @@ def train_and_evaluate(request: TrainRequest, evaluate: bool = True) -> StageRes
             highlight=False,
         )
     if not evaluate:
+        return result
+    finished = result.run_dir / "eval" / "metrics.json"
+    if request.resume and finished.is_file():
+        if state.is_main_process:
+            console.print(f"[green]evaluation[/]: {finished} (finished before)", highlight=False)
         return result
     config = request.config
     settings = EvalSettings(engine=EngineSettings.for_run(config), progress=True)
