@@ -138,6 +138,7 @@ def child(model_dir: Path, variant: str, size: str, images: int, steps: int, ful
     args = SFTConfig(
         output_dir=str(REPO / ".cache" / "bench-mtct" / variant),
         per_device_train_batch_size=2 * images,
+        max_length=None,  # a 640x480 image alone is about 3,300 tokens: nothing may be cut
         max_steps=steps,
         learning_rate=5e-4,
         logging_steps=1,
