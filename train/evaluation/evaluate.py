@@ -22,7 +22,6 @@ each kept checkpoint's validation predictions go to `eval/selection/<checkpoint>
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -324,7 +323,7 @@ def job_for_run(run_dir: Path) -> EvalJob:
             f"run folder {run_dir} not found: pass a folder `dbr train` wrote "
             "(runs/train/<DATASET>/<target>/<method>)"
         )
-    info = read_json(run_dir / "run.json")
+    info = atomic.read_json(run_dir / "run.json")
     if info.get("method") == ZEROSHOT:
         raise UserError(
             f"{run_dir} is a zero-shot evaluation of {info.get('model')}, a model without adapter: "
@@ -363,16 +362,6 @@ def job_for_run(run_dir: Path) -> EvalJob:
     )
 
 
-def read_json(path: Path, fix: str = "delete the run folder and run again") -> dict[str, Any]:
-    """A run's JSON record, {} where there is none yet; a damaged one stops with `fix`."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON: {fix}") from None
-
-
 def zeroshot_name(model: str) -> str:
     """`OpenGVLab/InternVL3-8B-hf` -> `InternVL3-8B-hf`, safe as a folder name."""
     return re.sub(r"[^\w.-]+", "-", Path(model.rstrip("/")).name).strip("-") or "model"
@@ -400,7 +389,7 @@ def job_for_model(request: ZeroShotRequest) -> EvalJob:
         run_dir, spec.name, request.data, request.target, ZEROSHOT, request.model,
         Path(request.adapter) if request.adapter else None, name,
     )  # fmt: skip
-    saved = read_json(run_dir / "run.json")
+    saved = atomic.read_json(run_dir / "run.json")
     if saved and saved != zeroshot_info(job):
         raise UserError(
             f"{run_dir} holds the evaluation of another model or dataset ({saved.get('model')} on "
@@ -477,7 +466,7 @@ def check_eval_dir(job: EvalJob, settings: EvalSettings) -> None:
             f"{job.eval_dir} already holds a finished evaluation: pass --force to evaluate again"
         )
     record = _settings_record(job, settings)
-    saved = read_json(job.eval_dir / "settings.json")
+    saved = atomic.read_json(job.eval_dir / "settings.json")
     if saved and saved != record:
         changed = ", ".join(sorted(key for key in record if saved.get(key) != record[key]))
         raise UserError(

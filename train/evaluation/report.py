@@ -26,7 +26,6 @@ from domainbed_reasoning.train.evaluation.evaluate import (
     EVAL_FORMAT,
     MODES,
     ZEROSHOT,
-    read_json,
     zeroshot_name,
 )
 from domainbed_reasoning.train.evaluation.paper_results import PAPER_ROWS, PaperRow, paper_rows_for
@@ -175,7 +174,7 @@ def collect(runs: Path) -> list[Evaluation]:
 
 
 def read_evaluation(path: Path) -> Evaluation:
-    metrics = read_json(path, REEVALUATE)
+    metrics = atomic.read_json(path, REEVALUATE)
     if not isinstance(metrics, dict) or metrics.get("format") != EVAL_FORMAT:
         found = metrics.get("format") if isinstance(metrics, dict) else None
         raise UserError(
@@ -188,7 +187,7 @@ def read_evaluation(path: Path) -> Evaluation:
     }
     results = metrics["results"]
     run_dir = path.parent.parent
-    info = read_json(run_dir / "run.json", REEVALUATE)
+    info = atomic.read_json(run_dir / "run.json", REEVALUATE)
     settings = _read_settings(run_dir / "config.yaml")
     trained = metrics["method"] != ZEROSHOT
     return Evaluation(

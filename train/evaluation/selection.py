@@ -12,13 +12,13 @@ metrics.json records.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from domainbed_reasoning.train.config import SELECTIONS
 from domainbed_reasoning.train.model.weights import TrainedWeights, saved_checkpoints
 
+from domainbed_reasoning import atomic
 from domainbed_reasoning.errors import UserError
 
 LAST, TRAINING_DOMAIN = SELECTIONS
@@ -62,7 +62,7 @@ def trained_stage(run_dir: Path, method: str) -> Path:
     """The stage folder whose training ended in the run's weights: the run, or rd-mldg's last round."""
     if method != "rd-mldg":
         return run_dir
-    final = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["final_round"]
+    final = atomic.read_json(run_dir / "metrics.json")["final_round"]
     return run_dir / f"round-{final}"
 
 

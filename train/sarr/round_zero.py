@@ -10,7 +10,6 @@ because a round 0 from other settings would silently change what RD-MLDG means.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import polars as pl
 from domainbed_reasoning.train.config import TrainConfig, load_config
 from domainbed_reasoning.train.model.weights import stage_weights
 
+from domainbed_reasoning import atomic
 from domainbed_reasoning.errors import UserError
 
 # Settings that shape only the SARR rounds or the bookkeeping, never round 0's weights.
@@ -79,8 +79,8 @@ def round_zero_mismatches(source: Path, run_dir: Path, config: TrainConfig) -> l
         if field.name not in NOT_ROUND_ZERO
         and getattr(theirs, field.name) != getattr(config, field.name)
     ]
-    their_run = json.loads((source / "run.json").read_text(encoding="utf-8"))
-    our_run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    their_run = atomic.read_json(source / "run.json")
+    our_run = atomic.read_json(run_dir / "run.json")
     problems += [
         f"{key} {their_run.get(key)!r} vs {our_run.get(key)!r}"
         for key in RUN_IDENTITY

@@ -25,7 +25,6 @@ any other method.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +109,7 @@ def load_state(run_dir: Path, rounds: int, resume: bool) -> list[str]:
         raise UserError(
             f"{run_dir} holds an unfinished rd-mldg run: pass --resume to continue it, or delete the folder"
         )
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(
-            f"{path} is not valid JSON: delete the run folder and train again"
-        ) from None
+    state = atomic.read_json(path, "delete the run folder and train again")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         found = state.get("version") if isinstance(state, dict) else None
         raise UserError(
@@ -304,7 +298,7 @@ def train_sarr(
     if state.is_main_process:
         _finish(run_dir, config.sarr_rounds, request.model)
     state.wait_for_everyone()
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = atomic.read_json(run_dir / "metrics.json")
     return StageResult(run_dir, stage_weights(run_dir, request.model), metrics)
 
 
@@ -355,10 +349,10 @@ def _finish(run_dir: Path, rounds: int, model: str) -> None:
     summary = []
     for round_ in range(rounds + 1):
         folder = round_dir(run_dir, round_)
-        trained = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        trained = atomic.read_json(folder / "metrics.json")
         trained.pop("log_history", None)
         stats_path = folder / SELF_LABEL_STATS
-        stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
+        stats = atomic.read_json(stats_path) if stats_path.is_file() else None
         summary.append({"round": round_, "train": trained, "self_label": stats})
     atomic.write_json(
         run_dir / "metrics.json",

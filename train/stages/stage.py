@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -377,7 +376,7 @@ def save_weights(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path, 
 
 
 def stage_result(run_dir: Path, model: str) -> StageResult:
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = atomic.read_json(run_dir / "metrics.json")
     return StageResult(run_dir, stage_weights(run_dir, model), metrics)
 
 
