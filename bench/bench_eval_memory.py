@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from domainbed_reasoning.data.registry import get_spec
-from domainbed_reasoning.offline.tiny_models import build_tiny_qwen2vl, cached_tiny_model
+from domainbed_reasoning.offline.tiny_models import build_tiny_model, cached_tiny_model
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tiny-models"
 SPEC = get_spec("SynthDG")
@@ -101,7 +101,7 @@ def main() -> None:
         evaluate_once(*(Path(value) for value in args.child))
         return
     console = Console()
-    model = cached_tiny_model(build_tiny_qwen2vl, CACHE)
+    model = cached_tiny_model(build_tiny_model, CACHE, architecture="qwen2vl")
     sizes = [int(size) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="dbr-bench-eval-") as tmp:
         results = {images: measure(images, model, Path(tmp)) for images in sizes}

@@ -44,7 +44,7 @@ from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.data.scan import scan_dataset
 from domainbed_reasoning.offline.synth import generate
-from domainbed_reasoning.offline.tiny_models import build_tiny_qwen2vl, cached_tiny_model
+from domainbed_reasoning.offline.tiny_models import build_tiny_model, cached_tiny_model
 from domainbed_reasoning.serving.vllm_server import ServerConfig, VLLMServer, free_port
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tiny-models"
@@ -138,7 +138,9 @@ def main() -> None:
     domainnet = get_spec("DomainNet")
     synth = get_spec("SynthDG")
     prompt = load_prompt("teacher").render(classes=class_list(domainnet.classes))
-    model = cached_tiny_model(build_tiny_qwen2vl, CACHE, vocab_words=list(domainnet.classes))
+    model = cached_tiny_model(
+        build_tiny_model, CACHE, architecture="qwen2vl", vocab_words=list(domainnet.classes)
+    )
     work = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
     try:
         per_class = -(-args.images * len(PHASES) // (len(synth.domains) * len(synth.classes)))

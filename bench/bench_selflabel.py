@@ -27,7 +27,7 @@ from rich.table import Table
 
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.offline.synth import SPEC, generate, read_sidecar
-from domainbed_reasoning.offline.tiny_models import build_tiny_qwen2vl, cached_tiny_model
+from domainbed_reasoning.offline.tiny_models import build_tiny_model, cached_tiny_model
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tiny-models"
 WARM_UP_IMAGES = 4
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    model = str(cached_tiny_model(build_tiny_qwen2vl, CACHE))
+    model = str(cached_tiny_model(build_tiny_model, CACHE, architecture="qwen2vl"))
     sampling = SamplingSpec(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens)
     options = {
         "transformers": {"batch_size": args.batch_size},

@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig, SFTTrainer
 
-from domainbed_reasoning.offline.tiny_models import build_tiny_llava
+from domainbed_reasoning.offline.tiny_models import build_tiny_model
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "white")
@@ -140,8 +140,8 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     steps, batch = options.steps or (20 if gpu else 4), options.batch or (8 if gpu else 4)
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = build_tiny_llava(
-            Path(scratch) / "model", vocab_words=CLASSES, **(GPU_SHAPE if gpu else {})
+        model_dir = build_tiny_model(
+            Path(scratch) / "model", "llava", vocab_words=CLASSES, **(GPU_SHAPE if gpu else {})
         )
         examples = build_examples(_split(steps * batch // 2, 224 if gpu else 32), "mtct", CLASSES)
         args = SFTConfig(

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from domainbed_reasoning.data.registry import DatasetSpec
 
-SELF_LABEL_STATS = "self_label_stats.json"  # a SARR round's self-labelling counts, in its folder
+_EVAL = "eval"
+_METRICS = "metrics.json"
+_ROUND = "round-"
 
 
 def dataset_root(data_dir: Path, spec: DatasetSpec) -> Path:
@@ -77,3 +79,116 @@ def shard_name(domain: str, index: int, count: int) -> str:
 def split_files_pattern(spec: DatasetSpec, domain: str) -> str:
     """The `data_files` glob of one split, relative to the export folder."""
     return f"{spec.name}/{split_name(domain)}-*.parquet"
+
+
+# --- training runs: <out>/<DATASET>/<target>/<method>/ -------------------------------------------
+#
+# A stage folder is a run folder or one of an rd-mldg run's rounds: both hold the trained weights
+# (adapter/ or model/, named by train/model/weights.py), checkpoints/, logs/ and metrics.json.
+
+
+def run_dir(out: Path, dataset: str, target: str, method: str) -> Path:
+    """One `dbr train` run; `method` is `zeroshot-<name>` for a model evaluated as is."""
+    return Path(out) / dataset / target / method
+
+
+def run_config_path(run: Path) -> Path:
+    """The resolved training settings, reusable with `--config`."""
+    return run / "config.yaml"
+
+
+def run_info_path(run: Path) -> Path:
+    """run.json: dataset, data, target, base model and image counts (or a zero-shot model's identity)."""
+    return run / "run.json"
+
+
+def split_path(run: Path) -> Path:
+    """Which image went to which split: the run's LODO split, checked again by evaluation."""
+    return run / "split.parquet"
+
+
+def metrics_path(folder: Path) -> Path:
+    """A stage's, a whole run's or an evaluation's metrics.json: written last, it marks the folder finished."""
+    return folder / _METRICS
+
+
+def checkpoints_dir(folder: Path) -> Path:
+    """A stage's Trainer checkpoints (`checkpoint-<step>/`), for --resume and model selection."""
+    return folder / "checkpoints"
+
+
+def logs_dir(folder: Path) -> Path:
+    """A stage's TensorBoard logs."""
+    return folder / "logs"
+
+
+def sarr_state_path(run: Path) -> Path:
+    """An rd-mldg run's finished steps, rewritten after each one."""
+    return run / "state.json"
+
+
+def round_dir(run: Path, round_: int) -> Path:
+    """`round-<r>/`: one SARR round's stage folder."""
+    return run / f"{_ROUND}{round_}"
+
+
+def round_dirs(run: Path) -> list[Path]:
+    """The round folders `run` holds, by name."""
+    return sorted(run.glob(f"{_ROUND}*"))
+
+
+def self_labels_path(round_folder: Path) -> Path:
+    """The chains a round trains on: the previous round's model's label-consistent ones, merged."""
+    return round_folder / "self_labels.parquet"
+
+
+def self_label_stats_path(round_folder: Path) -> Path:
+    """A round's self-labelling counts and settings."""
+    return round_folder / "self_label_stats.json"
+
+
+# --- evaluations: <run>/eval/ ---------------------------------------------------------------------
+
+
+def eval_dir(run: Path) -> Path:
+    """Predictions per (split, mode), settings.json, metrics.json (`metrics_path`), selection/."""
+    return run / _EVAL
+
+
+def eval_settings_path(evaluation: Path) -> Path:
+    """What the predictions depend on, recorded before the first one: a resume must not mix two."""
+    return evaluation / "settings.json"
+
+
+def predictions_path(evaluation: Path, split: str, mode: str) -> Path:
+    return evaluation / f"predictions-{split}-{mode}.parquet"
+
+
+def selection_dir(evaluation: Path, checkpoint: str) -> Path:
+    """The validation predictions of one kept checkpoint, under `training-domain` model selection."""
+    return evaluation / "selection" / checkpoint
+
+
+def evaluations_under(runs: Path) -> list[Path]:
+    """The metrics.json of every finished evaluation below `runs`, at any depth, sorted."""
+    return sorted(Path(runs).rglob(f"{_EVAL}/{_METRICS}"))
+
+
+def evaluated_run(evaluation_metrics: Path) -> Path:
+    """The run folder an evaluation's metrics.json belongs to."""
+    return evaluation_metrics.parent.parent
+
+
+# --- the report: runs/report/ ---------------------------------------------------------------------
+
+
+def results_markdown_path(out: Path) -> Path:
+    return Path(out) / "results.md"
+
+
+def results_plot_path(out: Path) -> Path:
+    return Path(out) / "results.png"
+
+
+def results_data_path(out: Path) -> Path:
+    return Path(out) / "results.json"

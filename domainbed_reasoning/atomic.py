@@ -2,6 +2,7 @@
 
 Every stage writes through these helpers (temporary file in the same folder,
 fsync, `os.replace`), which is what makes a `kill -9` at any moment safe.
+`read_json` reads back the JSON records they wrote.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+
+from domainbed_reasoning.errors import UserError
 
 
 @contextmanager
@@ -49,3 +53,13 @@ def write_json(target: Path, data: object) -> Path:
 
 def write_parquet(target: Path, frame: pl.DataFrame) -> Path:
     return write_with(target, lambda tmp: frame.write_parquet(tmp))
+
+
+def read_json(path: Path, fix: str = "delete the run folder and run again") -> dict[str, Any]:
+    """A run's JSON record, {} where there is none yet; a damaged one stops with `fix`."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON: {fix}") from None

@@ -23,12 +23,7 @@ from domainbed_reasoning.chains.prompt_templates import load_prompt
 from domainbed_reasoning.data.registry import SPECS, get_spec
 from domainbed_reasoning.offline import synth
 from domainbed_reasoning.offline.real_shapes import build_real_shape
-from domainbed_reasoning.offline.tiny_models import (
-    build_tiny_internvl,
-    build_tiny_llava,
-    build_tiny_qwen2vl,
-    cached_tiny_model,
-)
+from domainbed_reasoning.offline.tiny_models import build_tiny_model, cached_tiny_model
 from domainbed_reasoning.serving.vllm_server import Endpoint, ServerConfig, VLLMServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,19 +59,25 @@ def vllm_python() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen2vl() -> Path:
-    return cached_tiny_model(build_tiny_qwen2vl, TINY_MODELS, vocab_words=TINY_VOCAB)
+    return cached_tiny_model(
+        build_tiny_model, TINY_MODELS, architecture="qwen2vl", vocab_words=TINY_VOCAB
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_llava() -> Path:
     """A second architecture (CLIP tower + Qwen2 LM, LLaVA-1.5 layout) for per-architecture code."""
-    return cached_tiny_model(build_tiny_llava, TINY_MODELS, vocab_words=TINY_VOCAB)
+    return cached_tiny_model(
+        build_tiny_model, TINY_MODELS, architecture="llava", vocab_words=TINY_VOCAB
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_internvl() -> Path:
     """The paper's backbone family: InternVL3's `*-hf` layout (InternViT, pixel-shuffle projector, Qwen2 LM)."""
-    return cached_tiny_model(build_tiny_internvl, TINY_MODELS, vocab_words=TINY_VOCAB)
+    return cached_tiny_model(
+        build_tiny_model, TINY_MODELS, architecture="internvl", vocab_words=TINY_VOCAB
+    )
 
 
 def real_shape_model(folder: str) -> Path:

@@ -25,15 +25,12 @@ import polars as pl
 import pytest
 import torch
 from domainbed_reasoning.train.config import parse_overrides
-from domainbed_reasoning.train.evaluation.evaluate import (
-    EvalSettings,
-    evaluate_run,
-    predictions_path,
-)
+from domainbed_reasoning.train.evaluation.evaluate import EvalSettings, evaluate_run
 from domainbed_reasoning.train.sarr.sharding import part_path, shard_rows
 from domainbed_reasoning.train.stages.run import train
 from safetensors.torch import load_file
 
+from domainbed_reasoning.artefacts import predictions_path
 from domainbed_reasoning.serving.vllm_server import Endpoint, free_port
 
 REPO = Path(__file__).resolve().parents[1]

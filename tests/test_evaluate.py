@@ -30,7 +30,6 @@ from domainbed_reasoning.train.evaluation.evaluate import (
     evaluate_run,
     evaluate_split,
     job_for_run,
-    predictions_path,
     run_job,
     score,
 )
@@ -40,6 +39,7 @@ from domainbed_reasoning.train.stages.run import train
 from PIL import Image
 from typer.testing import CliRunner
 
+from domainbed_reasoning.artefacts import predictions_path
 from domainbed_reasoning.chains.chain_format import format_chain
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.errors import UserError

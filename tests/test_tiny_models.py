@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 from domainbed_reasoning.offline.tiny_models import (
     QWEN2VL_SPECIAL_TOKENS,
     STAGE_TAGS,
-    build_tiny_qwen2vl,
+    build_tiny_model,
     cached_tiny_model,
 )
 
@@ -120,9 +120,9 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_build_is_deterministic_in_the_seed(tmp_path: Path) -> None:
     kwargs = {"hidden": 64, "heads": 1, "layers": 1, "vision_depth": 1, "vocab_words": ["cat"]}
-    first = _digest(build_tiny_qwen2vl(tmp_path / "a", seed=3, **kwargs))
-    again = _digest(build_tiny_qwen2vl(tmp_path / "b", seed=3, **kwargs))
-    other = _digest(build_tiny_qwen2vl(tmp_path / "c", seed=4, **kwargs))
+    first = _digest(build_tiny_model(tmp_path / "a", "qwen2vl", seed=3, **kwargs))
+    again = _digest(build_tiny_model(tmp_path / "b", "qwen2vl", seed=3, **kwargs))
+    other = _digest(build_tiny_model(tmp_path / "c", "qwen2vl", seed=4, **kwargs))
     assert first == again
     assert first["model.safetensors"] != other["model.safetensors"]
     assert first["tokenizer.json"] == other["tokenizer.json"]

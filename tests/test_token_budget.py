@@ -29,7 +29,7 @@ from PIL import Image
 from trl.data_utils import apply_chat_template
 
 from domainbed_reasoning.errors import UserError
-from domainbed_reasoning.offline.tiny_models import build_tiny_internvl, cached_tiny_model
+from domainbed_reasoning.offline.tiny_models import build_tiny_model, cached_tiny_model
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 PROMPT = task_prompt("reasoning", CLASSES)
@@ -56,7 +56,8 @@ def test_the_budget_is_what_the_processor_really_produces(
 def internvl3_sized(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A processor with InternVL3's tiling (448-px tiles, up to 12, 256 tokens each)."""
     return cached_tiny_model(
-        build_tiny_internvl, tmp_path_factory.mktemp("internvl3"), tile_size=448, max_tiles=12
+        build_tiny_model, tmp_path_factory.mktemp("internvl3"), architecture="internvl",
+        tile_size=448, max_tiles=12,
     )
 
 

@@ -290,7 +290,8 @@ def train_method(
     steps.artefact(f"{method} trained weights", result.weights.folder)
     if method == "rd-mldg":
         steps.artefact(
-            "SARR self-labels (round 1)", result.run_dir / "round-1" / "self_labels.parquet"
+            "SARR self-labels (round 1)",
+            artefacts.self_labels_path(artefacts.round_dir(result.run_dir, 1)),
         )
     return result.run_dir
 
@@ -299,8 +300,8 @@ def evaluate(config: DemoConfig, run_dir: Path, steps: Steps) -> None:
     from domainbed_reasoning.train.engines.settings import EngineSettings
     from domainbed_reasoning.train.evaluation.evaluate import EvalSettings, evaluate_run
 
-    if (run_dir / "eval" / "metrics.json").is_file():
-        steps.artefact("evaluation (already done)", run_dir / "eval")
+    if artefacts.metrics_path(artefacts.eval_dir(run_dir)).is_file():
+        steps.artefact("evaluation (already done)", artefacts.eval_dir(run_dir))
         return
     evaluate_run(
         run_dir,
@@ -310,7 +311,7 @@ def evaluate(config: DemoConfig, run_dir: Path, steps: Steps) -> None:
             cache_dir=config.cache_dir / "datasets",
         ),
     )
-    steps.artefact("predictions and metrics", run_dir / "eval")
+    steps.artefact("predictions and metrics", artefacts.eval_dir(run_dir))
 
 
 def report(config: DemoConfig, steps: Steps):

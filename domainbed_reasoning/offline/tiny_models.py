@@ -197,8 +197,8 @@ def build_demo_qwen2vl(
     400 steps where 8-pixel ones (16 tokens) are still near chance, and they halve the cost
     of every step.
     """
-    return build_tiny_qwen2vl(
-        out_dir, hidden=128, layers=2, heads=2, vision_depth=2, seed=seed,
+    return build_tiny_model(
+        out_dir, "qwen2vl", hidden=128, layers=2, heads=2, vision_depth=2, seed=seed,
         corpus=chat_corpus(conversations, QWEN2VL_CHAT_TEMPLATE), vocab_size=vocab_size,
         patch_size=DEMO_PATCH, pixels=DEMO_PIXELS, split_words=False,
         min_frequency=DEMO_MIN_FREQUENCY,
@@ -483,23 +483,11 @@ def build_tiny_model(
     return Path(out_dir)
 
 
-def build_tiny_qwen2vl(out_dir: Path, **options: Any) -> Path:
-    """A tiny Qwen2-VL: `options` are `seed`, `vocab_words` and Qwen2VLShape's fields."""
-    return build_tiny_model(out_dir, "qwen2vl", **options)
-
-
-def build_tiny_llava(out_dir: Path, **options: Any) -> Path:
-    """A tiny LLaVA: `options` are `seed`, `vocab_words` and LlavaShape's fields."""
-    return build_tiny_model(out_dir, "llava", **options)
-
-
-def build_tiny_internvl(out_dir: Path, **options: Any) -> Path:
-    """A tiny InternVL3: `options` are `seed`, `vocab_words` and InternVLShape's fields."""
-    return build_tiny_model(out_dir, "internvl", **options)
-
-
 def cached_tiny_model(builder: Builder, cache_dir: Path, **kwargs: object) -> Path:
     """Build once per distinct (builder, kwargs); later calls and other processes reuse the folder.
+
+    `cached_tiny_model(build_tiny_model, cache_dir, architecture="qwen2vl", ...)` caches a tiny
+    model: the architecture is one of the kwargs, so it is part of the key.
 
     The folder is built under a temporary name and renamed into place, so a crash or
     a concurrent builder never leaves a half-written model behind the cache key.
@@ -528,7 +516,11 @@ def _materialised(value: object) -> object:
 
 
 def _cache_key(builder: Builder, kwargs: dict[str, object]) -> str:
-    """Keyed on the kwargs and the builder's module source, so editing a builder rebuilds."""
+    """Keyed on the kwargs and the builder's module source, so editing a builder rebuilds; named
+    after the builder, or `tiny_<architecture>` for build_tiny_model."""
     digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode())
     digest.update(Path(inspect.getfile(builder)).read_bytes())
-    return f"{builder.__name__.removeprefix('build_')}-{digest.hexdigest()[:12]}"
+    name = builder.__name__.removeprefix("build_")
+    if builder is build_tiny_model:
+        name = f"tiny_{kwargs.get('architecture')}"
+    return f"{name}-{digest.hexdigest()[:12]}"

@@ -22,7 +22,6 @@ each kept checkpoint's validation predictions go to `eval/selection/<checkpoint>
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -64,7 +63,7 @@ from domainbed_reasoning.train.sarr.sharding import (
 )
 from rich.table import Table
 
-from domainbed_reasoning import atomic
+from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.chains.chain_format import RejectReason
 from domainbed_reasoning.chains.matching import ClassMatcher, MatchError, matcher_for
 from domainbed_reasoning.chains.prompt_templates import load_prompt
@@ -124,7 +123,7 @@ class EvalJob:
 
     @property
     def eval_dir(self) -> Path:
-        return self.run_dir / "eval"
+        return artefacts.eval_dir(self.run_dir)
 
 
 @dataclass(frozen=True)
@@ -324,21 +323,25 @@ def job_for_run(run_dir: Path) -> EvalJob:
             f"run folder {run_dir} not found: pass a folder `dbr train` wrote "
             "(runs/train/<DATASET>/<target>/<method>)"
         )
-    info = read_json(run_dir / "run.json")
+    info = atomic.read_json(artefacts.run_info_path(run_dir))
     if info.get("method") == ZEROSHOT:
         raise UserError(
             f"{run_dir} is a zero-shot evaluation of {info.get('model')}, a model without adapter: "
             f"evaluate it with `dbr eval --model {info.get('model')} ...` (add --force to redo it)"
         )
-    if not (run_dir / "metrics.json").is_file():
+    if not artefacts.metrics_path(run_dir).is_file():
         raise UserError(
             f"{run_dir} has no metrics.json, its training never finished: run `dbr train` first "
             "(or `dbr train --resume` to finish it)"
         )
     missing = [
-        name
-        for name in ("run.json", "config.yaml", "split.parquet")
-        if not (run_dir / name).is_file()
+        path.name
+        for path in (
+            artefacts.run_info_path(run_dir),
+            artefacts.run_config_path(run_dir),
+            artefacts.split_path(run_dir),
+        )
+        if not path.is_file()
     ]
     missing += [f"run.json key {key!r}" for key in RUN_KEYS if info and key not in info]
     if missing:
@@ -346,7 +349,7 @@ def job_for_run(run_dir: Path) -> EvalJob:
             f"{run_dir} was written by an older version of dbr (no {', '.join(missing)}): "
             "re-run `dbr train` into a new --out"
         )
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(artefacts.run_config_path(run_dir))
     weights = stage_weights(run_dir, info["model"])
     return EvalJob(
         run_dir=run_dir,
@@ -361,16 +364,6 @@ def job_for_run(run_dir: Path) -> EvalJob:
         seed=config.seed,
         config=config,
     )
-
-
-def read_json(path: Path, fix: str = "delete the run folder and run again") -> dict[str, Any]:
-    """A run's JSON record, {} where there is none yet; a damaged one stops with `fix`."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON: {fix}") from None
 
 
 def zeroshot_name(model: str) -> str:
@@ -395,12 +388,12 @@ def job_for_model(request: ZeroShotRequest) -> EvalJob:
     """Any model, as is (or with an adapter), in `<out>/<DATASET>/<target>/zeroshot-<name>/`."""
     spec = get_spec(request.dataset)
     name = zeroshot_name(request.name or request.model)
-    run_dir = Path(request.out) / spec.name / request.target / f"{ZEROSHOT}-{name}"
+    run_dir = artefacts.run_dir(request.out, spec.name, request.target, f"{ZEROSHOT}-{name}")
     job = EvalJob(
         run_dir, spec.name, request.data, request.target, ZEROSHOT, request.model,
         Path(request.adapter) if request.adapter else None, name,
     )  # fmt: skip
-    saved = read_json(run_dir / "run.json")
+    saved = atomic.read_json(artefacts.run_info_path(run_dir))
     if saved and saved != zeroshot_info(job):
         raise UserError(
             f"{run_dir} holds the evaluation of another model or dataset ({saved.get('model')} on "
@@ -472,12 +465,12 @@ def check_eval_dir(job: EvalJob, settings: EvalSettings) -> None:
     """Refuse to overwrite a finished evaluation, or to resume one made with other settings."""
     if settings.force:
         return
-    if (job.eval_dir / "metrics.json").is_file():
+    if artefacts.metrics_path(job.eval_dir).is_file():
         raise UserError(
             f"{job.eval_dir} already holds a finished evaluation: pass --force to evaluate again"
         )
     record = _settings_record(job, settings)
-    saved = read_json(job.eval_dir / "settings.json")
+    saved = atomic.read_json(artefacts.eval_settings_path(job.eval_dir))
     if saved and saved != record:
         changed = ", ".join(sorted(key for key in record if saved.get(key) != record[key]))
         raise UserError(
@@ -491,14 +484,14 @@ def start_eval_dir(job: EvalJob, settings: EvalSettings) -> None:
     if settings.force:
         shutil.rmtree(job.eval_dir, ignore_errors=True)
     if job.method == ZEROSHOT:
-        atomic.write_json(job.run_dir / "run.json", zeroshot_info(job))
-    atomic.write_json(job.eval_dir / "settings.json", _settings_record(job, settings))
+        atomic.write_json(artefacts.run_info_path(job.run_dir), zeroshot_info(job))
+    atomic.write_json(artefacts.eval_settings_path(job.eval_dir), _settings_record(job, settings))
 
 
 def load_job_splits(job: EvalJob, splits: Sequence[str], cache_dir: Path | None) -> DatasetDict:
     """The run's own LODO split; a dataset that changed since training is refused."""
     loaded = load_lodo(job.data, job.dataset, job.target, job.holdout_fraction, job.seed, cache_dir)
-    saved = job.run_dir / "split.parquet"
+    saved = artefacts.split_path(job.run_dir)
     if job.method != ZEROSHOT:
         assigned = pl.read_parquet(saved)
         for name in splits:
@@ -509,10 +502,6 @@ def load_job_splits(job: EvalJob, splits: Sequence[str], cache_dir: Path | None)
                     "dataset version the run was trained on"
                 )
     return DatasetDict({name: loaded[name] for name in splits})
-
-
-def predictions_path(eval_dir: Path, split: str, mode: str) -> Path:
-    return eval_dir / f"predictions-{split}-{mode}.parquet"
 
 
 def job_engine(job: EvalJob, settings: EvalSettings) -> EngineSettings:
@@ -539,7 +528,7 @@ def score_splits(
     for split_name, split in splits.items():
         for mode in job_modes(job, settings):
             ask = mode_ask(split, classes, mode, tokens[mode])
-            path = predictions_path(folder, split_name, mode)
+            path = artefacts.predictions_path(folder, split_name, mode)
             predictions = generated_table(state, path, split, ask, unit, engine, progress)
             results.setdefault(split_name, {})[mode] = score(predictions, classes)
     return results
@@ -571,7 +560,7 @@ def run_job(
         "results": results,
     }
     if state.is_main_process:
-        atomic.write_json(job.eval_dir / "metrics.json", metrics)
+        atomic.write_json(artefacts.metrics_path(job.eval_dir), metrics)
     state.wait_for_everyone()
     return metrics
 
@@ -622,7 +611,7 @@ def select_checkpoint(
     accuracy: dict[str, float] = {}
     for checkpoint in checkpoints:
         candidate = with_weights(job, checkpoint_weights(checkpoint, weights))
-        folder = job.eval_dir / "selection" / checkpoint.name
+        folder = artefacts.selection_dir(job.eval_dir, checkpoint.name)
         # Each checkpoint is served from a merge folder of its own: a process still on the
         # checkpoint before can never hand the next one its merged weights.
         step = engine.for_step(folder, state.process_index, state.num_processes)

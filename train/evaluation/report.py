@@ -26,7 +26,6 @@ from domainbed_reasoning.train.evaluation.evaluate import (
     EVAL_FORMAT,
     MODES,
     ZEROSHOT,
-    read_json,
     zeroshot_name,
 )
 from domainbed_reasoning.train.evaluation.paper_results import PAPER_ROWS, PaperRow, paper_rows_for
@@ -165,7 +164,7 @@ class Report:
 
 def collect(runs: Path) -> list[Evaluation]:
     runs = Path(runs)
-    paths = sorted(runs.rglob("eval/metrics.json")) if runs.is_dir() else []
+    paths = artefacts.evaluations_under(runs) if runs.is_dir() else []
     if not paths:
         raise UserError(
             f"no evaluations (eval/metrics.json) under {runs}: train and evaluate first - "
@@ -175,7 +174,7 @@ def collect(runs: Path) -> list[Evaluation]:
 
 
 def read_evaluation(path: Path) -> Evaluation:
-    metrics = read_json(path, REEVALUATE)
+    metrics = atomic.read_json(path, REEVALUATE)
     if not isinstance(metrics, dict) or metrics.get("format") != EVAL_FORMAT:
         found = metrics.get("format") if isinstance(metrics, dict) else None
         raise UserError(
@@ -187,9 +186,9 @@ def read_evaluation(path: Path) -> Evaluation:
         split: name for name in spec.domains for split in (name, artefacts.split_name(name))
     }
     results = metrics["results"]
-    run_dir = path.parent.parent
-    info = read_json(run_dir / "run.json", REEVALUATE)
-    settings = _read_settings(run_dir / "config.yaml")
+    run_dir = artefacts.evaluated_run(path)
+    info = atomic.read_json(artefacts.run_info_path(run_dir), REEVALUATE)
+    settings = _read_settings(artefacts.run_config_path(run_dir))
     trained = metrics["method"] != ZEROSHOT
     return Evaluation(
         path=path,
@@ -708,9 +707,11 @@ def write_report(runs: Path, out: Path) -> Report:
     text = render_markdown(rows, evaluations, found)
     out = Path(out)
     return Report(
-        markdown=atomic.write_text(out / "results.md", text),
-        plot=plot(rows, out / "results.png"),
-        data=atomic.write_json(out / "results.json", report_data(rows, evaluations, found)),
+        markdown=atomic.write_text(artefacts.results_markdown_path(out), text),
+        plot=plot(rows, artefacts.results_plot_path(out)),
+        data=atomic.write_json(
+            artefacts.results_data_path(out), report_data(rows, evaluations, found)
+        ),
         text=text,
     )
 

@@ -12,13 +12,13 @@ metrics.json records.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from domainbed_reasoning.train.config import SELECTIONS
 from domainbed_reasoning.train.model.weights import TrainedWeights, saved_checkpoints
 
+from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.errors import UserError
 
 LAST, TRAINING_DOMAIN = SELECTIONS
@@ -62,8 +62,8 @@ def trained_stage(run_dir: Path, method: str) -> Path:
     """The stage folder whose training ended in the run's weights: the run, or rd-mldg's last round."""
     if method != "rd-mldg":
         return run_dir
-    final = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["final_round"]
-    return run_dir / f"round-{final}"
+    final = atomic.read_json(artefacts.metrics_path(run_dir))["final_round"]
+    return artefacts.round_dir(run_dir, final)
 
 
 def kept_checkpoints(run_dir: Path, method: str) -> list[Path]:
@@ -71,8 +71,9 @@ def kept_checkpoints(run_dir: Path, method: str) -> list[Path]:
     checkpoints = saved_checkpoints(stage)
     if not checkpoints:
         raise UserError(
-            f"model selection training-domain needs the checkpoints training saved, and {stage / 'checkpoints'} "
-            "holds none: use --selection last, or train again keeping them (save_steps, save_total_limit)"
+            "model selection training-domain needs the checkpoints training saved, and "
+            f"{artefacts.checkpoints_dir(stage)} holds none: use --selection last, or train again "
+            "keeping them (save_steps, save_total_limit)"
         )
     return checkpoints
 

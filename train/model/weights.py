@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from domainbed_reasoning import artefacts
 from domainbed_reasoning.errors import UserError
 
 ADAPTER = "adapter"
@@ -47,7 +48,7 @@ def find_weights(stage_dir: Path, base_model: str) -> TrainedWeights | None:
 def saved_checkpoints(stage_dir: Path) -> list[Path]:
     """The Trainer's `checkpoints/checkpoint-<step>` folders of a stage, oldest first."""
     return sorted(
-        (Path(stage_dir) / "checkpoints").glob("checkpoint-*"),
+        artefacts.checkpoints_dir(Path(stage_dir)).glob("checkpoint-*"),
         key=lambda path: int(path.name.rsplit("-", 1)[-1]),
     )
 

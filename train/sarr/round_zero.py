@@ -10,7 +10,6 @@ because a round 0 from other settings would silently change what RD-MLDG means.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import polars as pl
 from domainbed_reasoning.train.config import TrainConfig, load_config
 from domainbed_reasoning.train.model.weights import stage_weights
 
+from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.errors import UserError
 
 # Settings that shape only the SARR rounds or the bookkeeping, never round 0's weights.
@@ -47,6 +47,13 @@ NOT_ROUND_ZERO = frozenset(
     }
 )
 RUN_IDENTITY = ("dataset", "data", "target", "model")
+# What a finished mtct run folder holds besides its weights, each a function of the folder.
+FINISHED_RUN_FILES = (
+    artefacts.metrics_path,
+    artefacts.run_config_path,
+    artefacts.run_info_path,
+    artefacts.split_path,
+)
 
 
 def copy_folder(source: Path, target: Path) -> None:
@@ -71,7 +78,7 @@ def _same(a: object, b: object) -> bool:
 
 def round_zero_mismatches(source: Path, run_dir: Path, config: TrainConfig) -> list[str]:
     """What differs between the MTCT run `source` and this RD-MLDG run's round 0; empty when it may be reused."""
-    theirs = load_config(source / "config.yaml")
+    theirs = load_config(artefacts.run_config_path(source))
     problems = [] if theirs.method == "mtct" else [f"method is {theirs.method}, not mtct"]
     problems += [
         f"{field.name} {getattr(theirs, field.name)!r} vs {getattr(config, field.name)!r}"
@@ -79,15 +86,15 @@ def round_zero_mismatches(source: Path, run_dir: Path, config: TrainConfig) -> l
         if field.name not in NOT_ROUND_ZERO
         and getattr(theirs, field.name) != getattr(config, field.name)
     ]
-    their_run = json.loads((source / "run.json").read_text(encoding="utf-8"))
-    our_run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    their_run = atomic.read_json(artefacts.run_info_path(source))
+    our_run = atomic.read_json(artefacts.run_info_path(run_dir))
     problems += [
         f"{key} {their_run.get(key)!r} vs {our_run.get(key)!r}"
         for key in RUN_IDENTITY
         if not _same(their_run.get(key), our_run.get(key))
     ]
-    if not pl.read_parquet(source / "split.parquet").equals(
-        pl.read_parquet(run_dir / "split.parquet")
+    if not pl.read_parquet(artefacts.split_path(source)).equals(
+        pl.read_parquet(artefacts.split_path(run_dir))
     ):
         problems.append("the train/validation split differs")
     return problems
@@ -96,10 +103,11 @@ def round_zero_mismatches(source: Path, run_dir: Path, config: TrainConfig) -> l
 def adopt_round_zero(source: Path, run_dir: Path, config: TrainConfig, base_model: str) -> None:
     """Copy the MTCT run's weights and metrics.json into `run_dir/round-0/`, after checking it matches."""
     source = Path(source)
-    needed = ("metrics.json", "config.yaml", "run.json", "split.parquet")
-    if not all((source / name).is_file() for name in needed):
+    needed = [path_of(source) for path_of in FINISHED_RUN_FILES]
+    if not all(path.is_file() for path in needed):
+        names = ", ".join(path.name for path in needed)
         raise UserError(
-            f"sarr_round0_from {source} is not a finished mtct run (it lacks {', '.join(needed)}): "
+            f"sarr_round0_from {source} is not a finished mtct run (it lacks {names}): "
             "train it with `dbr train --method mtct`, or drop sarr_round0_from"
         )
     problems = round_zero_mismatches(source, run_dir, config)
@@ -109,7 +117,7 @@ def adopt_round_zero(source: Path, run_dir: Path, config: TrainConfig, base_mode
             "train that mtct run with these settings, or drop sarr_round0_from"
         )
     weights = stage_weights(source, base_model).folder
-    folder = run_dir / "round-0"
+    folder = artefacts.round_dir(run_dir, 0)
     folder.mkdir(parents=True, exist_ok=True)
     copy_folder(weights, folder / weights.name)
-    shutil.copyfile(source / "metrics.json", folder / "metrics.json")
+    shutil.copyfile(artefacts.metrics_path(source), artefacts.metrics_path(folder))

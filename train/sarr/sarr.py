@@ -25,7 +25,6 @@ any other method.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +63,6 @@ from domainbed_reasoning.chains.matching import matcher_for
 from domainbed_reasoning.errors import UserError
 
 STATE_VERSION = 1
-STATE_FILE = "state.json"
-SELF_LABELS = "self_labels.parquet"
-SELF_LABEL_STATS = artefacts.SELF_LABEL_STATS
 
 console = Console(stderr=True)
 
@@ -88,21 +84,17 @@ def plan(rounds: int) -> list[Step]:
     ]
 
 
-def round_dir(run_dir: Path, round_: int) -> Path:
-    return run_dir / f"round-{round_}"
-
-
 # --- the run's state ------------------------------------------------------------------------------
 
 
 def load_state(run_dir: Path, rounds: int, resume: bool) -> list[str]:
     """The finished steps, after checking the folder is this version's and still holds what they wrote."""
-    path = run_dir / STATE_FILE
+    path = artefacts.sarr_state_path(run_dir)
     if not path.is_file():
-        leftovers = sorted(child.name for child in run_dir.glob("round-*"))
+        leftovers = [child.name for child in artefacts.round_dirs(run_dir)]
         if leftovers:
             raise UserError(
-                f"{run_dir} holds {', '.join(leftovers)} but no {STATE_FILE}: it was written by an older "
+                f"{run_dir} holds {', '.join(leftovers)} but no {path.name}: it was written by an older "
                 "version of dbr or is damaged; train into another --out or delete the folder"
             )
         return []
@@ -110,12 +102,7 @@ def load_state(run_dir: Path, rounds: int, resume: bool) -> list[str]:
         raise UserError(
             f"{run_dir} holds an unfinished rd-mldg run: pass --resume to continue it, or delete the folder"
         )
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(
-            f"{path} is not valid JSON: delete the run folder and train again"
-        ) from None
+    state = atomic.read_json(path, "delete the run folder and train again")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         found = state.get("version") if isinstance(state, dict) else None
         raise UserError(
@@ -134,22 +121,24 @@ def load_state(run_dir: Path, rounds: int, resume: bool) -> list[str]:
 
 
 def _check_step_output(run_dir: Path, step: Step) -> None:
-    folder = round_dir(run_dir, step.round)
+    folder = artefacts.round_dir(run_dir, step.round)
+    labels = artefacts.self_labels_path(folder)
     if step.kind == "self_label":
-        missing = not (folder / SELF_LABELS).is_file()
+        missing = not labels.is_file()
     else:
         missing = find_weights(folder, "") is None
     if missing:
-        what = SELF_LABELS if step.kind == "self_label" else "trained weights (adapter/ or model/)"
+        what = labels.name if step.kind == "self_label" else "trained weights (adapter/ or model/)"
+        state_file = artefacts.sarr_state_path(run_dir).name
         raise UserError(
-            f"{run_dir} is missing {folder.name}/{what}, which {STATE_FILE} lists as done: "
+            f"{run_dir} is missing {folder.name}/{what}, which {state_file} lists as done: "
             "restore it, or delete the folder and train again"
         )
 
 
 def save_state(run_dir: Path, done: list[str]) -> None:
     atomic.write_json(
-        run_dir / STATE_FILE, {"version": STATE_VERSION, "method": "rd-mldg", "done": done}
+        artefacts.sarr_state_path(run_dir), {"version": STATE_VERSION, "method": "rd-mldg", "done": done}
     )
 
 
@@ -186,7 +175,7 @@ def _supervision(run_dir: Path, round_: int, images: TrainingImages) -> list[Sup
     """What the images trained on in `round_`: the teacher's chains in round 0, the merged self-labels after."""
     if round_ == 0:
         return teacher_supervision(images.subset, images.classes)
-    frame = pl.read_parquet(round_dir(run_dir, round_) / SELF_LABELS)
+    frame = pl.read_parquet(artefacts.self_labels_path(artefacts.round_dir(run_dir, round_)))
     return [Supervised(*row) for row in frame.select("id", "class_name", "chain").iter_rows()]
 
 
@@ -216,19 +205,19 @@ def self_label_round(
         return merge_self_labels([previous[row_id] for row_id in chunk["id"]], generations, matcher)
 
     ask = Ask(task_prompt("reasoning", images.classes), sampling, (), read, SCHEMA)
-    weights = stage_weights(round_dir(run_dir, round_ - 1), request.model)
+    weights = stage_weights(artefacts.round_dir(run_dir, round_ - 1), request.model)
     state = process_state()
     console.print(
         f"round {round_}: {len(previous):,} training images x {sampling.n} chains with {engine.kind}"
         + (f", {state.num_processes} processes" if state.num_processes > 1 else ""),
         highlight=False,
     )
-    folder = round_dir(run_dir, round_)
+    folder = artefacts.round_dir(run_dir, round_)
     engine = engine.for_step(folder, state.process_index, state.num_processes)
     started = time.perf_counter()
     with OnDemand(lambda: open_engine(engine, weights.model, weights.adapter)) as model:
         frame = generated_table(
-            state, folder / SELF_LABELS, images.subset, ask, batch_unit(engine), model.get
+            state, artefacts.self_labels_path(folder), images.subset, ask, batch_unit(engine), model.get
         )
     if state.is_local_main_process:
         discard_merged(engine.merge_dir)
@@ -245,7 +234,7 @@ def self_label_round(
         "images_per_s": round(frame.height / seconds, 3) if seconds else None,
     }
     if state.is_main_process:
-        atomic.write_json(folder / SELF_LABEL_STATS, stats)
+        atomic.write_json(artefacts.self_label_stats_path(folder), stats)
     state.wait_for_everyone()
     return stats
 
@@ -256,7 +245,7 @@ def train_round(
     """MTCT on round `round_`'s chains: the teacher's in round 0, the merged self-labels after."""
     config = request.config
     run_dir = prepared.run_dir
-    folder = round_dir(run_dir, round_)
+    folder = artefacts.round_dir(run_dir, round_)
     examples = prepared.train_examples
     if round_ > 0:
         chains = {item.id: item.chain for item in _supervision(run_dir, round_, images)}
@@ -266,7 +255,7 @@ def train_round(
         )
         examples = build_examples(relabelled, config.method, images.classes)
     start = (
-        stage_weights(round_dir(run_dir, round_ - 1), request.model)
+        stage_weights(artefacts.round_dir(run_dir, round_ - 1), request.model)
         if round_ > 0 and config.sarr_init == "continue"
         else TrainedWeights(request.model)
     )
@@ -304,7 +293,7 @@ def train_sarr(
     if state.is_main_process:
         _finish(run_dir, config.sarr_rounds, request.model)
     state.wait_for_everyone()
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = atomic.read_json(artefacts.metrics_path(run_dir))
     return StageResult(run_dir, stage_weights(run_dir, request.model), metrics)
 
 
@@ -350,22 +339,22 @@ def _save_progress(run_dir: Path, done: list[str]) -> None:
 def _finish(run_dir: Path, rounds: int, model: str) -> None:
     """Copy the last round's weights beside the run's files (complete or absent), then metrics.json,
     which marks the run done."""
-    final = stage_weights(round_dir(run_dir, rounds), model).folder
+    final = stage_weights(artefacts.round_dir(run_dir, rounds), model).folder
     copy_folder(final, run_dir / final.name)
     summary = []
     for round_ in range(rounds + 1):
-        folder = round_dir(run_dir, round_)
-        trained = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        folder = artefacts.round_dir(run_dir, round_)
+        trained = atomic.read_json(artefacts.metrics_path(folder))
         trained.pop("log_history", None)
-        stats_path = folder / SELF_LABEL_STATS
-        stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else None
+        stats_path = artefacts.self_label_stats_path(folder)
+        stats = atomic.read_json(stats_path) if stats_path.is_file() else None
         summary.append({"round": round_, "train": trained, "self_label": stats})
     atomic.write_json(
-        run_dir / "metrics.json",
+        artefacts.metrics_path(run_dir),
         {
             "method": "rd-mldg",
             "final_round": rounds,
-            "weights": f"round-{rounds}/{final.name}",
+            "weights": final.relative_to(run_dir).as_posix(),
             "rounds": summary,
         },
     )

@@ -33,6 +33,7 @@ from domainbed_reasoning.train.stages.stage import (
 )
 from transformers import ProcessorMixin
 
+from domainbed_reasoning import artefacts
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.terminal import console
 
@@ -46,7 +47,7 @@ def train(request: TrainRequest, evaluate: bool = False) -> StageResult:
     state = process_state(request.config.distributed_timeout_s)
     prepared = prepare(request)
     run_dir = prepared.run_dir
-    if request.resume and (run_dir / "metrics.json").is_file():
+    if request.resume and artefacts.metrics_path(run_dir).is_file():
         return stage_result(run_dir, request.model)
     check_generation_budget(request, prepared.processor, evaluate)
     check_training_memory(request, prepared)
@@ -101,7 +102,7 @@ def train_and_evaluate(request: TrainRequest, evaluate: bool = True) -> StageRes
     state = process_state()
     if state.is_main_process:
         console.print(
-            f"[green]trained weights[/]: {result.weights.folder}  (logs: {result.run_dir / 'logs'})",
+            f"[green]trained weights[/]: {result.weights.folder}  (logs: {artefacts.logs_dir(result.run_dir)})",
             highlight=False,
         )
     if not evaluate:
@@ -117,6 +118,6 @@ def train_and_evaluate(request: TrainRequest, evaluate: bool = True) -> StageRes
     if state.is_main_process:
         print_metrics(metrics)
         console.print(
-            f"[green]evaluation[/]: {result.run_dir / 'eval' / 'metrics.json'}", highlight=False
+            f"[green]evaluation[/]: {artefacts.metrics_path(artefacts.eval_dir(result.run_dir))}", highlight=False
         )
     return result

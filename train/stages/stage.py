@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -97,10 +96,6 @@ class Prepared:
     eval_examples: Dataset
 
 
-def run_dir_for(out: Path, dataset: str, target: str, method: str) -> Path:
-    return Path(out) / dataset / target / method
-
-
 def prepare(request: TrainRequest) -> Prepared:
     """Validate every input and build the examples; loads no model."""
     spec = get_spec(request.dataset)
@@ -109,7 +104,7 @@ def prepare(request: TrainRequest) -> Prepared:
             f"unknown target domain {request.target!r} for {spec.name}: choose one of {', '.join(spec.domains)}"
         )
     config = request.config
-    run_dir = run_dir_for(request.out, spec.name, request.target, config.method)
+    run_dir = artefacts.run_dir(request.out, spec.name, request.target, config.method)
     _check_run_dir(run_dir, config, request.resume)
     _check_reporting(config)
     processor = load_processor(request.model, config.image_limits())
@@ -136,13 +131,13 @@ def _check_reporting(config: TrainConfig) -> None:
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
     if resume:
-        saved = run_dir / "config.yaml"
+        saved = artefacts.run_config_path(run_dir)
         if saved.is_file() and load_config(saved) != config:
             raise UserError(
                 f"--resume with settings that differ from {saved}: resume with --config {saved}, or use another --out"
             )
         return
-    if (run_dir / "metrics.json").is_file():
+    if artefacts.metrics_path(run_dir).is_file():
         raise UserError(
             f"{run_dir} already holds a finished run: pass --resume to reuse it, or use another --out"
         )
@@ -161,10 +156,10 @@ def write_inputs(request: TrainRequest, prepared: Prepared) -> None:
     split_ids = pl.concat(
         pl.DataFrame({"id": prepared.splits[name]["id"], "split": name}) for name in prepared.splits
     )
-    atomic.write_parquet(prepared.run_dir / "split.parquet", split_ids)
-    save_config(request.config, prepared.run_dir / "config.yaml")
+    atomic.write_parquet(artefacts.split_path(prepared.run_dir), split_ids)
+    save_config(request.config, artefacts.run_config_path(prepared.run_dir))
     atomic.write_json(
-        prepared.run_dir / "run.json",
+        artefacts.run_info_path(prepared.run_dir),
         {
             "dataset": prepared.spec.name,
             "data": request.data,
@@ -204,7 +199,7 @@ def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
     # transformers 5 reads a warmup_steps below 1 as a fraction of the training steps (config.py
     # keeps warmup_ratio in [0, 1), so it is never taken for a step count).
     return SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(artefacts.checkpoints_dir(run_dir)),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_batch_size,
@@ -282,7 +277,7 @@ def _fit(
     callbacks = [StageProgress(f"train {run_dir.parent.name}/{run_dir.name}")]
     if config.report_to == "tensorboard":
         tensorboard = TensorBoardCallback()
-        tensorboard.logging_dir = str(run_dir / "logs")
+        tensorboard.logging_dir = str(artefacts.logs_dir(run_dir))
         callbacks.append(tensorboard)
     trainer = MTCTTrainer(
         model=base,
@@ -306,7 +301,7 @@ def _fit(
     save_weights(trainer, processor, run_dir / weights_dirname(config.finetune), card)
     if trainer.accelerator.is_main_process:
         metrics = {**output.metrics, "log_history": trainer.state.log_history}
-        atomic.write_json(run_dir / "metrics.json", metrics)
+        atomic.write_json(artefacts.metrics_path(run_dir), metrics)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.free_memory()
     # accelerate keeps the DeepSpeed plugin in a process-wide singleton, which keeps transformers'
@@ -367,7 +362,7 @@ def save_weights(trainer: MTCTTrainer, processor: ProcessorMixin, target: Path, 
 
 
 def stage_result(run_dir: Path, model: str) -> StageResult:
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = atomic.read_json(artefacts.metrics_path(run_dir))
     return StageResult(run_dir, stage_weights(run_dir, model), metrics)
 
 
@@ -394,5 +389,6 @@ def model_card(request: TrainRequest, prepared: Prepared, sarr_round: int | None
         counts=prepared.counts["train"],
         examples=len(prepared.train_examples),
         sarr_round=sarr_round,
-        self_label_stats=artefacts.SELF_LABEL_STATS,
+        # the card sits in the round's weights folder, the stats in the round's folder above it
+        self_label_stats=artefacts.self_label_stats_path(Path("..")).as_posix(),
     )

@@ -26,7 +26,6 @@ from typing import Any
 import datasets
 from domainbed_reasoning.train.config import METHODS, TrainConfig, load_config, parse_overrides
 from domainbed_reasoning.train.evaluation.evaluate import ZEROSHOT, ZeroShotRequest, job_for_model
-from domainbed_reasoning.train.stages.stage import run_dir_for
 
 from domainbed_reasoning import artefacts, atomic
 from domainbed_reasoning.data.registry import DatasetSpec, get_spec
@@ -120,9 +119,9 @@ class Trial:
 
     def state(self) -> str:
         """done (evaluated), trained (evaluation still to run), partial (killed: resumable), pending."""
-        if (self.folder / "eval" / "metrics.json").is_file():
+        if artefacts.metrics_path(artefacts.eval_dir(self.folder)).is_file():
             return DONE
-        if self.method != ZEROSHOT and (self.folder / "metrics.json").is_file():
+        if self.method != ZEROSHOT and artefacts.metrics_path(self.folder).is_file():
             return TRAINED
         return PARTIAL if self.folder.exists() else PENDING
 
@@ -256,7 +255,7 @@ def _eval_options(spec: SweepSpec) -> tuple[str, ...]:
 
 def train_trial(spec: SweepSpec, dataset: DatasetSpec, target: str, config: TrainConfig) -> Trial:
     out = spec.out / TRAIN / f"seed-{config.seed}"
-    folder = run_dir_for(out, dataset.name, target, config.method)
+    folder = artefacts.run_dir(out, dataset.name, target, config.method)
     check_saved_settings(folder, config)
     train = (
         "train", dataset.name, "--data", spec.data, "--target", target, "--model", spec.model,
@@ -275,8 +274,8 @@ def train_trial(spec: SweepSpec, dataset: DatasetSpec, target: str, config: Trai
         model=spec.model,
         folder=folder,
         steps=(
-            Step("train", train, folder / "metrics.json", distributed=True),
-            Step("eval", evaluate, folder / "eval" / "metrics.json"),
+            Step("train", train, artefacts.metrics_path(folder), distributed=True),
+            Step("eval", evaluate, artefacts.metrics_path(artefacts.eval_dir(folder))),
         ),
         sweep_dir=spec.out,
     )
@@ -284,7 +283,7 @@ def train_trial(spec: SweepSpec, dataset: DatasetSpec, target: str, config: Trai
 
 def check_saved_settings(folder: Path, config: TrainConfig) -> None:
     """A run folder left by an earlier sweep must have been made with these very settings."""
-    saved = folder / "config.yaml"
+    saved = artefacts.run_config_path(folder)
     if not saved.is_file():
         return
     before = load_config(saved).to_dict()
@@ -323,7 +322,7 @@ def zero_shot_trials(spec: SweepSpec, dataset: DatasetSpec, target: str) -> list
                 seed=None,
                 model=model,
                 folder=job.run_dir,
-                steps=(Step("eval", argv, job.eval_dir / "metrics.json"),),
+                steps=(Step("eval", argv, artefacts.metrics_path(job.eval_dir)),),
                 sweep_dir=spec.out,
             )
         )
