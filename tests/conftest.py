@@ -103,6 +103,14 @@ def real_qwen2vl() -> Path:
     return real_shape_model("qwen2_vl_2b_instruct")
 
 
+# vLLM's prefix caching is on for the tiny teacher, so that the builder's text-first prompt can be
+# seen served from it. That CPU build crashes when a cached prefix makes it prefill a seeded request
+# in parts, which needs an image's encoding to wait for the step's encoder budget (2,048 tokens,
+# the context); the tiny processor caps an image at 16 tokens, and 128 sequences a step at most
+# need 2,048: it cannot happen here.
+TINY_TEACHER_ARGS = ("--enable-prefix-caching", "--max-num-seqs", "128")
+
+
 @pytest.fixture(scope="session")
 def vllm_teacher(
     tiny_qwen2vl: Path, vllm_python: Path, tmp_path_factory: pytest.TempPathFactory
@@ -116,6 +124,7 @@ def vllm_teacher(
         dtype="float32",
         vllm_python=vllm_python,
         log_path=tmp_path_factory.mktemp("vllm") / "server.log",
+        extra_args=TINY_TEACHER_ARGS,
     )
     with VLLMServer(config) as server:
         yield server.endpoint

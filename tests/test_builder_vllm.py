@@ -7,10 +7,10 @@ whole build path runs, that vLLM honours the seed we record, and that its prefix
 reuses the prompt that precedes the image.
 
 vLLM 0.32's CPU build kills its engine when it prefills a seeded request in parts ("CPU
-Generator does not use offset"); the servers here, like `dbr serve-teacher`'s, run the CPU
-build without chunked prefill and without prefix caching (vllm_server.CPU_BUILD_ARGS), and a
-real-size prompt is served in test_real_shapes.py. The prefix-cache test has a server of its
-own with caching on.
+Generator does not use offset"); `dbr serve-teacher` runs the CPU build without chunked prefill
+and without prefix caching (vllm_server.CPU_BUILD_ARGS), and a real-size prompt is served so in
+test_real_shapes.py. The tiny teacher here asks for prefix caching back, which its tiny images
+make safe (conftest.TINY_TEACHER_ARGS).
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import asyncio
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
-import pytest
 from domainbed_reasoning.builders.build import build_chains
 from domainbed_reasoning.builders.build_config import BuildConfig
 from domainbed_reasoning.builders.rejection_sampling import SamplingPlan
@@ -41,7 +39,7 @@ from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.data.scan import scan_dataset
 from domainbed_reasoning.offline.synth import generate
-from domainbed_reasoning.serving.vllm_server import Endpoint, ServerConfig, VLLMServer, free_port
+from domainbed_reasoning.serving.vllm_server import Endpoint
 
 TRANSPORT_REASONS = {RejectReason.REQUEST_ERROR.value}
 
@@ -126,44 +124,24 @@ def prefix_cache(endpoint: Endpoint) -> tuple[float, float]:
     return totals[0], totals[1]
 
 
-@pytest.fixture(scope="module")
-def caching_teacher(
-    tiny_qwen2vl: Path, vllm_python: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Endpoint]:
-    """The tiny teacher with vLLM's prefix caching asked for. Its test sends one sample per
-    distinct image, so no cached prefix ends inside an image and the CPU build's crash cannot arise."""
-    config = ServerConfig(
-        model=str(tiny_qwen2vl),
-        served_model_name="tiny-teacher",
-        port=free_port(),
-        max_model_len=2048,
-        dtype="float32",
-        vllm_python=vllm_python,
-        log_path=tmp_path_factory.mktemp("vllm-caching") / "server.log",
-        extra_args=("--enable-prefix-caching",),
-    )
-    with VLLMServer(config) as server:
-        yield server.endpoint
-
-
 def test_the_prompt_before_the_image_is_served_from_vllms_prefix_cache(
-    caching_teacher: Endpoint, tmp_path: Path
+    vllm_teacher: Endpoint, tmp_path: Path
 ) -> None:
     """With the text first, every request after the first reuses the prompt's KV blocks; with
     the image first, only the chat template's few tokens could match."""
     generate(tmp_path, images_per_class=1, seed=5)
 
     async def send_all(bodies: list[bytes]) -> None:
-        async with TeacherPool(tiny_teacher(caching_teacher)) as pool:
+        async with TeacherPool(tiny_teacher(vllm_teacher)) as pool:
             for body in bodies:
                 assert (await pool.send(body, 1, 0.0, 0)).error is None
 
     rates = {}
     for text_first, images in ((False, slice(0, 6)), (True, slice(6, 12))):
         bodies = teacher_bodies(tmp_path, 12, text_first)[images]
-        hits, queries = prefix_cache(caching_teacher)
+        hits, queries = prefix_cache(vllm_teacher)
         asyncio.run(send_all(bodies))
-        after_hits, after_queries = prefix_cache(caching_teacher)
+        after_hits, after_queries = prefix_cache(vllm_teacher)
         rates[text_first] = (after_hits - hits) / (after_queries - queries)
     assert rates[True] > 0.5, rates
     assert rates[False] < 0.2, rates

