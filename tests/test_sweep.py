@@ -40,11 +40,13 @@ TARGETS = ("sketch", "photo")
 QUICK_EVAL = ["--direct-tokens", "4", "--max-new-tokens", "12"]
 
 
-def sweep_args(export: Path, model: Path, out: Path, fast: dict, *extra: str) -> list[str]:
+def sweep_args(
+    export: Path, model: Path, out: Path, fast: dict, *extra: str, targets: tuple[str, ...] = TARGETS
+) -> list[str]:
     settings = [arg for key, value in fast.items() for arg in ("--set", f"{key}={value}")]
     return [
         "sweep", "SynthDG", "--model", str(model), "--data", str(export), "--out", str(out),
-        "--targets", ",".join(TARGETS), "--methods", "cls,mtct", "--seeds", "0,1",
+        "--targets", ",".join(targets), "--methods", "cls,mtct", "--seeds", "0,1",
         *settings, *QUICK_EVAL, *extra,
     ]  # fmt: skip
 
@@ -268,9 +270,11 @@ def test_dry_run_prints_every_trial_as_json_and_starts_nothing(
 def swept(
     export_dir: Path, tiny_qwen2vl: Path, fast_train: dict, tmp_path_factory: pytest.TempPathFactory
 ):
-    """2 held-out domains x 2 methods x 2 seeds, two trials at a time on two (CPU-backed) 'GPUs'."""
+    """1 held-out domain x 2 methods x 2 seeds, two trials at a time on two (CPU-backed) 'GPUs'."""
     out = tmp_path_factory.mktemp("sweep") / "sweep"
-    args = sweep_args(export_dir, tiny_qwen2vl, out, fast_train, "--launcher", "local-gpus")
+    args = sweep_args(
+        export_dir, tiny_qwen2vl, out, fast_train, "--launcher", "local-gpus", targets=("sketch",)
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
         result = invoke(args)
@@ -292,7 +296,7 @@ def _records(out: Path) -> dict[str, dict]:
 def test_every_trial_trained_and_evaluated_one_per_gpu(swept) -> None:
     out, _, printed = swept
     records = _records(out)
-    assert len(records) == 8
+    assert len(records) == 4
     for key, record in records.items():
         dataset, target, method, seed = key.split(".")
         run = out / "train" / seed.replace("seed", "seed-") / dataset / target / method
@@ -314,7 +318,7 @@ def test_every_trial_trained_and_evaluated_one_per_gpu(swept) -> None:
     for spans in by_gpu.values():
         spans.sort()
         assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans))
-    assert "local-gpus: 8 trial(s), one per GPU at a time on GPU(s) 0,1" in printed
+    assert "local-gpus: 4 trial(s), one per GPU at a time on GPU(s) 0,1" in printed
     assert "sweep finished" in printed
 
 
@@ -326,15 +330,15 @@ def test_the_report_shows_two_trials_per_cell(swept, tmp_path: Path) -> None:
     data = json.loads((tmp_path / "report" / "results.json").read_text())
     for row in data["rows"]:
         synth = row["datasets"]["SynthDG"]
-        assert (synth["held_out"], synth["trials"]) == (2, 2), row["label"]
-        assert set(synth["domains"]) == set(TARGETS)
+        assert (synth["held_out"], synth["trials"]) == (1, 2), row["label"]
+        assert set(synth["domains"]) == {"sketch"}
         assert all(set(cell["seeds"]) == {"0", "1"} for cell in synth["domains"].values())
     assert {(row["label"].split(" (")[0], row["mode"]) for row in data["rows"]} == {
         ("CLS only", "direct"), ("MTCT", "reasoning"), ("MTCT", "direct"),
     }  # fmt: skip
     # n per domain: the whole held-out domain, chain or not (10 SynthDG images each in the test export)
     assert data["images"]["SynthDG"]["sketch"]["test_images"] == [10]
-    assert " (2; 2/4 domains) |" in (tmp_path / "report" / "results.md").read_text()
+    assert " (2; 1/4 domains) |" in (tmp_path / "report" / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -344,7 +348,7 @@ def test_status_and_a_rerun_skip_what_is_done(swept) -> None:
     status = invoke(["sweep", "--status", "--json", "--out", str(out)])
     assert status.exit_code == 0, status.output
     data = json.loads(status.stdout)
-    assert data["totals"]["done"] == 8 and data["totals"]["to_run"] == 0
+    assert data["totals"]["done"] == 4 and data["totals"]["to_run"] == 0
     assert all(trial["state"] == "done" and trial["hours"] > 0 for trial in data["trials"])
     again = invoke(on_the_cpu(args))
     assert again.exit_code == 0, again.output
@@ -355,7 +359,7 @@ def test_status_and_a_rerun_skip_what_is_done(swept) -> None:
 @pytest.mark.slow
 def test_a_killed_trial_resumes_and_an_unevaluated_one_is_only_evaluated(swept) -> None:
     out, args, _ = swept
-    killed = out / "train" / "seed-1" / "SynthDG" / "photo" / "mtct"
+    killed = out / "train" / "seed-1" / "SynthDG" / "sketch" / "mtct"
     unevaluated = out / "train" / "seed-0" / "SynthDG" / "sketch" / "cls"
     (killed / "metrics.json").unlink()  # training had not finished: its checkpoints remain
     (killed / "eval" / "metrics.json").unlink()
@@ -365,7 +369,7 @@ def test_a_killed_trial_resumes_and_an_unevaluated_one_is_only_evaluated(swept) 
     plan_now = json.loads(invoke([*on_the_cpu(args), "--dry-run", "--json"]).stdout)
     states = {trial["key"]: trial["state"] for trial in plan_now["trials"]}
     assert (
-        states["SynthDG.photo.mtct.seed1"] == "partial"
+        states["SynthDG.sketch.mtct.seed1"] == "partial"
         and states["SynthDG.sketch.cls.seed0"] == "trained"
     )
     # trials still to run are estimated from the measured ones of the same dataset and method
@@ -374,13 +378,13 @@ def test_a_killed_trial_resumes_and_an_unevaluated_one_is_only_evaluated(swept) 
     result = invoke(on_the_cpu(args))
     assert result.exit_code == 0, result.output
     records = _records(out)
-    assert [step["name"] for step in records["SynthDG.photo.mtct.seed1"]["steps"]] == [
+    assert [step["name"] for step in records["SynthDG.sketch.mtct.seed1"]["steps"]] == [
         "train",
         "eval",
     ]
     assert [step["name"] for step in records["SynthDG.sketch.cls.seed0"]["steps"]] == ["eval"]
     assert not records["SynthDG.sketch.cls.seed0"]["whole"]
-    log = Path(records["SynthDG.photo.mtct.seed1"]["log"]).read_text()
+    log = Path(records["SynthDG.sketch.mtct.seed1"]["log"]).read_text()
     assert "--resume" in log and (killed / "eval" / "metrics.json").is_file()
     assert (
         sorted(path.name for path in (killed / "checkpoints").glob("checkpoint-*")) == checkpoints
@@ -395,7 +399,7 @@ def test_more_seeds_are_estimated_from_the_measured_trials(swept) -> None:
     more = [*args[:seeds], "--seeds", "0,1,2", *args[seeds + 2 :], "--dry-run", "--json"]
     data = json.loads(invoke(on_the_cpu(more)).stdout)
     new = [trial for trial in data["trials"] if trial["seed"] == 2]
-    assert len(new) == 4 and all(
+    assert len(new) == 2 and all(
         trial["state"] == "pending" and trial["estimated"] for trial in new
     )
     measured = [
@@ -405,7 +409,7 @@ def test_more_seeds_are_estimated_from_the_measured_trials(swept) -> None:
     ]
     cls = next(trial for trial in new if trial["method"] == "cls")
     assert cls["hours"] == pytest.approx(sum(measured) / len(measured))
-    assert data["totals"]["to_run"] == 4 and data["totals"]["to_run_without_estimate"] == 0
+    assert data["totals"]["to_run"] == 2 and data["totals"]["to_run_without_estimate"] == 0
 
 
 # --- the Slurm path, through submitit's local executor --------------------------------------------------
