@@ -145,7 +145,7 @@ def test_a_teacher_whose_engine_died_stops_the_build_at_once_and_says_where_its_
 def test_an_outage_past_outage_wait_stops_the_build_and_a_rerun_accepts_every_image(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    """Issue 13, item 1: an outage on part of the images during one run, recovery, a re-run."""
+    """An outage on part of the images during one run, recovery, a re-run."""
     patience = HealthPolicy(eject_after=3, probe_first_s=0.1, probe_max_s=0.2, outage_wait_s=0.5)
     outage = SimTeacherConfig(**FAST | {"outage_after": 6, "outage_s": 60.0})
     with run_sim_teacher(outage, data_dir) as url:
@@ -216,7 +216,7 @@ def verdicts(out: Path) -> dict[tuple, tuple]:
 def test_a_replica_killed_mid_run_changes_no_outcome(
     data_dir: Path, tmp_path: Path, doomed_replica: tuple[str, subprocess.Popen]
 ) -> None:
-    """Issue 13, item 2: two replicas, one SIGKILLed mid-run: every image resolves exactly as
+    """Two replicas, one SIGKILLed mid-run: every image resolves exactly as
     with one healthy replica (the simulated teacher answers a request by its body and seed)."""
     doomed_url, doomed = doomed_replica
     survivor = SimTeacherConfig(**FAST | {"latency_ms": 50.0, "p_wrong": 0.5})
@@ -331,7 +331,7 @@ def test_openai_api_key_is_not_sent_over_plain_http_to_another_host(
 
 
 def test_records_state_how_each_answer_was_made(data_dir: Path, tmp_path: Path) -> None:
-    """Issue 13, item 4: seed, top_p, max_tokens, the server's model and fingerprint, when,
+    """Seed, top_p, max_tokens, the server's model and fingerprint, when,
     and whether the image was downscaled, on every candidate."""
     plan = SamplingPlan(candidates=2, max_rounds=2, temperatures=(0.5, 0.8), seed=11)
     before = datetime.now(UTC)

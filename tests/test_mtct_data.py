@@ -87,6 +87,15 @@ def test_mtct_gives_each_image_a_cls_and_a_reasoning_example_side_by_side(
     assert cls["prompt"][0]["content"][0]["type"] == "image"
     assert isinstance(examples.features["images"], datasets.List)
     assert cls["images"][0].size == (8, 8)
+    assert examples["image_size"] == [[8, 8]] * 6  # [height, width], read from the header
+
+
+def test_image_size_is_read_from_bytes_and_from_a_path(tmp_path) -> None:
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (30, 10)).save(path)
+    wide = _row(0, "TV", image={"bytes": None, "path": str(path)})
+    tall = _row(1, "TV", image=Image.new("RGB", (10, 20)))
+    assert build_examples(_split([wide, tall]), "cls", CLASSES)["image_size"] == [[10, 30], [20, 10]]
 
 
 @pytest.mark.parametrize(("method", "task"), [("cls", "cls"), ("reasoning", "reasoning")])
@@ -232,10 +241,17 @@ def test_length_grouping_leaves_class_names_in_their_shuffled_order() -> None:
     names = ["circle", "cross", "square", "star", "triangle", "Alarm_Clock", "The_Great_Wall_of_China"]
     answers = [names[i % len(names)] for i in range(70)]
     keys = [f"single{i}" for i in range(70)]
-    grouped = GroupShuffleSampler(keys, seed=3, lengths=length_keys(answers), megabatch=20)
+    lengths = length_keys(answers, [256] * 70)
+    grouped = GroupShuffleSampler(keys, seed=3, lengths=lengths, megabatch=20)
     assert list(grouped) == list(GroupShuffleSampler(keys, seed=3))
     chains = ["x" * 2000, "x" * 300, "x" * 1200, "x" * 600]
-    assert length_keys(chains) == [15, 2, 9, 4]
+    assert length_keys(chains, [0] * 4) == [15, 2, 9, 4]
+
+
+def test_length_grouping_counts_each_image_s_tokens() -> None:
+    """A tiling processor spends more on one image than on its chain: a 640x480 photo's class
+    name is a longer row than a 227x227 image's chain, and the sampler ranks them so."""
+    assert length_keys(["cat", "x" * 1200, "cat"], [3328, 256, 256]) == [104, 17, 8]
 
 
 def test_pairs_share_a_batch_when_the_batch_is_even() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,10 +47,11 @@ def one_step(
     shared: bool,
     attention: str | None = None,
     padding_free: bool = False,
+    images: Sequence[int] = range(7),
     **settings,
 ) -> tuple[dict, dict]:
     """The LoRA gradients and the logged losses of one optimiser step."""
-    trainer = mtct_trainer(model_dir, out, shared, attention, padding_free, **(SGD | settings))
+    trainer = mtct_trainer(model_dir, out, shared, attention, padding_free, images, **(SGD | settings))
     capture = GradientCapture()
     trainer.add_callback(capture)
     trainer.train()
@@ -90,9 +92,11 @@ def test_shared_prefix_on_real_shapes(checkpoint: str, tmp_path: Path) -> None:
     model_dir = build_real_shape_model(
         source, REPO / ".cache" / "real-shapes" / f"{checkpoint}-1x128", layers=1, width=128
     )
-    # 4 rows: the 151k-token LM head scores every position on a CPU, the step's main cost
-    shared = one_step(model_dir, tmp_path / "shared", True, per_device_train_batch_size=4)
-    two_rows = one_step(model_dir, tmp_path / "rows", False, per_device_train_batch_size=4)
+    # 4 rows, a packed pair and two class-name-only rows (images 2 and 5 have no chain): the
+    # 151k-token LM head scores every position on a CPU, the step's main cost
+    step = {"images": (0, 2, 5), "per_device_train_batch_size": 4}
+    shared = one_step(model_dir, tmp_path / "shared", True, **step)
+    two_rows = one_step(model_dir, tmp_path / "rows", False, **step)
     assert_same_step(shared, two_rows)
 
 

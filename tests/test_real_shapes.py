@@ -15,20 +15,25 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import polars as pl
 import pytest
 from domainbed_reasoning.builders.store.candidate_store import read_candidates
 from domainbed_reasoning.train.engines.base import GenRequest, SamplingSpec
 from domainbed_reasoning.train.engines.vllm_engine import SERVED_NAME, VLLMEngine
 from domainbed_reasoning.train.model.processor import ImageLimits, load_processor
-from domainbed_reasoning.train.mtct.mtct_data import task_prompt, user_message
+from domainbed_reasoning.train.mtct.mtct_data import build_examples, task_prompt, user_message
+from domainbed_reasoning.train.mtct.mtct_trainer import LENGTH_STEP, MTCTTrainer
 from domainbed_reasoning.train.mtct.token_budget import image_tokens, longest_prompt
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import SFTConfig
 from trl.data_utils import apply_chat_template
 from typer.testing import CliRunner
 
 from domainbed_reasoning import artefacts
+from domainbed_reasoning.chains.chain_format import format_chain
 from domainbed_reasoning.cli import app
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.offline.synth import generate
@@ -60,6 +65,46 @@ def real_length(processor, size: tuple[int, int]) -> int:
     text = apply_chat_template({"prompt": user_message(PROMPT)}, processor)["prompt"]
     image = Image.new("RGB", (size[1], size[0]), "gray")
     return len(processor(images=[[image]], text=[text], add_special_tokens=False)["input_ids"][0])
+
+
+@pytest.mark.parametrize("fixture", ["real_internvl", "real_qwen2vl"])
+def test_training_groups_rows_by_what_their_images_cost(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The length-grouped sampler counts the tokens the checkpoint's processor spends on each
+    image: a 640x480 photo's class-name row ranks longer than a 227x227 image's chain row."""
+    model_dir = request.getfixturevalue(fixture)
+    chain = format_chain(
+        {"summary": "s", "caption": "a red circle " * 20, "reasoning": "r", "reflection": "f", "conclusion": "circle"}
+    )
+    sizes = [SIZES["227x227"], SIZES["640x480"]]
+    split = datasets.Dataset.from_list(
+        [
+            {"id": f"SynthDG/photo/circle/{i}.png", "label": 0, "image": Image.new("RGB", (w, h)), "chain": chain}
+            for i, (h, w) in enumerate(sizes)
+        ],
+        features=datasets.Features(
+            {
+                "id": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=list(CLASSES)),
+                "image": datasets.Image(),
+                "chain": datasets.Value("string"),
+            }
+        ),
+    )
+    examples = build_examples(split, "mtct", CLASSES)  # cls, reasoning of 227x227, then of 640x480
+    args = SFTConfig(
+        output_dir=str(tmp_path), train_sampling_strategy="group_by_length", use_cpu=True, report_to="none"
+    )
+    trainer = MTCTTrainer(
+        model=AutoModelForImageTextToText.from_pretrained(model_dir),
+        args=args,
+        train_dataset=examples,
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+    )
+    lengths = trainer._get_train_sampler().lengths
+    assert lengths[2] > lengths[1] > lengths[0] and lengths[3] > lengths[2]
+    assert abs(lengths[2] - IMAGE_TOKENS[fixture]["640x480"] // LENGTH_STEP) <= 1
 
 
 @pytest.mark.parametrize("fixture", ["real_internvl", "real_qwen2vl"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -26,10 +27,11 @@ CLASSES = ("circle", "cross", "square", "star", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "white")
 
 
-def rows() -> datasets.Dataset:
-    """7 images, 2 of them without a chain: 12 rows (5 pairs, 2 class-name-only rows)."""
+def rows(images: Sequence[int] = range(7)) -> datasets.Dataset:
+    """By default 7 images, 2 of them (2 and 5) without a chain: 12 rows (5 pairs, 2
+    class-name-only rows)."""
     records = []
-    for index in range(7):
+    for index in images:
         name = CLASSES[index % 5]
         chain = (
             f"<SUMMARY>colour</SUMMARY><CAPTION>{COLOURS[index % 5]} {'x' * index}</CAPTION>"
@@ -76,9 +78,10 @@ def mtct_trainer(
     shared_prefix: bool = False,
     attention: str | None = None,
     padding_free: bool = False,
+    images: Sequence[int] = range(7),
     **settings: object,
 ) -> MTCTTrainer:
-    """An MTCT trainer with LoRA on vision and language over `rows()`, for one step."""
+    """An MTCT trainer with LoRA on vision and language over `rows(images)`, for one step."""
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation=attention)
     args = SFTConfig(
@@ -93,7 +96,7 @@ def mtct_trainer(
     return MTCTTrainer(
         model=model,
         args=args,
-        train_dataset=build_examples(rows(), "mtct", CLASSES),
+        train_dataset=build_examples(rows(images), "mtct", CLASSES),
         processing_class=AutoProcessor.from_pretrained(model_dir),
         peft_config=lora_config(model, 8, 16, 0.0, train_vision=True),
         shared_prefix=shared_prefix,

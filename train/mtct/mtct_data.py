@@ -11,6 +11,7 @@ re-encodes a picture.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from domainbed_reasoning.train.config import METHODS
 from domainbed_reasoning.train.mtct.mtct_loss import TASKS
+from PIL import Image
 
 from domainbed_reasoning.chains.prompt_templates import class_list, humanise, load_prompt
 from domainbed_reasoning.errors import UserError
@@ -141,8 +143,11 @@ def task_prompt(task: str, classes: Sequence[str]) -> str:
 def _expand(
     batch: dict[str, list], tasks: tuple[str, ...], prompts: dict[str, str], classes: list[str]
 ) -> dict:
-    rows: dict[str, list] = {"id": [], "task": [], "images": [], "prompt": [], "completion": []}
+    rows: dict[str, list] = {
+        "id": [], "task": [], "images": [], "image_size": [], "prompt": [], "completion": []
+    }
     for index, row_id in enumerate(batch["id"]):
+        size = header_size(batch["image"][index])
         for task in tasks:
             chain = batch["chain"][index] if task == "reasoning" else None
             if task == "reasoning" and not (chain and chain.strip()):
@@ -151,11 +156,20 @@ def _expand(
             rows["id"].append(row_id)
             rows["task"].append(task)
             rows["images"].append([batch["image"][index]])
+            rows["image_size"].append(size)
             rows["prompt"].append(user_message(prompts[task]))
             rows["completion"].append(
                 [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
             )
     return rows
+
+
+def header_size(image: dict[str, Any]) -> list[int]:
+    """[height, width] from the stored image's header (no pixels decoded): what the length-grouped
+    sampler counts the image's tokens from."""
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(source) as opened:
+        return [opened.height, opened.width]
 
 
 def user_message(prompt: str) -> list[dict]:

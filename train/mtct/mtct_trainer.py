@@ -37,14 +37,17 @@ from domainbed_reasoning.train.mtct.shared_prefix import (
     prefix_mask,
     sharing_blocker,
 )
+from domainbed_reasoning.train.mtct.token_budget import image_tokens
 from torch.utils.data import Sampler, SequentialSampler
 from trl import SFTTrainer
 
 from domainbed_reasoning.errors import UserError
 
-ROW_KEYS = ("task", "id")
-# Answer lengths closer than this many characters (about 30 tokens) count as equal when grouping.
-LENGTH_STEP = 128
+ROW_KEYS = ("task", "id", "image_size")
+# Rows whose estimated lengths are closer than this many tokens count as equal when grouping.
+LENGTH_STEP = 32
+# An answer's characters per token, near enough to rank rows without tokenising them.
+CHARS_PER_TOKEN = 4
 logger = logging.getLogger(__name__)
 
 
@@ -167,16 +170,22 @@ class GroupShuffleSampler(Sampler[int]):
         return max(self.lengths[index] for index in unit)
 
 
-def length_keys(answers: Iterable[str], step: int = LENGTH_STEP) -> list[int]:
-    """What the length-grouped sampler sorts rows by: the answer's length in steps of `step` characters.
+def length_keys(
+    answers: Iterable[str], image_tokens: Iterable[int], step: int = LENGTH_STEP
+) -> list[int]:
+    """What the length-grouped sampler sorts rows by: the row's image tokens and its answer's
+    (estimated from its characters), in steps of `step` tokens.
 
-    A row's length varies with its answer (the image and prompt are alike across a dataset), so
-    the answer's characters rank rows without tokenising them. Counting in steps keeps rows that
-    differ by a few tokens - every class name - in their shuffled order: sorted by exact length,
-    class names of equal length would fill whole micro-batches with one class, a skewed gradient
-    that saves no padding.
+    The rest of a row, the chat template and the question, is alike across a dataset; the
+    image is not where the processor tiles it (InternVL) or counts its pixels (Qwen2-VL), and
+    is then most of the row. Counting in steps keeps rows that differ by a few tokens - every
+    class name - in their shuffled order: sorted by exact length, class names of equal length
+    would fill whole micro-batches with one class, a skewed gradient that saves no padding.
     """
-    return [len(answer) // step for answer in answers]
+    return [
+        (tokens + len(answer) // CHARS_PER_TOKEN) // step
+        for answer, tokens in zip(answers, image_tokens, strict=True)
+    ]
 
 
 def batch_layout(config: Any, shared_prefix: bool, padding_free: bool) -> tuple[str | None, str | None]:
@@ -234,7 +243,9 @@ class MTCTTrainer(SFTTrainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
             return GroupShuffleSampler(dataset["id"], seed=self.args.seed)
-        lengths = length_keys(turns[0]["content"][0]["text"] for turns in dataset["completion"])
+        answers = (turns[0]["content"][0]["text"] for turns in dataset["completion"])
+        sizes = [tuple(size) for size in dataset["image_size"]]
+        lengths = length_keys(answers, image_tokens(self.processing_class, sizes))
         megabatch = 50 * self.args.per_device_train_batch_size * self.args.world_size
         return GroupShuffleSampler(dataset["id"], self.args.seed, lengths, megabatch)
 

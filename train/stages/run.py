@@ -107,7 +107,7 @@ def train_and_evaluate(request: TrainRequest, evaluate: bool = True) -> StageRes
         )
     if not evaluate:
         return result
-    finished = result.run_dir / "eval" / "metrics.json"
+    finished = artefacts.metrics_path(artefacts.eval_dir(result.run_dir))
     if request.resume and finished.is_file():
         if state.is_main_process:
             console.print(f"[green]evaluation[/]: {finished} (finished before)", highlight=False)
