@@ -7,7 +7,7 @@
 # GPU's peak dense bf16 FLOP/s) for both layouts, then the summary line. Needs no network;
 # stops itself after 8 minutes.
 #
-#   DBR_REAL_SHAPES=<folder holding internvl3_2b_hf/> [WHEELS=<folder of wheels>] bench/gpu_mtct.sh [--dry-run]
+#   [DBR_REAL_SHAPES=<folder holding internvl3_2b_hf/>] [WHEELS=<folder of wheels>] bench/gpu_mtct.sh [--dry-run]
 #
 # A GPU machine without network brings what it lacks as wheels (downloaded elsewhere for its
 # Python with `pip download --only-binary=:all: --python-version X.Y trl datasets polars ...`):
@@ -16,7 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+# The real checkpoint files: $DBR_REAL_SHAPES, else a shared/real_shapes beside or inside the checkout.
 SHAPES=${DBR_REAL_SHAPES:-}
+for candidate in ../shared/real_shapes shared/real_shapes; do
+    [ -n "$SHAPES" ] || { [ -d "$candidate/internvl3_2b_hf" ] && SHAPES=$candidate; }
+done
 NEEDED=(torch transformers trl peft accelerate datasets polars PIL jinja2 rich)
 ARGS=(--full --images 4 --steps 4 --real-shapes "${SHAPES:-<DBR_REAL_SHAPES>}")
 LIMIT_S=480
@@ -30,7 +34,7 @@ if [ "${1:-}" = "--dry-run" ]; then
     echo "gpu_mtct: per image size (227x227, 640x480) and layout (two rows, shared prefix), each in its own process:"
     echo "  InternVL3-2B-hf at full size from its config, bf16, LoRA r8 (vision + language),"
     echo "  gradient checkpointing, 8 examples per step, 4 steps (the first not timed)"
-    [ -n "$SHAPES" ] || echo "gpu_mtct: DBR_REAL_SHAPES is not set: the real run needs it"
+    [ -n "$SHAPES" ] || echo "gpu_mtct: no internvl3_2b_hf/ found: set DBR_REAL_SHAPES to the folder holding it"
     exit 0
 fi
 
