@@ -49,6 +49,23 @@ RESOLVE_TEACHER = model='$(TEACHER_MODEL)'; if [ -z "$$model" ]; then \
 	[ "$$(wc -l <<< "$$ids")" = 1 ] || { echo "build-chains: $(TEACHER_URL) serves several models \
 	($$(echo $$ids)): set TEACHER_MODEL to one"; exit 2; }; model=$$ids; fi
 
+# HUB_CHECK <what> <id> <path>: one line and exit 2 where the Hub refuses <path> (401: gated or
+# private; 403: this token has no access; 404: no such repository), before anything is installed.
+# Asked with the standard library only, with HF_TOKEN or the token `hf auth login` saved; an
+# unreachable Hub is left to the download to report. HF_ENDPOINT names another Hub.
+HUB_STATUS_PY = import http.client as h, os, sys, urllib.parse as u; \
+	saved = os.path.join(os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "token"); \
+	token = os.environ.get("HF_TOKEN") or (open(saved).read().strip() if os.path.isfile(saved) else ""); \
+	url = u.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/" + sys.argv[1]); \
+	hub = (h.HTTPSConnection if url.scheme == "https" else h.HTTPConnection)(url.netloc, timeout=10); \
+	hub.request("HEAD", url.path, headers={"Authorization": "Bearer " + token} if token else {}); \
+	print(hub.getresponse().status)
+HUB_CHECK = hub_check() { status=$$($(PYTHON) -c '$(HUB_STATUS_PY)' "$$3" 2>/dev/null) || status=0; \
+	page="$${HF_ENDPOINT:-https://huggingface.co}/$$4$$2"; case "$$status" in \
+	401) echo "train: the $$1 $$2 is gated or private on the Hub: accept its terms at $$page and set HF_TOKEN (or run 'hf auth login')"; exit 2;; \
+	403) echo "train: your Hugging Face token has no access to the $$1 $$2: request it at $$page"; exit 2;; \
+	404) echo "train: the $$1 $$2 is not on the Hub ($$page): $$5"; exit 2;; esac; }
+
 # `make sim-teacher` and `make serve-teacher` write their make's process id here before anything
 # else, so that a build-chains typed at the same time waits for the teacher for as long as that make
 # lives (installing the environment, drawing SynthDG, loading the model), and TEACHER_WAIT seconds
@@ -205,17 +222,21 @@ TRAIN_LAUNCH = $(if $(MULTI_GPU)$(OTHER_ACCELERATE_CONFIG),$(VENV)/bin/accelerat
 # The data and the model must be at hand (a local folder, or a Hub id that can be fetched: in the
 # cache, or HF_HUB_OFFLINE unset) before anything is installed or downloaded.
 train-inputs:
-	@offline=$$(tr A-Z a-z <<< "$${HF_HUB_OFFLINE:-}"); case "$$offline" in 1|true|yes|on) offline=1;; *) offline=;; esac; \
+	@$(HUB_CHECK); offline=$$(tr A-Z a-z <<< "$${HF_HUB_OFFLINE:-}"); case "$$offline" in 1|true|yes|on) offline=1;; *) offline=;; esac; \
 	if [ -d '$(DATA)' ]; then [ -d '$(DATA)/$(DATASET)' ] || { \
 		echo "train: the export $(DATA)/ holds no $(DATASET)/: run 'make build-chains export DATASET=$(DATASET)', or set DATA=<user>/domainbed-reasoning"; exit 2; }; \
 	elif ! [[ '$(DATA)' =~ $(HUB_ID) ]]; then \
 		echo "train: no export folder $(DATA)/: run 'make build-chains export DATASET=$(DATASET)', or set DATA=<user>/domainbed-reasoning (a published copy)"; exit 2; \
 	elif [ -n "$$offline" ] && [ ! -d "$(HF_CACHE)/datasets--$(subst /,--,$(DATA))" ]; then \
-		echo "train: the dataset $(DATA) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run 'hf download --repo-type dataset $(DATA)' where the Hub is reachable"; exit 2; fi; \
+		echo "train: the dataset $(DATA) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run 'hf download --repo-type dataset $(DATA)' where the Hub is reachable"; exit 2; \
+	elif [ -z "$$offline" ]; then hub_check dataset '$(DATA)' 'api/datasets/$(DATA)' datasets/ \
+		"check DATA, or build and export it here: make build-chains export DATASET=$(DATASET)"; fi; \
 	if [ -e '$(MODEL)' ]; then [ -f '$(MODEL)/config.json' ] || { echo "train: $(MODEL) holds no config.json: pass a saved checkpoint folder or a Hub id as MODEL"; exit 2; }; \
 	elif ! [[ '$(MODEL)' =~ $(HUB_ID) ]]; then echo "train: MODEL=$(MODEL) is neither a checkpoint folder nor a Hub id (owner/name), e.g. MODEL=OpenGVLab/InternVL3-8B-hf"; exit 2; \
 	elif [ -n "$$offline" ] && [ ! -d "$(HF_CACHE)/models--$(subst /,--,$(MODEL))" ]; then \
-		echo "train: the model $(MODEL) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run 'hf download $(MODEL)' where the Hub is reachable"; exit 2; fi
+		echo "train: the model $(MODEL) is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it, or run 'hf download $(MODEL)' where the Hub is reachable"; exit 2; \
+	elif [ -z "$$offline" ]; then hub_check model '$(MODEL)' '$(MODEL)/resolve/main/config.json' '' \
+		"check MODEL, e.g. MODEL=OpenGVLab/InternVL3-8B-hf"; fi
 
 train: train-inputs setup
 	@targets='$(TARGET)'; [ -n "$$targets" ] || targets=$$($(DBR) datasets --json | $(PY) -c \

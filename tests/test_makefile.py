@@ -14,7 +14,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -117,11 +121,64 @@ def test_train_names_a_hub_model_missing_from_the_cache_when_offline(tmp_path: P
     )
 
 
-def test_train_runs_every_held_out_domain_when_no_target_is_given(tmp_path: Path) -> None:
+class HubAnswers(BaseHTTPRequestHandler):
+    """The Hub's HTTP endpoint, as `make train` meets it: a status per path (200 for the rest)."""
+
+    statuses: ClassVar[dict[str, int]] = {}
+    seen: ClassVar[list[tuple[str, str | None]]] = []
+
+    def do_HEAD(self) -> None:
+        self.seen.append((self.path, self.headers.get("Authorization")))
+        self.send_response(self.statuses.get(self.path, 200))
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hub() -> Iterator[str]:
+    """A local stand-in for the Hub's HTTP endpoint (HF_ENDPOINT), on 127.0.0.1."""
+    HubAnswers.statuses, HubAnswers.seen = {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HubAnswers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "line"),
+    [
+        ("/nobody/model/resolve/main/config.json", 404, "the model nobody/model is not on the Hub"),
+        ("/nobody/model/resolve/main/config.json", 401, "the model nobody/model is gated or private"),
+        ("/nobody/model/resolve/main/config.json", 403, "your Hugging Face token has no access to the model"),
+        ("/api/datasets/you/domainbed-reasoning", 404, "the dataset you/domainbed-reasoning is not on the Hub"),
+    ],
+)
+def test_train_asks_the_hub_for_the_model_and_the_data_before_installing_anything(
+    hub: str, tmp_path: Path, path: str, status: int, line: str
+) -> None:
+    HubAnswers.statuses = {path: status}
+    result = make(
+        "train", "DATA=you/domainbed-reasoning", "MODEL=nobody/model", f"VENV={tmp_path / 'venv'}",
+        env={"HF_ENDPOINT": hub, "HF_TOKEN": "hf_secret", "HF_HUB_OFFLINE": ""},
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert line in result.stdout and "hf_secret" not in result.stdout + result.stderr
+    assert (path, "Bearer hf_secret") in HubAnswers.seen
+    assert not (tmp_path / "venv").exists(), "setup ran before the check"
+
+
+def test_train_runs_every_held_out_domain_when_no_target_is_given(hub: str, tmp_path: Path) -> None:
     (tmp_path / "export" / "OfficeHome").mkdir(parents=True)
     result = make(
         "-o", ".venv/.stamp", "train", "DATASET=OfficeHome", f"DATA={tmp_path / 'export'}",
-        "NGPU=0", "TRAIN_LAUNCH=echo",
+        "NGPU=0", "TRAIN_LAUNCH=echo", env={"HF_ENDPOINT": hub, "HF_HUB_OFFLINE": ""},
     )  # fmt: skip
 
     assert result.returncode == 0, result.stdout + result.stderr
