@@ -124,6 +124,9 @@ def test_runtime_settings_reach_the_trainer(tmp_path: Path) -> None:
     assert args.ddp_timeout == 7200 and args.report_to == []  # TensorBoard: our callback, logs/
     assert args.dataloader_num_workers == 0  # auto on the CPU: the loader would compete with it
     assert sft_config(build_config({"dataloader_num_workers": 3}), tmp_path, False).dataloader_num_workers == 3
+    assert args.train_sampling_strategy == "random"  # images shuffled, an image's paths together
+    grouped = sft_config(build_config({"group_by_length": True}), tmp_path, False)
+    assert grouped.train_sampling_strategy == "group_by_length"
     defaults = TrainConfig()
     assert (defaults.report_to, defaults.distributed_timeout_s) == ("tensorboard", 10800)
     assert (defaults.image_max_tiles, defaults.vllm_max_model_len) == (6, 8192)

@@ -66,6 +66,7 @@ class TrainConfig:
     attn_implementation: str | None = None
     mtct_shared_prefix: bool = True
     padding_free: bool = True
+    group_by_length: bool = False
     dataloader_num_workers: int | None = None
     distributed_timeout_s: int = 10800
     image_max_tiles: int | None = 6

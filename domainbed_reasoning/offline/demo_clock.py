@@ -43,7 +43,7 @@ class Reference:
 # on an idle machine (2026-12-02): the demo's steps took 520.8 s; the calibration 1.2 s at the
 # demo's start and 1.33-1.36 s in three runs after it.
 REFERENCE = Reference(
-    machine="AMD EPYC, 2 cores, AVX2 (torch), torch threads 2", calibration_s=1.3, demo_s=521.0
+    machine="AMD EPYC, 2 cores, AVX2 (torch), torch threads 2", calibration_s=1.6, demo_s=461.0
 )
 
 

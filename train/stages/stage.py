@@ -204,7 +204,9 @@ def sft_config(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_batch_size,
         per_device_eval_batch_size=config.per_device_batch_size,
-        train_sampling_strategy="group_by_length",  # MTCTTrainer's sampler keeps an image's paths together
+        # MTCTTrainer's sampler keeps an image's paths together either way; "group_by_length" also
+        # sorts images by length within windows of micro-batches
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         gradient_accumulation_steps=config.gradient_accumulation_steps(state.num_processes),
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
