@@ -20,6 +20,7 @@ from PIL import Image
 
 from domainbed_reasoning.data.registry import get_spec
 from domainbed_reasoning.data.scan import scan_dataset
+from domainbed_reasoning.offline.demo_clock import machine
 
 
 def build_tree(root: Path, files: int) -> None:
@@ -57,7 +58,7 @@ def main() -> None:
         result = scan_dataset(get_spec("PACS"), root)
         scan_s = time.perf_counter() - start
     assert walked == result.frame.height == args.files
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {machine()}, Python {platform.python_version()}")
     print(f"files: {args.files:,}")
     print(f"bare os.walk+stat: {walk_s:6.2f} s ({walked / walk_s:,.0f} files/s)")
     print(f"dbr scan         : {scan_s:6.2f} s ({args.files / scan_s:,.0f} files/s)")

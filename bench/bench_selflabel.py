@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from domainbed_reasoning.chains.prompt_templates import class_list, load_prompt
+from domainbed_reasoning.offline.demo_clock import machine
 from domainbed_reasoning.offline.synth import SPEC, generate, read_sidecar
 from domainbed_reasoning.offline.tiny_models import build_tiny_model, cached_tiny_model
 
@@ -33,11 +33,11 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tiny-models"
 WARM_UP_IMAGES = 4
 
 
-def machine() -> str:
+def this_machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     # The load average says whether other work shared the cores during the run.
     load = os.getloadavg()[0]
-    return f"{platform.machine()}, {os.cpu_count()} cores (load {load:.1f}), {gpu}, torch {torch.__version__}"
+    return f"{machine()} (load {load:.1f}), {gpu}, torch {torch.__version__}"
 
 
 def synth_requests(images: int, folder: Path) -> list[GenRequest]:
@@ -104,7 +104,7 @@ def main() -> None:
     console = Console()
     table = Table(
         title=f"SARR self-labelling, tiny Qwen2-VL, {args.images} SynthDG images, "
-        f"n={args.n}, {args.max_new_tokens} new tokens - {machine()}"
+        f"n={args.n}, {args.max_new_tokens} new tokens - {this_machine()}"
     )
     for column in ("engine", "start-up s", "generate s", "images/s", "candidates/s", "errors"):
         table.add_column(column, justify="left" if column == "engine" else "right")
@@ -119,7 +119,7 @@ def main() -> None:
         )
     console.print(table)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "results": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": this_machine(), "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

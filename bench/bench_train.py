@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig, SFTTrainer
 
+from domainbed_reasoning.offline.demo_clock import machine
 from domainbed_reasoning.offline.tiny_models import build_tiny_model
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
@@ -74,7 +75,7 @@ def _run(
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=examples.remove_columns(["task", "id"])
+        train_dataset=examples.remove_columns(["task", "id", "image_size"])
         if trainer_cls is SFTTrainer
         else examples,
         processing_class=AutoProcessor.from_pretrained(model_dir),
@@ -84,10 +85,11 @@ def _run(
     collate = trainer.data_collator
 
     def counting(rows: list[dict]) -> dict:
-        """Counts the tokens the model really saw (attention mask), the same way for both trainers."""
+        """Counts the examples' own tokens, the same way for both trainers: the attention mask's
+        ones, or for MTCT (whose packed rows hold a shared prefix once) the count its collator keeps."""
         nonlocal tokens
         batch = collate(rows)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["layout"][0]) if "layout" in batch else int(batch["attention_mask"].sum())
         return batch
 
     trainer.data_collator = counting
@@ -160,6 +162,7 @@ def main() -> None:
         results = [_run(cls, model_dir, examples, args) for cls in (SFTTrainer, MTCTTrainer)]
     report = {
         "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "machine": machine(),
         "steps": steps,
         "batch": batch,
         "runs": results,
