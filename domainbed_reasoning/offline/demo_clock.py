@@ -39,9 +39,8 @@ class Reference:
     demo_s: float
 
 
-# `dbr demo` prints both figures: its calibration at the start, its total at the end. Measured
-# on an idle machine (2026-12-02): the demo's steps took 520.8 s; the calibration 1.2 s at the
-# demo's start and 1.33-1.36 s in three runs after it.
+# `dbr demo` prints both figures, its calibration at the start and its steps' total at the end:
+# these are one idle run's on the machine named. Update them together, from one run.
 REFERENCE = Reference(
     machine="AMD EPYC, 2 cores, AVX2 (torch), torch threads 2", calibration_s=1.6, demo_s=461.0
 )
