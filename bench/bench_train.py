@@ -75,7 +75,7 @@ def _run(
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=examples.remove_columns(["task", "id", "image_size"])
+        train_dataset=examples.remove_columns(["task", "id"])
         if trainer_cls is SFTTrainer
         else examples,
         processing_class=AutoProcessor.from_pretrained(model_dir),

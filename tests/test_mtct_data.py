@@ -10,6 +10,7 @@ from domainbed_reasoning.train.mtct.mtct_data import (
     build_examples,
     check_split,
     class_names,
+    image_sizes,
 )
 from domainbed_reasoning.train.mtct.mtct_trainer import (
     GroupShuffleSampler,
@@ -87,7 +88,7 @@ def test_mtct_gives_each_image_a_cls_and_a_reasoning_example_side_by_side(
     assert cls["prompt"][0]["content"][0]["type"] == "image"
     assert isinstance(examples.features["images"], datasets.List)
     assert cls["images"][0].size == (8, 8)
-    assert examples["image_size"] == [[8, 8]] * 6  # [height, width], read from the header
+    assert image_sizes(examples) == [(8, 8)] * 6  # (height, width), read from the header
 
 
 def test_image_size_is_read_from_bytes_and_from_a_path(tmp_path) -> None:
@@ -95,7 +96,7 @@ def test_image_size_is_read_from_bytes_and_from_a_path(tmp_path) -> None:
     Image.new("RGB", (30, 10)).save(path)
     wide = _row(0, "TV", image={"bytes": None, "path": str(path)})
     tall = _row(1, "TV", image=Image.new("RGB", (10, 20)))
-    assert build_examples(_split([wide, tall]), "cls", CLASSES)["image_size"] == [[10, 30], [20, 10]]
+    assert image_sizes(build_examples(_split([wide, tall]), "cls", CLASSES)) == [(10, 30), (20, 10)]
 
 
 @pytest.mark.parametrize(("method", "task"), [("cls", "cls"), ("reasoning", "reasoning")])

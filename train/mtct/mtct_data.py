@@ -143,11 +143,8 @@ def task_prompt(task: str, classes: Sequence[str]) -> str:
 def _expand(
     batch: dict[str, list], tasks: tuple[str, ...], prompts: dict[str, str], classes: list[str]
 ) -> dict:
-    rows: dict[str, list] = {
-        "id": [], "task": [], "images": [], "image_size": [], "prompt": [], "completion": []
-    }
+    rows: dict[str, list] = {"id": [], "task": [], "images": [], "prompt": [], "completion": []}
     for index, row_id in enumerate(batch["id"]):
-        size = header_size(batch["image"][index])
         for task in tasks:
             chain = batch["chain"][index] if task == "reasoning" else None
             if task == "reasoning" and not (chain and chain.strip()):
@@ -156,7 +153,6 @@ def _expand(
             rows["id"].append(row_id)
             rows["task"].append(task)
             rows["images"].append([batch["image"][index]])
-            rows["image_size"].append(size)
             rows["prompt"].append(user_message(prompts[task]))
             rows["completion"].append(
                 [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
@@ -164,12 +160,20 @@ def _expand(
     return rows
 
 
-def header_size(image: dict[str, Any]) -> list[int]:
-    """[height, width] from the stored image's header (no pixels decoded): what the length-grouped
-    sampler counts the image's tokens from."""
+def image_sizes(examples: Dataset, batch_size: int = 1024) -> list[tuple[int, int]]:
+    """(height, width) of each example's image, read from the stored image's header (no pixels
+    decoded), a batch of rows at a time: what the length-grouped sampler counts image tokens from.
+    Read only there, so training without it pays nothing."""
+    view = examples.select_columns(["images"]).cast_column(
+        "images", datasets.List(datasets.Image(decode=False))
+    )
+    return [header_size(images[0]) for batch in view.iter(batch_size) for images in batch["images"]]
+
+
+def header_size(image: dict[str, Any]) -> tuple[int, int]:
     source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
     with Image.open(source) as opened:
-        return [opened.height, opened.width]
+        return opened.height, opened.width
 
 
 def user_message(prompt: str) -> list[dict]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from domainbed_reasoning.train.mtct.mtct_data import image_sizes
 from domainbed_reasoning.train.mtct.mtct_loss import (
     per_example_nll,
     task_counts,
@@ -43,7 +44,7 @@ from trl import SFTTrainer
 
 from domainbed_reasoning.errors import UserError
 
-ROW_KEYS = ("task", "id", "image_size")
+ROW_KEYS = ("task", "id")
 # Rows whose estimated lengths are closer than this many tokens count as equal when grouping.
 LENGTH_STEP = 32
 # An answer's characters per token, near enough to rank rows without tokenising them.
@@ -244,8 +245,7 @@ class MTCTTrainer(SFTTrainer):
         if self.args.train_sampling_strategy != "group_by_length":
             return GroupShuffleSampler(dataset["id"], seed=self.args.seed)
         answers = (turns[0]["content"][0]["text"] for turns in dataset["completion"])
-        sizes = [tuple(size) for size in dataset["image_size"]]
-        lengths = length_keys(answers, image_tokens(self.processing_class, sizes))
+        lengths = length_keys(answers, image_tokens(self.processing_class, image_sizes(dataset)))
         megabatch = 50 * self.args.per_device_train_batch_size * self.args.world_size
         return GroupShuffleSampler(dataset["id"], self.args.seed, lengths, megabatch)
 
